@@ -1,0 +1,266 @@
+"""One cast's lifecycle and page scheduling (sans-I/O).
+
+A cast multicasts one file as pages to everyone who joined it. The shell (``server.py``)
+asks :meth:`CastCore.next_page` for the next page to send whenever the pacer allows, and
+carries out what it gets; every method takes ``now`` (seconds, monotonic) from the shell.
+
+Scheduling, in priority order:
+
+1. **Repairs.** Pages listed in NACKs (``nack.py``) wait in one FIFO queue. A page already
+   queued is not queued again (aggregation: 50 clients missing page 7 cause one resend), and
+   a NACK for a page sent less than ``suppress_s`` ago is ignored (suppression: that NACK
+   most likely crossed the resend on the wire; a client still lacking the page asks again).
+2. **The carousel.** Pages 1..PAGES in order, wrapping around: the original protocol, and
+   all that a spec-only client (one that never NACKs) relies on. The carousel runs while a
+   spec-only client is joined, or while a NACK-capable client has not yet seen one full
+   pass since it joined (late joiners get the pass from where they came in). A carousel send
+   of a queued page satisfies that repair too.
+3. Otherwise the cast is **paused**: every client that is still joined is NACK-capable, has
+   seen a full pass and gets the rest by asking.
+
+Lifecycle (a table, as in h11): ``RUNNING`` until the last client leaves, or until
+``idle_loops`` full carousel iterations pass without a join, leave or NACK report. While
+paused, each ``loop_s`` seconds (the time one full pass takes at the current rate) counts as
+one iteration, so a client that vanished without leaving never keeps a cast alive.
+"""
+
+from __future__ import annotations
+
+import enum
+from array import array
+from collections import deque
+from dataclasses import dataclass
+
+from .errors import LocalProtocolError
+from .nack import NackReport
+from .ranges import iter_pages
+
+
+class CastState(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class CastEvent(enum.Enum):
+    JOIN = "join"
+    LEAVE = "leave"
+    LAST_LEAVE = "last_leave"
+    NACK = "nack"
+    IDLE = "idle"
+    SHUTDOWN = "shutdown"
+
+
+_TRANSITIONS: dict[tuple[CastState, CastEvent], CastState] = {
+    (CastState.RUNNING, CastEvent.JOIN): CastState.RUNNING,
+    (CastState.RUNNING, CastEvent.LEAVE): CastState.RUNNING,
+    (CastState.RUNNING, CastEvent.NACK): CastState.RUNNING,
+    (CastState.RUNNING, CastEvent.LAST_LEAVE): CastState.STOPPED,
+    (CastState.RUNNING, CastEvent.IDLE): CastState.STOPPED,
+    (CastState.RUNNING, CastEvent.SHUTDOWN): CastState.STOPPED,
+    (CastState.STOPPED, CastEvent.SHUTDOWN): CastState.STOPPED,
+}
+
+
+class StopReason(enum.Enum):
+    LAST_LEAVE = "last_leave"
+    IDLE = "idle"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True)
+class _Client:
+    nack_capable: bool
+    joined_at_slot: int  # carousel sends counted when the client joined
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class NackOutcome:
+    queued: int
+    aggregated: int  # already waiting in the queue
+    suppressed: int  # sent within the suppression window
+
+
+@dataclass(frozen=True, slots=True)
+class NextPage:
+    index: int
+    repair: bool
+
+
+class CastCore:
+    def __init__(
+        self,
+        *,
+        cast_id: int,
+        pages: int,
+        idle_loops: int,
+        loop_s: float,
+        now: float,
+        suppress_s: float = 0.2,
+    ) -> None:
+        if pages < 0:
+            raise LocalProtocolError("pages must be ≥ 0")
+        if idle_loops < 1:
+            raise LocalProtocolError("idle_loops must be ≥ 1")
+        self.cast_id = cast_id
+        self.pages = pages
+        self.idle_loops = idle_loops
+        self.loop_s = max(loop_s, 1.0)
+        self.suppress_s = suppress_s
+        self.state = CastState.RUNNING
+        self.stop_reason: StopReason | None = None
+        self._clients: dict[str, _Client] = {}
+        self._spec_clients = 0
+        self._carousel_pos = 1
+        self._carousel_sent = 0
+        self._carousel_until = 0
+        self._repair_queue: deque[int] = deque()
+        self._queued = bytearray(pages + 1)
+        self._last_sent = array("d", bytes(8 * (pages + 1)))
+        self._sent_ever = bytearray(pages + 1)
+        self._wraps_idle = 0
+        self._paused_since: float | None = None
+        self._paused_idle_s = 0.0
+        self._started = now
+
+    # -- clients ---------------------------------------------------------------------------
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    @property
+    def repair_backlog(self) -> int:
+        return len(self._repair_queue)
+
+    def has_client(self, token: str) -> bool:
+        return token in self._clients
+
+    def _event(self, event: CastEvent) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LocalProtocolError(f"{event.value} in state {self.state.value}") from None
+
+    def _activity(self, now: float) -> None:
+        self._wraps_idle = 0
+        self._paused_idle_s = 0.0
+        if self._paused_since is not None:
+            self._paused_since = now
+
+    def join(self, token: str, now: float, *, nack_capable: bool) -> None:
+        if token in self._clients:
+            raise LocalProtocolError("duplicate token")
+        self._event(CastEvent.JOIN)
+        self._clients[token] = _Client(nack_capable, self._carousel_sent, now)
+        if nack_capable:
+            self._carousel_until = max(self._carousel_until, self._carousel_sent + self.pages)
+        else:
+            self._spec_clients += 1
+        self._activity(now)
+
+    def leave(self, token: str, now: float) -> bool:
+        """Remove a client. Unknown tokens change nothing and return False."""
+        client = self._clients.get(token)
+        if client is None or self.state is not CastState.RUNNING:
+            return False
+        del self._clients[token]
+        if not client.nack_capable:
+            self._spec_clients -= 1
+        self._carousel_until = max(
+            (c.joined_at_slot + self.pages for c in self._clients.values() if c.nack_capable),
+            default=0,
+        )
+        self._activity(now)
+        if not self._clients:
+            self._event(CastEvent.LAST_LEAVE)
+            self.stop_reason = StopReason.LAST_LEAVE
+        else:
+            self._event(CastEvent.LEAVE)
+        return True
+
+    def nack(self, token: str, report: NackReport, now: float) -> NackOutcome | None:
+        """Take a client's report. Unknown tokens change nothing and return None."""
+        client = self._clients.get(token)
+        if client is None or self.state is not CastState.RUNNING:
+            return None
+        self._event(CastEvent.NACK)
+        client.last_seen = now
+        self._activity(now)
+        queued = aggregated = suppressed = 0
+        horizon = now - self.suppress_s
+        for index in iter_pages(report.missing):
+            if self._queued[index]:
+                aggregated += 1
+            elif self._sent_ever[index] and self._last_sent[index] > horizon:
+                suppressed += 1
+            else:
+                self._queued[index] = 1
+                self._repair_queue.append(index)
+                queued += 1
+        return NackOutcome(queued, aggregated, suppressed)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _carousel_active(self) -> bool:
+        return self.pages > 0 and (
+            self._spec_clients > 0 or self._carousel_sent < self._carousel_until
+        )
+
+    def next_page(self, now: float) -> NextPage | None:
+        """The page to send now, or None when the cast is paused or stopped."""
+        if self.state is not CastState.RUNNING:
+            return None
+        page: NextPage | None = None
+        while self._repair_queue:
+            index = self._repair_queue.popleft()
+            if self._queued[index]:
+                self._queued[index] = 0
+                page = NextPage(index, True)
+                break
+        if page is None and self._carousel_active():
+            index = self._carousel_pos
+            self._queued[index] = 0  # the carousel send satisfies a queued repair
+            self._carousel_sent += 1
+            self._carousel_pos = index + 1
+            if self._carousel_pos > self.pages:
+                self._carousel_pos = 1
+                self._wraps_idle += 1
+            page = NextPage(index, False)
+        if page is None:
+            if self._paused_since is None:
+                self._paused_since = now
+            return None
+        if self._paused_since is not None:
+            self._paused_idle_s += now - self._paused_since
+            self._paused_since = None
+        self._last_sent[page.index] = now
+        self._sent_ever[page.index] = 1
+        return page
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_since is not None
+
+    def idle_loops_elapsed(self, now: float) -> float:
+        paused = self._paused_idle_s
+        if self._paused_since is not None:
+            paused += now - self._paused_since
+        return self._wraps_idle + paused / self.loop_s
+
+    def poll(self, now: float) -> CastState:
+        """Check the idle rule; returns the (possibly new) state."""
+        if self.state is CastState.RUNNING and self.idle_loops_elapsed(now) >= self.idle_loops:
+            self._event(CastEvent.IDLE)
+            self.stop_reason = StopReason.IDLE
+        return self.state
+
+    def idle_deadline(self, now: float) -> float:
+        """When, if nothing happens and the cast stays paused, the idle rule fires."""
+        remaining = self.idle_loops - self.idle_loops_elapsed(now)
+        return now + max(0.0, remaining) * self.loop_s
+
+    def shutdown(self) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = StopReason.SHUTDOWN
+        self._event(CastEvent.SHUTDOWN)

@@ -1,0 +1,213 @@
+"""Page reassembly, loss detection and NACK generation for one receiver (sans-I/O).
+
+The shell feeds every datagram to :meth:`ReceiverCore.datagram` and writes the accepted
+payload at the page's file offset; it calls :meth:`ReceiverCore.poll` a few times per
+second and POSTs the :class:`~bootcast.nack.NackReport` it returns.
+
+Loss detection relies on the carousel sending pages in ascending order (wrapping after
+PAGES). Pages marked *repair* in the trailer are out of order by design and are not used
+for gap detection. The *passed region* is the stretch of the carousel this receiver has
+seen go by since its first page: a page missing inside it was lost, a page outside it may
+simply not have been sent yet (a late joiner), so only the former is NACKed. When nothing
+arrives for ``idle_s`` (the server pauses the carousel once every NACK client has seen a
+full pass; or the tail of the pass was lost) every missing page is NACKed.
+
+New gaps are reported within ``nack_delay_s``; every ``report_interval_s`` a report carries
+the loss counters (for the server's pacing) and re-asks for everything still missing in
+the passed region, lowest pages first, at most ``MAX_RANGES`` ranges.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .nack import MAX_RANGES, NackReport
+from .page import DropReason, PageError, decode
+from .ranges import Range, missing_ranges
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    index: int
+    offset: int
+    payload: memoryview
+
+
+class ReceiverCore:
+    def __init__(
+        self,
+        *,
+        pages: int,
+        page_size: int,
+        size: int | None,
+        cast_id: int | None,
+        now: float,
+        nack_delay_s: float = 0.03,
+        report_interval_s: float = 0.25,
+        idle_s: float = 0.3,
+    ) -> None:
+        self.pages = pages
+        self.page_size = page_size
+        self.size = size
+        self.cast_id = cast_id
+        self.nack_delay_s = nack_delay_s
+        self.report_interval_s = report_interval_s
+        self.idle_s = idle_s
+        self.have = bytearray(pages + 1)
+        self.have[0] = 1
+        self.held = 0
+        self.bytes_held = 0
+        self.last_page_size: int | None = None
+        self.drops: Counter[DropReason] = Counter()
+        self.duplicates = 0
+        self.repairs_received = 0
+        self.last_progress = now
+        self.last_datagram: float | None = None
+        self.first_page_at: float | None = None
+        self._first_seen: int | None = None
+        self._expect: int | None = None
+        self._wrapped = False
+        self._full_pass = False
+        self._new_gaps: list[Range] = []
+        self._received = 0
+        self._lost = 0
+        self._overrun_reported = 0
+        self._overrun_total = 0
+        self._last_report = now
+        self._gap_since: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.held == self.pages
+
+    def _expected_size(self, index: int) -> int | None:
+        if self.size is None:
+            return self.page_size if index < self.pages else None
+        return max(0, min(self.page_size, self.size - (index - 1) * self.page_size))
+
+    def datagram(self, data: bytes | memoryview, now: float) -> Accepted | None:
+        """Check one datagram; return what to write, or None (dropped or duplicate)."""
+        try:
+            page = decode(data, cast_id=self.cast_id, page_size=self.page_size)
+        except PageError as exc:
+            self.drops[exc.reason] += 1
+            return None
+        index = page.index
+        if index > self.pages:
+            self.drops[DropReason.BAD_INDEX] += 1
+            return None
+        expected = self._expected_size(index)
+        size = len(page.payload)
+        if (expected is not None and size != expected) or (expected is None and size == 0):
+            self.drops[DropReason.BAD_SIZE] += 1
+            return None
+        self.last_datagram = now
+        if self.first_page_at is None:
+            self.first_page_at = now
+        if page.repair:
+            self.repairs_received += 1
+        else:
+            self._carousel(index, now)
+        if self.have[index]:
+            self.duplicates += 1
+            return None
+        self.have[index] = 1
+        self.held += 1
+        self.bytes_held += size
+        if index == self.pages:
+            self.last_page_size = size
+        self.last_progress = now
+        return Accepted(index, (index - 1) * self.page_size, page.payload)
+
+    def _carousel(self, index: int, now: float) -> None:
+        self._received += 1
+        if self._first_seen is None:
+            self._first_seen = index
+        elif self._expect is not None and index != self._expect:
+            # Pages expect..index-1 (cyclically) went by without reaching us.
+            if index > self._expect:
+                gaps = [(self._expect, index - 1)]
+            else:
+                gaps = [(self._expect, self.pages)] if self._expect <= self.pages else []
+                if index > 1:
+                    gaps.append((1, index - 1))
+            for a, b in gaps:
+                self._lost += b - a + 1
+                self._new_gaps.extend(missing_ranges(self.have, a, b))
+            if self._gap_since is None and self._new_gaps:
+                self._gap_since = now
+        if self._expect is not None and index < self._expect:
+            self._wrapped = True
+        if self._wrapped and self._first_seen is not None and index >= self._first_seen - 1:
+            self._full_pass = True
+        if index == self.pages and self._first_seen == 1:
+            self._full_pass = True
+        self._expect = index + 1 if index < self.pages else 1
+
+    def overrun(self, total_drops: int) -> None:
+        """The socket's cumulative drop counter (SO_MEMINFO), read by the shell."""
+        self._overrun_total = total_drops
+
+    def _passed_missing(self, now: float) -> list[Range]:
+        idle = self.last_datagram is None or now - self.last_datagram >= self.idle_s
+        if self._full_pass or (idle and self.first_page_at is not None):
+            return missing_ranges(self.have, 1, self.pages, limit=MAX_RANGES)
+        if self._first_seen is None or self._expect is None:
+            return []
+        first, last = self._first_seen, self._expect - 1
+        if not self._wrapped:
+            return missing_ranges(self.have, first, last, limit=MAX_RANGES) if last >= first else []
+        head = missing_ranges(self.have, 1, last, limit=MAX_RANGES) if last >= 1 else []
+        tail = missing_ranges(self.have, first, self.pages, limit=MAX_RANGES)
+        return (head + tail)[:MAX_RANGES]
+
+    def poll(self, now: float, *, nack: bool = True) -> NackReport | None:
+        """A report to send now, or None. Reports carry counters even when ``nack`` is off."""
+        if self.complete:
+            return None
+        due_gap = self._gap_since is not None and now - self._gap_since >= self.nack_delay_s
+        due_report = now - self._last_report >= self.report_interval_s
+        if not (due_gap or due_report):
+            return None
+        missing: list[Range] = []
+        if nack:
+            if due_report:
+                missing = self._passed_missing(now)
+            else:
+                missing = _merge(self._new_gaps, self.have)[:MAX_RANGES]
+        self._new_gaps = []
+        self._gap_since = None
+        report = NackReport(
+            missing=missing,
+            received=self._received,
+            lost=self._lost,
+            overrun=max(0, self._overrun_total - self._overrun_reported),
+            held=self.held,
+        )
+        self._received = self._lost = 0
+        self._overrun_reported = self._overrun_total
+        if due_report:
+            self._last_report = now
+        return report
+
+    def file_size(self) -> int:
+        """The assembled file's size (from SIZE=, else from the last page's size)."""
+        if self.size is not None:
+            return self.size
+        if self.pages == 0:
+            return 0
+        assert self.last_page_size is not None, "file_size() before the last page arrived"
+        return (self.pages - 1) * self.page_size + self.last_page_size
+
+
+def _merge(ranges: list[Range], have: bytearray) -> list[Range]:
+    """Sort and coalesce gap ranges, dropping pages that arrived meanwhile (repairs)."""
+    out: list[Range] = []
+    for a, b in sorted(ranges):
+        for r in missing_ranges(have, a, b):
+            if out and r[0] <= out[-1][1] + 1:
+                out[-1] = (out[-1][0], max(out[-1][1], r[1]))
+            else:
+                out.append(r)
+    return out

@@ -1,0 +1,532 @@
+"""``bootcast serve``: the HTTP control plane (aiohttp) and one sender task per cast.
+
+Endpoints (DESIGN §2.1 and the README's protocol section):
+
+* ``GET /join/<path>``: start or attach to the cast of ``path``; ``text/plain`` join reply
+  (``joinreply.py``). A client that sends ``X-Bootcast-Repair: nack`` declares it will ask
+  for lost pages, which lets the server pause the carousel once it had a full pass.
+* ``GET /leave/<path>`` with ``X-TOKEN``: 200 with no body; without the header 400, with an
+  unknown token 404, neither with a body and neither changing anything.
+* ``POST /nack/<path>`` with ``X-TOKEN``: a repair request (``nack.py``), 204.
+* ``GET /metrics``: Prometheus counters.
+
+A cast opens the file once, maps it, computes the SHA-256 and every page's CRC32C in a
+worker thread, and then serves all of its clients from that one mapping: the file is read
+once per cast, not once per client. Each concurrent cast gets its own (group, port) slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import mmap
+import os
+import secrets
+import socket
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import page as pagecodec
+from .cast import CastCore, CastState, StopReason
+from .errors import ConfigError, PathRejected, RemoteProtocolError
+from .joinreply import JoinReply
+from .logs import get_logger
+from .mcast import is_ipv6, sender_socket
+from .metrics import ServerMetrics
+from .nack import MAX_BODY_BYTES, NackReport
+from .pacing import Pacer, RateController
+from .paths import open_confined
+
+log = get_logger("bootcast.server")
+
+DEFAULT_GROUP_V4 = "239.255.66.1"
+DEFAULT_GROUP_V6 = "ff15::b007:1"
+DEFAULT_PORT_BASE = 27000
+DEFAULT_PAGE_SIZE = 1400  # 1400 + 16 + 4 + IPv6/UDP 48 < 1500: no fragmentation
+DEFAULT_RATE_MBIT = 900.0
+DEFAULT_IDLE_LOOPS = 10
+REPAIR_HEADER = "X-Bootcast-Repair"
+_HASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeConfig:
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    group: str | None = None
+    port_base: int = DEFAULT_PORT_BASE
+    page_size: int = DEFAULT_PAGE_SIZE
+    rate_mbit: float = DEFAULT_RATE_MBIT
+    interface: str | None = None
+    ttl: int = 1
+    idle_loops: int = DEFAULT_IDLE_LOOPS
+    max_casts: int = 64
+    start_delay_s: float = 0.05
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.root.is_dir():
+            raise ConfigError(f"--dir {self.root} is not a directory")
+        if not 1 <= self.page_size <= pagecodec.MAX_PAGE_SIZE:
+            raise ConfigError(f"--page-size must be 1..{pagecodec.MAX_PAGE_SIZE}")
+        if self.rate_mbit <= 0:
+            raise ConfigError("--rate must be > 0")
+        if not 0 <= self.ttl <= 255:
+            raise ConfigError("--ttl must be 0..255")
+        if self.idle_loops < 1:
+            raise ConfigError("--idle-loops must be ≥ 1")
+        if not 1 <= self.port_base <= 65535 - self.max_casts:
+            raise ConfigError("--port-base leaves no room for the cast ports")
+        if self.group is not None:
+            try:
+                ok = ipaddress.ip_address(self.group).is_multicast
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"--group {self.group} is not a multicast address")
+
+    @property
+    def send_interface(self) -> str | None:
+        """--interface, else the listen address when it names one interface."""
+        if self.interface:
+            return self.interface
+        try:
+            addr = ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+        return None if addr.is_unspecified else str(addr)
+
+    @property
+    def base_group(self) -> str:
+        if self.group:
+            return self.group
+        iface = self.send_interface or ""
+        return DEFAULT_GROUP_V6 if ":" in iface else DEFAULT_GROUP_V4
+
+
+@dataclass(slots=True)
+class FileSource:
+    """A file mapped once for the whole cast, with its digest and per-page CRCs."""
+
+    path: Path
+    size: int
+    page_size: int
+    sha256: str
+    crcs: array[int]
+    _fd: int
+    _map: mmap.mmap | None
+
+    @classmethod
+    def open(cls, path: Path, fd: int, page_size: int) -> FileSource:
+        """Map ``fd`` and compute its digest and page CRCs (run in a worker thread)."""
+        try:
+            size = os.fstat(fd).st_size
+            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+            digest = hashlib.sha256()
+            crcs = array("I", [0])  # index 0 unused: pages are 1-based
+            if mapped is not None:
+                with memoryview(mapped) as view:
+                    for offset in range(0, size, _HASH_CHUNK):
+                        digest.update(view[offset : offset + _HASH_CHUNK])
+                    for offset in range(0, size, page_size):
+                        crcs.append(pagecodec.crc32c(view[offset : offset + page_size]))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, size, page_size, digest.hexdigest(), crcs, fd, mapped)
+
+    @property
+    def pages(self) -> int:
+        return pagecodec.page_count(self.size, self.page_size)
+
+    def payload(self, index: int) -> memoryview:
+        assert self._map is not None
+        offset = (index - 1) * self.page_size
+        return memoryview(self._map)[offset : offset + self.page_size]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+@dataclass(slots=True)
+class Cast:
+    path: str
+    key: Path
+    slot: int
+    group: str
+    port: int
+    cast_id: int
+    ready: asyncio.Future[None]
+    source: FileSource | None = None
+    core: CastCore | None = None
+    sock: socket.socket | None = None
+    pacer: Pacer | None = None
+    controller: RateController | None = None
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pages_sent: int = 0
+    pages_resent: int = 0
+    nacks: int = 0
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """Counts and logs every error answer, garbage requests included."""
+
+    metrics: ServerMetrics | None = None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if response.status >= 400 and self.metrics is not None:
+            self.metrics.http_rejected.labels(status=str(response.status)).inc()
+            log.info(
+                "http.rejected",
+                status=response.status,
+                method=request.method,
+                path=request.raw_path[:200],
+                remote=request.remote,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+class BootcastServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.casts: dict[Path, Cast] = {}
+        self._slots: set[int] = set()
+        self._cast_ids: set[int] = set()
+        self._loop = asyncio.get_running_loop()
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.app.router.add_get("/join/{path:.*}", self.handle_join)
+        self.app.router.add_get("/leave/{path:.*}", self.handle_leave)
+        self.app.router.add_post("/nack/{path:.*}", self.handle_nack)
+        self.app.router.add_get("/metrics", self.handle_metrics)
+        self.app.on_shutdown.append(self._on_shutdown)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def handle_join(self, request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        try:
+            real, fd = open_confined(self.config.root, path)
+        except PathRejected as exc:
+            log.info("join.rejected", path=path[:200], reason=str(exc), remote=request.remote)
+            raise web.HTTPNotFound(text="not found\n") from None
+        cast = self.casts.get(real)
+        if cast is not None and (cast.core is None or cast.core.state is CastState.RUNNING):
+            os.close(fd)
+        else:
+            try:
+                cast = self._new_cast(path, real, fd)
+            except ConfigError as exc:
+                os.close(fd)
+                log.warning("cast.refused", path=path, reason=str(exc))
+                raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+        try:
+            await asyncio.shield(cast.ready)
+        except Exception as exc:
+            raise web.HTTPInternalServerError(text=f"cannot cast {path}: {exc}\n") from None
+        core, source = cast.core, cast.source
+        assert core is not None and source is not None
+        if core.state is not CastState.RUNNING:
+            raise web.HTTPServiceUnavailable(text="cast is stopping, retry\n")
+        token = secrets.token_urlsafe(18)
+        nack_capable = request.headers.get(REPAIR_HEADER, "").lower() == "nack"
+        core.join(token, self._loop.time(), nack_capable=nack_capable)
+        cast.wake.set()
+        self.metrics.joins.inc()
+        self.metrics.clients_active.inc()
+        log.info(
+            "cast.joined",
+            path=cast.path,
+            cast_id=cast.cast_id,
+            clients=core.clients,
+            nack=nack_capable,
+            remote=request.remote,
+        )
+        reply = JoinReply(
+            group=cast.group,
+            port=cast.port,
+            token=token,
+            pages=source.pages,
+            page_size=source.page_size,
+            size=source.size,
+            sha256=source.sha256,
+            cast_id=cast.cast_id,
+            nack_path=f"/nack/{path}",
+        )
+        return web.Response(text=reply.encode(), content_type="text/plain")
+
+    def _cast_for(self, request: web.Request) -> Cast | None:
+        path = request.match_info["path"]
+        try:
+            real = open_confined(self.config.root, path)
+        except PathRejected:
+            return None
+        os.close(real[1])
+        return self.casts.get(real[0])
+
+    async def handle_leave(self, request: web.Request) -> web.Response:
+        token = request.headers.get("X-TOKEN")
+        if not token:
+            return web.Response(status=400)
+        cast = self._cast_for(request)
+        if cast is None or cast.core is None or not cast.core.leave(token, self._loop.time()):
+            return web.Response(status=404)
+        self.metrics.leaves.inc()
+        self.metrics.clients_active.dec()
+        log.info("cast.left", path=cast.path, cast_id=cast.cast_id, clients=cast.core.clients)
+        cast.wake.set()
+        return web.Response(status=200)
+
+    async def handle_nack(self, request: web.Request) -> web.Response:
+        token = request.headers.get("X-TOKEN")
+        if not token:
+            return web.Response(status=400, text="X-TOKEN required\n")
+        cast = self._cast_for(request)
+        if cast is None or cast.core is None or not cast.core.has_client(token):
+            return web.Response(status=404, text="no such client\n")
+        body = await request.read()
+        try:
+            report = NackReport.parse(body, pages=cast.core.pages)
+        except RemoteProtocolError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        outcome = cast.core.nack(token, report, self._loop.time())
+        if outcome is None:
+            return web.Response(status=404, text="no such client\n")
+        cast.nacks += 1
+        self.metrics.nacks.inc()
+        self.metrics.nack_pages.labels(outcome="queued").inc(outcome.queued)
+        self.metrics.nack_pages.labels(outcome="aggregated").inc(outcome.aggregated)
+        self.metrics.nack_pages.labels(outcome="suppressed").inc(outcome.suppressed)
+        if cast.controller is not None:
+            cast.controller.report(
+                token, received=report.received, lost=report.lost, overrun=report.overrun
+            )
+        if outcome.queued:
+            cast.wake.set()
+        return web.Response(status=204)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain")
+
+    # -- casts -----------------------------------------------------------------------------
+
+    def _new_cast(self, path: str, real: Path, fd: int) -> Cast:
+        free = [s for s in range(self.config.max_casts) if s not in self._slots]
+        if not free:
+            raise ConfigError(f"all {self.config.max_casts} cast slots are busy")
+        slot = free[0]
+        base = ipaddress.ip_address(self.config.base_group)
+        group = str(base + slot)
+        cast_id = secrets.randbits(32)
+        while cast_id == 0 or cast_id in self._cast_ids:
+            cast_id = secrets.randbits(32)
+        cast = Cast(
+            path=path,
+            key=real,
+            slot=slot,
+            group=group,
+            port=self.config.port_base + slot,
+            cast_id=cast_id,
+            ready=self._loop.create_future(),
+        )
+        self._slots.add(slot)
+        self._cast_ids.add(cast_id)
+        self.casts[real] = cast
+        cast.task = asyncio.create_task(self._run_cast(cast, fd), name=f"cast {path}")
+        return cast
+
+    def _wire_bytes(self, payload_bytes: int, group: str) -> int:
+        # Header, trailer, UDP, IP and Ethernet: what the link actually carries.
+        return payload_bytes + pagecodec.HEADER_BYTES + pagecodec.TRAILER_BYTES + (
+            62 if is_ipv6(group) else 42
+        )
+
+    async def _run_cast(self, cast: Cast, fd: int) -> None:
+        cfg = self.config
+        bound = log.bind(path=cast.path, cast_id=cast.cast_id, group=cast.group, port=cast.port)
+        try:
+            source = await asyncio.to_thread(FileSource.open, cast.key, fd, cfg.page_size)
+            cast.source = source
+            cast.sock = sender_socket(cast.group, interface=cfg.send_interface, ttl=cfg.ttl)
+        except Exception as exc:
+            bound.error("cast.failed", error=str(exc))
+            cast.ready.set_exception(exc)
+            self._release(cast)
+            if cast.source is not None:
+                cast.source.close()
+            return
+        now = self._loop.time()
+        full_pass_s = source.pages * self._wire_bytes(cfg.page_size, cast.group) * 8 / (
+            cfg.rate_mbit * 1e6
+        )
+        cast.core = CastCore(
+            cast_id=cast.cast_id,
+            pages=source.pages,
+            idle_loops=cfg.idle_loops,
+            loop_s=full_pass_s,
+            now=now,
+        )
+        cast.pacer = Pacer(cfg.rate_mbit)
+        cast.controller = RateController(cfg.rate_mbit) if cfg.adaptive else None
+        cast.ready.set_result(None)
+        self.metrics.casts_started.inc()
+        self.metrics.casts_active.inc()
+        bound.info(
+            "cast.started",
+            size=source.size,
+            pages=source.pages,
+            page_size=source.page_size,
+            rate_mbit=cfg.rate_mbit,
+            interface=cfg.send_interface or "default",
+        )
+        try:
+            if cfg.start_delay_s > 0:
+                # Give the first client time to join the group before page 1 goes out.
+                await asyncio.sleep(cfg.start_delay_s)
+            await self._send_loop(cast, bound)
+        except asyncio.CancelledError:
+            cast.core.shutdown()
+            raise
+        finally:
+            core = cast.core
+            reason = core.stop_reason or StopReason.SHUTDOWN
+            self.metrics.casts_stopped.labels(reason=reason.value).inc()
+            self.metrics.casts_active.dec()
+            self.metrics.clients_active.dec(core.clients)
+            bound.info(
+                "cast.stopped",
+                reason=reason.value,
+                pages_sent=cast.pages_sent,
+                pages_resent=cast.pages_resent,
+                nacks=cast.nacks,
+                clients_left_behind=core.clients,
+                rate_mbit=round(cast.pacer.rate_mbit, 1),
+            )
+            self._release(cast)
+            cast.sock.close()
+            source.close()
+
+    def _release(self, cast: Cast) -> None:
+        self._slots.discard(cast.slot)
+        self._cast_ids.discard(cast.cast_id)
+        if self.casts.get(cast.key) is cast:
+            del self.casts[cast.key]
+
+    async def _send_loop(self, cast: Cast, bound: Any) -> None:
+        core, source, sock, pacer = cast.core, cast.source, cast.sock, cast.pacer
+        assert core is not None and source is not None and sock is not None and pacer is not None
+        loop = self._loop
+        dest = (cast.group, cast.port)
+        overhead = self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
+        burst = 32
+        while True:
+            now = loop.time()
+            if core.poll(now) is CastState.STOPPED:
+                return
+            if cast.controller is not None:
+                change = cast.controller.poll(now)
+                if change is not None:
+                    pacer.set_rate(change.rate_mbit)
+                    self.metrics.rate_changes.labels(reason=change.reason).inc()
+                    bound.info(
+                        "cast.rate.changed",
+                        rate_mbit=round(change.rate_mbit, 1),
+                        reason=change.reason,
+                        loss=round(change.loss, 3),
+                    )
+            delay = pacer.delay(now)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            sent = 0
+            while sent < burst:
+                nxt = core.next_page(now)
+                if nxt is None:
+                    break
+                payload = source.payload(nxt.index)
+                datagram = pagecodec.encode(
+                    nxt.index,
+                    cast.cast_id,
+                    payload,
+                    crc=source.crcs[nxt.index],
+                    repair=nxt.repair,
+                )
+                payload.release()
+                try:
+                    await loop.sock_sendto(sock, datagram, dest)
+                except OSError as exc:
+                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    self.metrics.send_errors.labels(errno=name).inc()
+                    bound.warning("cast.send.failed", errno=name, error=exc.strerror)
+                    await asyncio.sleep(0.05)
+                    break
+                if nxt.repair:
+                    cast.pages_resent += 1
+                    self.metrics.pages_resent.inc()
+                else:
+                    cast.pages_sent += 1
+                    self.metrics.pages_sent.inc()
+                self.metrics.bytes_sent.inc(len(datagram))
+                pacer.sent(len(datagram) + overhead, now)
+                sent += 1
+                now = loop.time()
+                if pacer.delay(now) > 0:
+                    break
+            if sent:
+                await asyncio.sleep(0)
+                continue
+            # Paused: wait for a join, leave or NACK, or for the idle rule to fire.
+            cast.wake.clear()
+            timeout = max(0.0, core.idle_deadline(now) - now) + 0.001
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cast.wake.wait(), min(timeout, 1.0))
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        tasks = [c.task for c in list(self.casts.values()) if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def stats(self) -> dict[str, float]:
+        return self.metrics.snapshot()
+
+
+async def start_server(config: ServeConfig) -> tuple[BootcastServer, web.AppRunner, int]:
+    """Build and start a server; returns (server, runner, bound port) — port 0 works."""
+    server = BootcastServer(config)
+    access_logger = type("AccessLogger", (_AccessLogger,), {"metrics": server.metrics})
+    runner = web.AppRunner(
+        server.app,
+        access_log_class=access_logger,
+        handle_signals=False,
+        max_line_size=8190,
+        max_field_size=8190,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    return server, runner, port
