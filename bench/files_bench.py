@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from bench.netns import Host, Topology, cleanup_stale, netns_available
@@ -92,6 +94,8 @@ class RunSpec:
     logdir: Path
     timeout_s: float
     send_rate_mbit: float
+    udpcast_fec: str
+    """``--fec`` value for udp-sender, empty for none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,6 +284,10 @@ def run_udpcast(spec: RunSpec) -> Outcome:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         start_timeout = f"{max(10, int(spec.timeout_s)):d}"
+        # Without FEC, udpcast collapses at high loss: every slice needs an ack from all
+        # receivers, a multicast REQACK reaches all N with probability (1-p)^N, and each
+        # miss costs a timeout (16 MiB at 20 %, N=4: >50 s instead of 2.8 s).
+        fec = ["--fec", spec.udpcast_fec] if spec.udpcast_fec else []
         sender_argv = [
             "udp-sender", "--file", str(spec.src), "--interface", topo.server.veth,
             "--portbase", str(UDPCAST_PORTBASE), "--min-receivers", str(n), "--nokbd",
@@ -290,7 +298,7 @@ def run_udpcast(spec: RunSpec) -> Outcome:
             # The sender checks --min-receivers only when its hello timer fires, which is
             # every 2 s by default: without this every run starts up to 2 s late.
             "--rexmit-hello-interval", "50",
-            "--start-timeout", start_timeout,
+            "--start-timeout", start_timeout, *fec,
         ]  # fmt: skip
         t0 = time.monotonic()
         sender = _start(spec, logs, topo.server, "udp-sender", sender_argv)
@@ -498,6 +506,7 @@ def _one_run(
         logdir=run_dir,
         timeout_s=max(args.min_timeout_s, args.timeout_factor * ideal_s),
         send_rate_mbit=args.send_rate_mbit,
+        udpcast_fec=args.udpcast_fec,
     )
     try:
         outcome = PEERS[peer](spec)
@@ -560,11 +569,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", type=_peer_list, default=list(ALL_PEERS), help="peers to run")
     p.add_argument("--quick", action="store_true", help="8 MiB file, N=1,4")
     p.add_argument("--link-mbit", type=float, default=100.0, help="server link rate (tbf)")
-    p.add_argument("--send-rate-mbit", type=float, default=95.0,
-                   help="rate given to the multicast senders")  # fmt: skip
-    p.add_argument("--http-loss", choices=("tcp", "skip"), default="tcp",
-                   help="tcp: drop the same share of all packets clients receive; "
-                        "skip: run HTTP at 0%% loss only")  # fmt: skip
+    p.add_argument(
+        "--send-rate-mbit", type=float, default=95.0, help="rate given to the multicast senders"
+    )
+    p.add_argument(
+        "--http-loss",
+        choices=("tcp", "skip"),
+        default="tcp",
+        help="tcp: drop the same share of all packets clients receive; "
+        "skip: run HTTP at 0%% loss only",
+    )
+    p.add_argument(
+        "--udpcast-fec",
+        default="8x4",
+        help="udp-sender --fec INTERLEAVExREDUNDANCY[/STRIPESIZE]; '' for none",
+    )
     p.add_argument("--timeout-factor", type=float, default=40.0)
     p.add_argument("--min-timeout-s", type=float, default=30.0)
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
@@ -582,6 +601,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     available, reason = netns_available()
@@ -589,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"files_bench: cannot run: {reason}", file=sys.stderr)
         return 2
     cleanup_stale(PREFIX)
+    # SIGTERM (e.g. from `timeout` or make) becomes SystemExit, so the Topology context
+    # managers still delete their namespaces and stop their processes.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     size_bytes = args.size_mib * 1024 * 1024
     ideal_s = size_bytes * 8 / (args.link_mbit * 1e6)

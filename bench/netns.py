@@ -34,7 +34,8 @@ table in the host's namespace whose input hook drops a random percentage of pack
 (``numgen random mod 100 < N``), by default only UDP to multicast destinations
 (``224.0.0.0/4`` and ``ff00::/8``), so unicast control channels stay reliable.
 
-Namespace names are ``<prefix><pid>-<role>``; the embedded pid lets
+Namespace names are ``<prefix><pid>-<seq>-<role>`` (``seq`` counts topologies within the
+process, so several may coexist; ``role`` is ``br``, ``s`` or ``c<i>``); the embedded pid lets
 :func:`cleanup_stale` remove namespaces left behind by a crashed process without touching
 those of a live one. Teardown (the context manager's exit, also on exceptions) terminates
 the processes started with :meth:`Topology.run`, kills whatever else still runs inside the
@@ -48,6 +49,7 @@ CAP_SYS_ADMIN). :func:`netns_available` tells a test suite whether to skip, and 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -69,6 +71,7 @@ __all__ = [
 _IFNAME_MAX = 15
 _CMD_TIMEOUT_S = 30.0
 _LOSS_TABLE = "bcbloss"
+_SEQ = itertools.count()
 
 
 class NetnsError(RuntimeError):
@@ -235,7 +238,7 @@ class Topology:
             raise ValueError(f"subnet must look like '10.77.0', got {self.subnet!r}")
         if not self.prefix or "-" in self.prefix or "/" in self.prefix:
             raise ValueError("prefix must be non-empty and contain no '-' or '/'")
-        self._tag = f"{self.prefix}{os.getpid()}"
+        self._tag = f"{self.prefix}{os.getpid()}-{next(_SEQ)}"
 
     # -- lifecycle ---------------------------------------------------------------------
 

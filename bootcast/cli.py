@@ -52,9 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    # SUPPRESS: a sub-command's parser must not reset what was given before the command.
     common.add_argument(
-        "--log-level", default="info", choices=sorted(logs.LEVELS), help="default: info"
+        "--log-json", action="store_true", default=argparse.SUPPRESS,
+        help="log one JSON object per line",
+    )
+    common.add_argument(
+        "--log-level", choices=sorted(logs.LEVELS), default=argparse.SUPPRESS,
+        help="default: info",
     )
     parser = argparse.ArgumentParser(
         prog="bootcast",
@@ -232,8 +237,8 @@ async def _fetch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = "warning" if getattr(args, "quiet", False) else args.log_level
-    logs.configure(json=args.log_json, level=level)
+    level = "warning" if getattr(args, "quiet", False) else getattr(args, "log_level", "info")
+    logs.configure(json=getattr(args, "log_json", False), level=level)
     runners = {"serve": _serve, "fetch": _fetch}
     try:
         if args.command == "demo":
