@@ -1,0 +1,282 @@
+"""``bootcast fetch`` as users run it: real processes against an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from bootcast import page
+from bootcast.mcast import sender_socket
+from bootcast.server import BootcastServer, ServeConfig, start_server
+
+BOOTCAST = [sys.executable, "-m", "bootcast"]
+
+
+class Served:
+    def __init__(self, server: BootcastServer, port: int, root: Path) -> None:
+        self.server, self.port, self.root = server, port, root
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/join/{path}"
+
+
+def _free_base() -> tuple[str, int]:
+    rng = random.Random()
+    return f"239.255.{rng.randrange(1, 250)}.1", rng.randrange(30000, 60000, 100)
+
+
+@pytest.fixture
+async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    root = tmp_path / "srv"
+    root.mkdir()
+    group, port_base = _free_base()
+    options = getattr(request, "param", {})
+    config = ServeConfig(root=root, host="127.0.0.1", port=0, group=group, port_base=port_base,
+                         **{"page_size": 8192, "rate_mbit": 800.0, **options})
+    server, runner, port = await start_server(config)
+    try:
+        yield Served(server, port, root)
+    finally:
+        await runner.cleanup()
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def run_fetch(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *BOOTCAST, "fetch", *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if "bootcast-part" in p.name)
+
+
+async def test_fetch_verifies_and_names_the_file_like_wget(served: Served, tmp_path: Path) -> None:
+    digest = write_random(served.root / "boot" / "vmlinuz-6.1", 3_000_001)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = await run_fetch(served.url("boot/vmlinuz-6.1"), "--log-json", cwd=out)
+    assert code == 0, err
+    assert sha256_of(out / "vmlinuz-6.1") == digest
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith(b"{")]
+    assert "fetch.verified" in events
+    assert leftovers(out) == []
+    assert served.server.stats()["bootcast_clients_active"] == 0  # it left
+
+
+async def test_fetch_to_stdout(served: Served, tmp_path: Path) -> None:
+    write_random(served.root / "a.bin", 100_000, seed=3)
+    code, out, err = await run_fetch(served.url("a.bin"), "-O", "-", "-q", cwd=tmp_path)
+    assert code == 0, err
+    assert out == (served.root / "a.bin").read_bytes()
+    assert err == b""  # --quiet
+
+
+async def test_fetch_empty_and_exact_multiple(served: Served, tmp_path: Path) -> None:
+    (served.root / "empty").write_bytes(b"")
+    write_random(served.root / "exact", 3 * 8192)
+    for name in ("empty", "exact"):
+        code, _, err = await run_fetch(served.url(name), "-O", str(tmp_path / name), "-q",
+                                       cwd=tmp_path)
+        assert code == 0, err
+        assert (tmp_path / name).read_bytes() == (served.root / name).read_bytes()
+
+
+async def test_404_is_one_clear_line_and_no_file(served: Served, tmp_path: Path) -> None:
+    code, _, err = await run_fetch(served.url("nope.img"), "-O", "x.img", cwd=tmp_path)
+    assert code == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "404" in lines[0], err
+    assert not (tmp_path / "x.img").exists() and leftovers(tmp_path) == []
+
+
+async def test_bad_url_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, err = await run_fetch("http://127.0.0.1:9/leave/x", cwd=tmp_path)
+    assert code == 2 and b"join URL" in err
+
+
+async def test_connection_refused_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/x", "--timeout", "2",
+                                   cwd=tmp_path)
+    assert code == 1 and len(err.decode().strip().splitlines()) == 1
+
+
+async def fake_join_server(reply: str) -> tuple[web.AppRunner, int, list[str]]:
+    """A server that answers joins with a fixed reply (and records leaves)."""
+    leaves: list[str] = []
+
+    async def join(request: web.Request) -> web.Response:
+        return web.Response(text=reply)
+
+    async def leave(request: web.Request) -> web.Response:
+        leaves.append(request.headers.get("X-TOKEN", ""))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/join/{p:.*}", join)
+    app.router.add_get("/leave/{p:.*}", leave)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port, leaves
+
+
+async def test_no_pages_arrived_says_so_and_leaves(tmp_path: Path) -> None:
+    group, port_base = _free_base()
+    reply = f"CONNECT={group}:{port_base}\nTOKEN=tok\nPAGES=5\nPAGESIZE=1000\nSIZE=4500\n"
+    runner, port, leaves = await fake_join_server(reply)
+    try:
+        code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/f", "--timeout", "1",
+                                       "-O", "f", cwd=tmp_path)
+    finally:
+        await runner.cleanup()
+    assert code == 1
+    assert b"no pages arrived" in err and b"is multicast routed on the interface" in err
+    assert leaves == ["tok"]
+    assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
+
+
+async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
+    group, port_base = _free_base()
+    data = os.urandom(2500)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    reply = (f"CONNECT={group}:{port_base}\nTOKEN=t\nPAGES=3\nPAGESIZE=1000\nSIZE=2500\n"
+             f"SHA256={wrong}\nCAST=5\n")
+    runner, port, leaves = await fake_join_server(reply)
+    sock = sender_socket(group, interface="127.0.0.1")
+    stop = asyncio.Event()
+
+    async def carousel() -> None:
+        while not stop.is_set():
+            for i in range(3):
+                sock.sendto(page.encode(i + 1, 5, data[i * 1000 : (i + 1) * 1000]),
+                            (group, port_base))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(carousel())
+    try:
+        code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/f", "-O", "f",
+                                       "--timeout", "5", cwd=tmp_path)
+    finally:
+        stop.set()
+        await task
+        sock.close()
+        await runner.cleanup()
+    assert code == 1 and b"SHA-256 mismatch" in err
+    assert leaves == ["t"]
+    assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
+
+
+async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
+    served: Served, tmp_path: Path
+) -> None:
+    digest = write_random(served.root / "f.bin", 4_000_000)
+    rng = random.Random(7)
+    stop = asyncio.Event()
+    cfg = served.server.config
+    group, port = cfg.base_group, cfg.port_base  # the first cast's slot
+    sock = sender_socket(group, interface="127.0.0.1")
+
+    async def noise() -> None:
+        while not stop.is_set():
+            for _ in range(20):
+                kind = rng.randrange(3)
+                if kind == 0:
+                    blob = rng.randbytes(rng.randrange(0, 64))
+                elif kind == 1:
+                    blob = page.encode(rng.randrange(1, 400), 0xDEAD, rng.randbytes(8192))
+                else:
+                    good = bytearray(page.encode(1, 0, b"z" * 8192))
+                    blob = bytes(good[:100])
+                sock.sendto(blob, (group, port))
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(noise())
+    try:
+        code, _, err = await run_fetch(served.url("f.bin"), "-O", "f.bin", "--log-json",
+                                       cwd=tmp_path)
+    finally:
+        stop.set()
+        await task
+        sock.close()
+    assert code == 0, err
+    assert sha256_of(tmp_path / "f.bin") == digest
+    drops = [json.loads(line) for line in err.splitlines()
+             if line.startswith(b"{") and json.loads(line)["event"] == "fetch.dropped"]
+    assert drops and drops[0].get("foreign", 0) > 0 and drops[0].get("short", 0) > 0
+
+
+@pytest.mark.parametrize("served", [{"rate_mbit": 20.0}], indirect=True)
+async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path: Path) -> None:
+    write_random(served.root / "big.img", 8_000_000)
+    proc = await asyncio.create_subprocess_exec(
+        *BOOTCAST, "fetch", served.url("big.img"), "-O", "big.img", "--progress", "none",
+        cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if served.server.stats()["bootcast_clients_active"] == 1:
+            break
+    await asyncio.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err
+    assert served.server.stats()["bootcast_clients_active"] == 0
+    assert served.server.stats()["bootcast_leaves_total"] == 1
+    assert not (tmp_path / "big.img").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+async def test_eight_concurrent_fetches_of_64_mib_and_a_late_joiner(
+    served: Served, tmp_path: Path
+) -> None:
+    digest = write_random(served.root / "rootfs.img", 64 * 1024 * 1024)
+
+    async def one(i: int, delay: float) -> tuple[int, bytes]:
+        await asyncio.sleep(delay)
+        code, _, err = await run_fetch(served.url("rootfs.img"), "-O", f"c{i}.img", "-q",
+                                       "--timeout", "60", cwd=tmp_path, timeout=300)
+        return code, err
+
+    results = await asyncio.gather(*(one(i, 0.0) for i in range(8)), one(8, 1.5))
+    for code, err in results:
+        assert code == 0, err
+    for i in range(9):
+        assert sha256_of(tmp_path / f"c{i}.img") == digest
+    stats = served.server.stats()
+    assert stats["bootcast_casts_started_total"] == 1  # one cast served all nine
+    assert stats["bootcast_clients_active"] == 0
