@@ -54,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a sub-command's parser must not reset what was given before the command.
     common.add_argument(
-        "--log-json", action="store_true", default=argparse.SUPPRESS,
+        "--log-json",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="log one JSON object per line",
     )
     common.add_argument(
-        "--log-level", choices=sorted(logs.LEVELS), default=argparse.SUPPRESS,
+        "--log-level",
+        choices=sorted(logs.LEVELS),
+        default=argparse.SUPPRESS,
         help="default: info",
     )
     parser = argparse.ArgumentParser(
@@ -78,38 +82,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--dir", required=True, type=Path, help="directory to serve")
     serve.add_argument(
-        "--listen", type=_hostport, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+        "--listen",
+        type=_hostport,
+        default=("127.0.0.1", 8080),
+        metavar="HOST:PORT",
         help="HTTP address (default 127.0.0.1:8080; port 0 picks a free port)",
     )
     serve.add_argument(
-        "--group", help=f"first multicast group; casts use consecutive groups "
+        "--group",
+        help=f"first multicast group; casts use consecutive groups "
         f"(default {DEFAULT_GROUP_V4}, or {DEFAULT_GROUP_V6} on an IPv6 interface)",
     )
     serve.add_argument(
-        "--port-base", type=int, default=DEFAULT_PORT_BASE,
+        "--port-base",
+        type=int,
+        default=DEFAULT_PORT_BASE,
         help=f"first UDP port; casts use consecutive ports (default {DEFAULT_PORT_BASE})",
     )
     serve.add_argument(
-        "--page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="BYTES",
+        "--page-size",
+        type=int,
+        default=DEFAULT_PAGE_SIZE,
+        metavar="BYTES",
         help=f"payload bytes per page (default {DEFAULT_PAGE_SIZE}: one datagram fits a "
         "1500-byte MTU; up to 65487 where the path allows, e.g. 8192 on loopback)",
     )
     serve.add_argument(
-        "--rate", type=_positive_float, default=DEFAULT_RATE_MBIT, metavar="MBIT",
+        "--rate",
+        type=_positive_float,
+        default=DEFAULT_RATE_MBIT,
+        metavar="MBIT",
         help=f"maximum send rate per cast in Mbit/s on the wire (default {DEFAULT_RATE_MBIT:g})",
     )
     serve.add_argument(
-        "--no-adaptive", action="store_true",
+        "--no-adaptive",
+        action="store_true",
         help="keep the rate fixed (no slowdown when clients report overruns or heavy loss)",
     )
     serve.add_argument(
-        "--interface", metavar="ADDR",
+        "--interface",
+        metavar="ADDR",
         help="send through this interface (address or name); default: the --listen "
         "address if it is a specific one, else the kernel's choice",
     )
     serve.add_argument("--ttl", type=int, default=1, help="multicast TTL / hop limit (default 1)")
     serve.add_argument(
-        "--idle-loops", type=int, default=DEFAULT_IDLE_LOOPS, metavar="N",
+        "--idle-loops",
+        type=int,
+        default=DEFAULT_IDLE_LOOPS,
+        metavar="N",
         help=f"stop a cast after N full iterations without a join, leave or NACK "
         f"(default {DEFAULT_IDLE_LOOPS})",
     )
@@ -123,25 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("url", metavar="URL", help="join URL: http://HOST:PORT/join/PATH")
     fetch.add_argument(
-        "-O", "--output", metavar="FILE",
+        "-O",
+        "--output",
+        metavar="FILE",
         help="write to FILE ('-' for stdout); default: the URL's last path segment",
     )
     fetch.add_argument(
-        "--interface", metavar="ADDR",
+        "--interface",
+        metavar="ADDR",
         help="receive on this interface (address or name); default: the one that reaches "
         "the server",
     )
     fetch.add_argument(
-        "--timeout", type=_positive_float, default=30.0, metavar="S",
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
         help="give up after S seconds without progress (default 30)",
     )
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress, errors only")
     fetch.add_argument(
-        "--progress", choices=["auto", "bar", "log", "none"], default="auto",
+        "--progress",
+        choices=["auto", "bar", "log", "none"],
+        default="auto",
         help="progress display (default auto: a bar on a TTY, log lines otherwise)",
     )
     fetch.add_argument(
-        "--no-repair", action="store_true",
+        "--no-repair",
+        action="store_true",
         help="never send NACKs; wait for the carousel like a spec-only client",
     )
 

@@ -124,8 +124,14 @@ class _Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                file=sys.stderr, dynamic_ncols=True, leave=True,
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
             )
 
     def update(self, held_bytes: int) -> None:
@@ -151,9 +157,7 @@ class _Progress:
             self._bar.close()
 
 
-async def _join(
-    session: aiohttp.ClientSession, cfg: FetchConfig
-) -> tuple[JoinReply, str | None]:
+async def _join(session: aiohttp.ClientSession, cfg: FetchConfig) -> tuple[JoinReply, str | None]:
     headers = {REPAIR_HEADER: "nack"} if cfg.repair else {}
     try:
         async with session.get(cfg.url, headers=headers) as resp:

@@ -28,10 +28,31 @@ def _command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "bootcast"]
 
 
+def _generate(path: Path, size_mib: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size_mib):
+            chunk = os.urandom(1024 * 1024)
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
+
+
 async def _start_server(root: Path) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
-        *_command(), "--log-json", "serve", "--dir", str(root), "--listen", "127.0.0.1:0",
-        "--interface", "127.0.0.1", "--page-size", "8192", "--rate", "800",
+        *_command(),
+        "--log-json",
+        "serve",
+        "--dir",
+        str(root),
+        "--listen",
+        "127.0.0.1:0",
+        "--interface",
+        "127.0.0.1",
+        "--page-size",
+        "8192",
+        "--rate",
+        "800",
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -55,8 +76,11 @@ async def _drain(stream: asyncio.StreamReader | None) -> None:
         with contextlib.suppress(ValueError):
             event = json.loads(line)
             if event.get("event", "").startswith("cast."):
-                fields = {k: v for k, v in event.items()
-                          if k in ("clients", "reason", "pages_sent", "pages_resent", "nacks")}
+                fields = {
+                    k: v
+                    for k, v in event.items()
+                    if k in ("clients", "reason", "pages_sent", "pages_resent", "nacks")
+                }
                 print(f"  server: {event['event']} {fields}", file=sys.stderr)
 
 
@@ -67,23 +91,31 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
         (root / "images").mkdir(parents=True)
         out.mkdir()
         source = root / "images" / "rootfs.img"
-        with open(source, "wb") as f:
-            for _ in range(size_mib):
-                f.write(os.urandom(1024 * 1024))
-        expected = hashlib.sha256(source.read_bytes()).hexdigest()
-        print(f"demo: serving {source.name} ({size_mib} MiB, sha256 {expected[:16]}…) on "
-              f"127.0.0.1 to {clients} concurrent clients + 1 late joiner", file=sys.stderr)
+        expected = await asyncio.to_thread(_generate, source, size_mib)
+        print(
+            f"demo: serving {source.name} ({size_mib} MiB, sha256 {expected[:16]}…) on "
+            f"127.0.0.1 to {clients} concurrent clients + 1 late joiner",
+            file=sys.stderr,
+        )
         server, port = await _start_server(root)
         drain = asyncio.create_task(_drain(server.stderr))
         url = f"http://127.0.0.1:{port}/join/images/rootfs.img"
         started = time.monotonic()
         try:
+
             async def one(i: int, delay: float) -> tuple[int, int, float]:
                 await asyncio.sleep(delay)
                 t0 = time.monotonic()
                 proc = await asyncio.create_subprocess_exec(
-                    *_command(), "fetch", url, "-O", str(out / f"client{i}.img"),
-                    "--progress", "log", "--timeout", "20",
+                    *_command(),
+                    "fetch",
+                    url,
+                    "-O",
+                    str(out / f"client{i}.img"),
+                    "--progress",
+                    "log",
+                    "--timeout",
+                    "20",
                 )
                 return i, await proc.wait(), time.monotonic() - t0
 
@@ -100,14 +132,22 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
         ok = True
         for i, code, seconds in sorted(results):
             path = out / f"client{i}.img"
-            good = code == 0 and path.exists() and (
-                hashlib.sha256(path.read_bytes()).hexdigest() == expected
+            good = (
+                code == 0
+                and path.exists()
+                and (hashlib.sha256(path.read_bytes()).hexdigest() == expected)
             )
             ok &= good
             label = f"{i} (late)" if i == clients + 1 else str(i)
-            print(f"{label:<10}{code:<6}{seconds:<9.2f}{size_mib * 1.048576 / seconds:<8.1f}"
-                  f"{'yes' if good else 'NO'}", file=sys.stderr)
-        print(f"\n{'all' if ok else 'NOT all'} {clients + 1} copies verified against sha256 "
-              f"{expected[:16]}… in {wall:.2f} s; the server sent the file over one multicast "
-              f"group instead of {clients + 1} unicast streams.", file=sys.stderr)
+            print(
+                f"{label:<10}{code:<6}{seconds:<9.2f}{size_mib * 1.048576 / seconds:<8.1f}"
+                f"{'yes' if good else 'NO'}",
+                file=sys.stderr,
+            )
+        print(
+            f"\n{'all' if ok else 'NOT all'} {clients + 1} copies verified against sha256 "
+            f"{expected[:16]}… in {wall:.2f} s; the server sent the file over one multicast "
+            f"group instead of {clients + 1} unicast streams.",
+            file=sys.stderr,
+        )
         return 0 if ok else 1

@@ -73,11 +73,12 @@ class JoinReply:
             raise RemoteProtocolError("TOKEN is empty or contains whitespace")
         if self.pages < 0 or self.page_size <= 0:
             raise RemoteProtocolError("PAGES must be ≥ 0 and PAGESIZE > 0")
-        if self.size is not None:
-            if self.size < 0 or -(-self.size // self.page_size) != self.pages:
-                raise RemoteProtocolError(
-                    f"SIZE={self.size} does not match PAGES={self.pages} × {self.page_size}"
-                )
+        if self.size is not None and (
+            self.size < 0 or -(-self.size // self.page_size) != self.pages
+        ):
+            raise RemoteProtocolError(
+                f"SIZE={self.size} does not match PAGES={self.pages} × {self.page_size}"
+            )
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
         ):
@@ -115,7 +116,9 @@ class JoinReply:
             values.setdefault(key, value)
             order.append(key)
         if order[:4] != list(REQUIRED):
-            raise RemoteProtocolError(f"join reply must begin {', '.join(REQUIRED)}; got {order[:4]}")
+            raise RemoteProtocolError(
+                f"join reply must begin {', '.join(REQUIRED)}; got {order[:4]}"
+            )
         try:
             group, port = split_hostport(values["CONNECT"])
             pages = int(values["PAGES"])

@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 SO_MEMINFO = 55
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SK_MEMINFO_DROPS = 8
 DEFAULT_RCVBUF = 8 * 1024 * 1024
 DEFAULT_SNDBUF = 1 * 1024 * 1024
@@ -116,8 +117,8 @@ def receiver_socket(
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
-        except (OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if v6:
             sock.bind((group, port, 0, iface.index))

@@ -36,7 +36,9 @@ class ServerMetrics:
         self.casts_active = Gauge("bootcast_casts_active", "Casts running", registry=r)
         self.clients_active = Gauge("bootcast_clients_active", "Clients joined", registry=r)
         self.http_rejected = Counter(
-            "bootcast_http_rejected", "HTTP requests answered with an error", ["status"],
+            "bootcast_http_rejected",
+            "HTTP requests answered with an error",
+            ["status"],
             registry=r,
         )
         self.rate_changes = Counter(

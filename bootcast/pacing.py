@@ -124,7 +124,7 @@ class RateController:
             self._probe = None
             return self._set(self.rate_mbit * self.DECREASE, "receiver_overrun", loss)
         if self._probe is not None:
-            loss_before, delivered_before, rate_before = self._probe
+            _loss_before, delivered_before, rate_before = self._probe
             self._probe = None
             if heavy and delivered < delivered_before * self.CONGESTION_DELIVERY_RATIO:
                 # Delivery fell with the rate: the loss is not ours to cure.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import crc32c as _crc32c
@@ -57,12 +58,13 @@ class DropReason(enum.Enum):
 
 class PageHeader(NamedTuple):
     size: int
-    index: int
+    page_index: int
     cast_id: int
     crc: int
 
 
-class Page(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Page:
     """A decoded page. ``payload`` is a view into the datagram (no copy)."""
 
     index: int

@@ -354,8 +354,11 @@ class BootcastServer:
 
     def _wire_bytes(self, payload_bytes: int, group: str) -> int:
         # Header, trailer, UDP, IP and Ethernet: what the link actually carries.
-        return payload_bytes + pagecodec.HEADER_BYTES + pagecodec.TRAILER_BYTES + (
-            62 if is_ipv6(group) else 42
+        return (
+            payload_bytes
+            + pagecodec.HEADER_BYTES
+            + pagecodec.TRAILER_BYTES
+            + (62 if is_ipv6(group) else 42)
         )
 
     async def _run_cast(self, cast: Cast, fd: int) -> None:
@@ -373,8 +376,8 @@ class BootcastServer:
                 cast.source.close()
             return
         now = self._loop.time()
-        full_pass_s = source.pages * self._wire_bytes(cfg.page_size, cast.group) * 8 / (
-            cfg.rate_mbit * 1e6
+        full_pass_s = (
+            source.pages * self._wire_bytes(cfg.page_size, cast.group) * 8 / (cfg.rate_mbit * 1e6)
         )
         cast.core = CastCore(
             cast_id=cast.cast_id,
@@ -434,7 +437,9 @@ class BootcastServer:
         assert core is not None and source is not None and sock is not None and pacer is not None
         loop = self._loop
         dest = (cast.group, cast.port)
-        overhead = self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
+        overhead = (
+            self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
+        )
         burst = 32
         while True:
             now = loop.time()
@@ -527,6 +532,6 @@ async def start_server(config: ServeConfig) -> tuple[BootcastServer, web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    port = sockets[0].getsockname()[1] if sockets else config.port
+    addresses = runner.addresses
+    port = int(addresses[0][1]) if addresses else config.port
     return server, runner, port

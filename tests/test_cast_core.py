@@ -14,7 +14,7 @@ def make(pages: int = 10, idle_loops: int = 3, loop_s: float = 1.0) -> CastCore:
 
 
 def drain(core: CastCore, now: float, limit: int = 10_000) -> list[NextPage]:
-    out = []
+    out: list[NextPage] = []
     while len(out) < limit and (p := core.next_page(now)) is not None:
         out.append(p)
     return out
@@ -51,8 +51,12 @@ def test_repairs_jump_the_carousel_queue() -> None:
     out = core.nack("a", NackReport(missing=[(3, 4), (10, 10)]), 1.0)
     assert out is not None and out.queued == 3
     nxt = [core.next_page(1.0) for _ in range(4)]
-    assert [(p.index, p.repair) for p in nxt if p] == [(3, True), (4, True), (10, True),
-                                                      (51, False)]
+    assert [(p.index, p.repair) for p in nxt if p] == [
+        (3, True),
+        (4, True),
+        (10, True),
+        (51, False),
+    ]
 
 
 def test_fifty_clients_missing_one_page_cause_one_resend() -> None:
@@ -97,8 +101,8 @@ def test_last_leave_stops() -> None:
     core = make()
     core.join("a", 0.0, nack_capable=False)
     core.join("b", 0.0, nack_capable=True)
-    assert core.leave("a", 1.0) and core.state is CastState.RUNNING
-    assert core.leave("b", 1.0) and core.state is CastState.STOPPED
+    assert core.leave("a", 1.0) and core.poll(1.0) is CastState.RUNNING
+    assert core.leave("b", 1.0) and core.poll(1.0) is CastState.STOPPED
     assert core.stop_reason is StopReason.LAST_LEAVE
     assert core.next_page(1.0) is None
     assert core.leave("b", 1.0) is False

@@ -15,11 +15,24 @@ SHA = "ab" * 32
 
 
 def test_join_reply_order_and_round_trip() -> None:
-    reply = JoinReply(group="239.1.2.3", port=5000, token="t0k", pages=3, page_size=1400,
-                      size=3000, sha256=SHA, cast_id=77, nack_path="/nack/x")
+    reply = JoinReply(
+        group="239.1.2.3",
+        port=5000,
+        token="t0k",
+        pages=3,
+        page_size=1400,
+        size=3000,
+        sha256=SHA,
+        cast_id=77,
+        nack_path="/nack/x",
+    )
     text = reply.encode()
     assert [line.split("=")[0] for line in text.splitlines()][:4] == [
-        "CONNECT", "TOKEN", "PAGES", "PAGESIZE"]
+        "CONNECT",
+        "TOKEN",
+        "PAGES",
+        "PAGESIZE",
+    ]
     assert text.startswith("CONNECT=239.1.2.3:5000\nTOKEN=t0k\nPAGES=3\nPAGESIZE=1400\n")
     assert JoinReply.parse(text) == reply
 
@@ -28,7 +41,11 @@ def test_join_reply_ipv6_and_unknown_keys() -> None:
     text = "CONNECT=ff15::b007:1:27000\nTOKEN=a\nPAGES=0\nPAGESIZE=1400\nFUTURE=thing\n"
     reply = JoinReply.parse(text)
     assert (reply.group, reply.port, reply.pages, reply.extra) == (
-        "ff15::b007:1", 27000, 0, {"FUTURE": "thing"})
+        "ff15::b007:1",
+        27000,
+        0,
+        {"FUTURE": "thing"},
+    )
     assert split_hostport("[ff15::1]:9") == ("ff15::1", 9)
 
 
@@ -59,8 +76,9 @@ def test_ranges_table(text: str, ranges: list[tuple[int, int]]) -> None:
     assert format_ranges(ranges) == text
 
 
-@pytest.mark.parametrize("text", ["0", "21", "5-3", "3,2", "1-3,3", "a", "1-", "-1", "+1", "1,,2",
-                                  " 1-2 3"])
+@pytest.mark.parametrize(
+    "text", ["0", "21", "5-3", "3,2", "1-3,3", "a", "1-", "-1", "+1", "1,,2", " 1-2 3"]
+)
 def test_ranges_reject(text: str) -> None:
     with pytest.raises(RemoteProtocolError):
         parse_ranges(text, pages=20)
@@ -84,8 +102,14 @@ def test_nack_round_trip_and_limits() -> None:
     report = NackReport(missing=[(1, 3), (7, 7)], received=10, lost=4, overrun=1, held=99)
     assert NackReport.parse(report.encode(), pages=10) == report
     assert NackReport.parse(b"", pages=10) == NackReport()
-    for body in [b"MISSING=11", b"RECEIVED=-1", b"LOST=x", b"\xff\xfe", b"noequals",
-                 b"MISSING=" + b"1," * 70000]:
+    for body in [
+        b"MISSING=11",
+        b"RECEIVED=-1",
+        b"LOST=x",
+        b"\xff\xfe",
+        b"noequals",
+        b"MISSING=" + b"1," * 70000,
+    ]:
         with pytest.raises(RemoteProtocolError):
             NackReport.parse(body, pages=10)
     with pytest.raises(RemoteProtocolError):

@@ -42,8 +42,14 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
     root.mkdir()
     group, port_base = _free_base()
     options = getattr(request, "param", {})
-    config = ServeConfig(root=root, host="127.0.0.1", port=0, group=group, port_base=port_base,
-                         **{"page_size": 8192, "rate_mbit": 800.0, **options})
+    config = ServeConfig(
+        root=root,
+        host="127.0.0.1",
+        port=0,
+        group=group,
+        port_base=port_base,
+        **{"page_size": 8192, "rate_mbit": 800.0, **options},
+    )
     server, runner, port = await start_server(config)
     try:
         yield Served(server, port, root)
@@ -66,11 +72,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def run_fetch(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, bytes, bytes]:
+async def run_fetch(*args: str, cwd: Path, limit_s: float = 120) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
-        *BOOTCAST, "fetch", *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *BOOTCAST,
+        "fetch",
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
     assert proc.returncode is not None
     return proc.returncode, out, err
 
@@ -104,8 +115,9 @@ async def test_fetch_empty_and_exact_multiple(served: Served, tmp_path: Path) ->
     (served.root / "empty").write_bytes(b"")
     write_random(served.root / "exact", 3 * 8192)
     for name in ("empty", "exact"):
-        code, _, err = await run_fetch(served.url(name), "-O", str(tmp_path / name), "-q",
-                                       cwd=tmp_path)
+        code, _, err = await run_fetch(
+            served.url(name), "-O", str(tmp_path / name), "-q", cwd=tmp_path
+        )
         assert code == 0, err
         assert (tmp_path / name).read_bytes() == (served.root / name).read_bytes()
 
@@ -127,8 +139,9 @@ async def test_connection_refused_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/x", "--timeout", "2",
-                                   cwd=tmp_path)
+    code, _, err = await run_fetch(
+        f"http://127.0.0.1:{port}/join/x", "--timeout", "2", cwd=tmp_path
+    )
     assert code == 1 and len(err.decode().strip().splitlines()) == 1
 
 
@@ -150,7 +163,7 @@ async def fake_join_server(reply: str) -> tuple[web.AppRunner, int, list[str]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = int(runner.addresses[0][1])
     return runner, port, leaves
 
 
@@ -159,8 +172,9 @@ async def test_no_pages_arrived_says_so_and_leaves(tmp_path: Path) -> None:
     reply = f"CONNECT={group}:{port_base}\nTOKEN=tok\nPAGES=5\nPAGESIZE=1000\nSIZE=4500\n"
     runner, port, leaves = await fake_join_server(reply)
     try:
-        code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/f", "--timeout", "1",
-                                       "-O", "f", cwd=tmp_path)
+        code, _, err = await run_fetch(
+            f"http://127.0.0.1:{port}/join/f", "--timeout", "1", "-O", "f", cwd=tmp_path
+        )
     finally:
         await runner.cleanup()
     assert code == 1
@@ -173,8 +187,10 @@ async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     group, port_base = _free_base()
     data = os.urandom(2500)
     wrong = hashlib.sha256(b"something else").hexdigest()
-    reply = (f"CONNECT={group}:{port_base}\nTOKEN=t\nPAGES=3\nPAGESIZE=1000\nSIZE=2500\n"
-             f"SHA256={wrong}\nCAST=5\n")
+    reply = (
+        f"CONNECT={group}:{port_base}\nTOKEN=t\nPAGES=3\nPAGESIZE=1000\nSIZE=2500\n"
+        f"SHA256={wrong}\nCAST=5\n"
+    )
     runner, port, leaves = await fake_join_server(reply)
     sock = sender_socket(group, interface="127.0.0.1")
     stop = asyncio.Event()
@@ -182,14 +198,16 @@ async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     async def carousel() -> None:
         while not stop.is_set():
             for i in range(3):
-                sock.sendto(page.encode(i + 1, 5, data[i * 1000 : (i + 1) * 1000]),
-                            (group, port_base))
+                sock.sendto(
+                    page.encode(i + 1, 5, data[i * 1000 : (i + 1) * 1000]), (group, port_base)
+                )
             await asyncio.sleep(0.02)
 
     task = asyncio.create_task(carousel())
     try:
-        code, _, err = await run_fetch(f"http://127.0.0.1:{port}/join/f", "-O", "f",
-                                       "--timeout", "5", cwd=tmp_path)
+        code, _, err = await run_fetch(
+            f"http://127.0.0.1:{port}/join/f", "-O", "f", "--timeout", "5", cwd=tmp_path
+        )
     finally:
         stop.set()
         await task
@@ -226,16 +244,20 @@ async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
 
     task = asyncio.create_task(noise())
     try:
-        code, _, err = await run_fetch(served.url("f.bin"), "-O", "f.bin", "--log-json",
-                                       cwd=tmp_path)
+        code, _, err = await run_fetch(
+            served.url("f.bin"), "-O", "f.bin", "--log-json", cwd=tmp_path
+        )
     finally:
         stop.set()
         await task
         sock.close()
     assert code == 0, err
     assert sha256_of(tmp_path / "f.bin") == digest
-    drops = [json.loads(line) for line in err.splitlines()
-             if line.startswith(b"{") and json.loads(line)["event"] == "fetch.dropped"]
+    drops = [
+        json.loads(line)
+        for line in err.splitlines()
+        if line.startswith(b"{") and json.loads(line)["event"] == "fetch.dropped"
+    ]
     assert drops and drops[0].get("foreign", 0) > 0 and drops[0].get("short", 0) > 0
 
 
@@ -243,8 +265,15 @@ async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
 async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path: Path) -> None:
     write_random(served.root / "big.img", 8_000_000)
     proc = await asyncio.create_subprocess_exec(
-        *BOOTCAST, "fetch", served.url("big.img"), "-O", "big.img", "--progress", "none",
-        cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
+        *BOOTCAST,
+        "fetch",
+        served.url("big.img"),
+        "-O",
+        "big.img",
+        "--progress",
+        "none",
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
     )
     for _ in range(200):
         await asyncio.sleep(0.05)
@@ -268,8 +297,16 @@ async def test_eight_concurrent_fetches_of_64_mib_and_a_late_joiner(
 
     async def one(i: int, delay: float) -> tuple[int, bytes]:
         await asyncio.sleep(delay)
-        code, _, err = await run_fetch(served.url("rootfs.img"), "-O", f"c{i}.img", "-q",
-                                       "--timeout", "60", cwd=tmp_path, timeout=300)
+        code, _, err = await run_fetch(
+            served.url("rootfs.img"),
+            "-O",
+            f"c{i}.img",
+            "-q",
+            "--timeout",
+            "60",
+            cwd=tmp_path,
+            limit_s=300,
+        )
         return code, err
 
     results = await asyncio.gather(*(one(i, 0.0) for i in range(8)), one(8, 1.5))

@@ -43,8 +43,7 @@ def run(controller: RateController, link: str, seconds: float = 30.0) -> list[fl
         sent = controller.rate_mbit * 1e6 / 8 / 1500 * controller.window_s  # pages
         if link == "congested":  # a 300 Mbit/s bottleneck
             delivered = min(sent, 300e6 / 8 / 1500 * controller.window_s)
-            controller.report("r", received=int(delivered), lost=int(sent - delivered),
-                              overrun=0)
+            controller.report("r", received=int(delivered), lost=int(sent - delivered), overrun=0)
         elif link == "random20":
             controller.report("r", received=int(sent * 0.8), lost=int(sent * 0.2), overrun=0)
         elif link == "overrun":  # the receiver's socket drops above 200 Mbit/s

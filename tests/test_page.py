@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 
@@ -15,8 +16,14 @@ from bootcast.page import DropReason, PageError
 HELLO_CRC = page.crc32c(b"hello")
 
 CASES: list[tuple[tuple[int, int, bytes, bool], bytes]] = [
-    ((1, 7, b"hello", False), struct.pack("!IIII", 5, 1, 7, HELLO_CRC) + b"hello" + b"\xbc\x01\x00\x00"),
-    ((2, 7, b"hello", True), struct.pack("!IIII", 5, 2, 7, HELLO_CRC) + b"hello" + b"\xbc\x01\x01\x00"),
+    (
+        (1, 7, b"hello", False),
+        struct.pack("!IIII", 5, 1, 7, HELLO_CRC) + b"hello" + b"\xbc\x01\x00\x00",
+    ),
+    (
+        (2, 7, b"hello", True),
+        struct.pack("!IIII", 5, 2, 7, HELLO_CRC) + b"hello" + b"\xbc\x01\x01\x00",
+    ),
     ((0xFFFFFFFF, 0, b"", False), struct.pack("!IIII", 0, 0xFFFFFFFF, 0, 0) + b"\xbc\x01\x00\x00"),
 ]
 
@@ -80,10 +87,8 @@ def test_random_garbage_never_raises_anything_but_page_error() -> None:
     rng = random.Random(1234)
     for _ in range(5000):
         blob = rng.randbytes(rng.randrange(0, 80))
-        try:
+        with contextlib.suppress(PageError):
             page.decode(blob, cast_id=rng.randrange(3), page_size=32)
-        except PageError:
-            pass
 
 
 @given(
@@ -99,8 +104,15 @@ def test_round_trip(index: int, cast_id: int, payload: bytes, repair: bool) -> N
 
 @pytest.mark.parametrize(
     ("size", "page_size", "pages"),
-    [(0, 1400, 0), (1, 1400, 1), (1400, 1400, 1), (1401, 1400, 2), (2800, 1400, 2),
-     (2801, 1400, 3), (64 * 2**20, 8192, 8192)],
+    [
+        (0, 1400, 0),
+        (1, 1400, 1),
+        (1400, 1400, 1),
+        (1401, 1400, 2),
+        (2800, 1400, 2),
+        (2801, 1400, 3),
+        (64 * 2**20, 8192, 8192),
+    ],
 )
 def test_page_count(size: int, page_size: int, pages: int) -> None:
     assert page.page_count(size, page_size) == pages

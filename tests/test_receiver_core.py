@@ -16,8 +16,10 @@ PAGE = 100
 
 
 def pages_of(data: bytes, cast_id: int = 9) -> list[bytes]:
-    return [page.encode(i + 1, cast_id, data[o : o + PAGE])
-            for i, o in enumerate(range(0, len(data), PAGE))]
+    return [
+        page.encode(i + 1, cast_id, data[o : o + PAGE])
+        for i, o in enumerate(range(0, len(data), PAGE))
+    ]
 
 
 def assemble(core: ReceiverCore, datagrams: list[bytes], buf: bytearray, now: float = 0.0) -> None:
@@ -123,8 +125,10 @@ def test_cast_and_receivers_converge_under_loss(seed: int, loss: float) -> None:
     receivers = {}
     for i in range(4):
         cast.join(f"r{i}", now, nack_capable=True)
-        receivers[f"r{i}"] = (ReceiverCore(pages=pages, page_size=PAGE, size=size, cast_id=9,
-                                           now=now), bytearray(size))
+        receivers[f"r{i}"] = (
+            ReceiverCore(pages=pages, page_size=PAGE, size=size, cast_id=9, now=now),
+            bytearray(size),
+        )
     sent = 0
     while any(not r.complete for r, _ in receivers.values()):
         now += 0.001
@@ -141,7 +145,7 @@ def test_cast_and_receivers_converge_under_loss(seed: int, loss: float) -> None:
             report: NackReport | None = rcv.poll(now)
             if report is not None and rng.random() >= loss:
                 cast.nack(token, report, now)
-    for rcv, buf in receivers.values():
+    for _rcv, buf in receivers.values():
         assert bytes(buf) == data
     # Repeating lost pages costs about 1/(1-loss) per receiver, more for the slowest of 4.
     assert sent <= pages * (1 + 6 * loss) + 10
