@@ -206,7 +206,7 @@ async def _serve(args: argparse.Namespace) -> int:
     log = logs.get_logger("bootcast.serve")
     log.info(
         "serve.listening",
-        url=f"http://{host}:{bound_port}/join/",
+        url=f"http://{f'[{host}]' if ':' in host else host}:{bound_port}/join/",
         host=host,
         port=bound_port,
         dir=str(config.root),
