@@ -18,7 +18,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,14 +98,6 @@ class FetchResult:
     @property
     def mbyte_per_s(self) -> float:
         return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
-        self.on_datagram = on_datagram
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.on_datagram(data)
 
 
 class _Progress:
@@ -299,20 +290,34 @@ async def _receive(
         done = asyncio.Event()
         write_error: list[OSError] = []
 
-        def on_datagram(data: bytes) -> None:
-            accepted = core.datagram(data, loop.time())
-            if accepted is not None:
+        buffer = bytearray(65536)
+        view = memoryview(buffer)
+
+        def drain() -> None:
+            # Read every queued datagram per wake-up: one epoll round per datagram would
+            # cost more than the datagram itself.
+            for _ in range(256):
+                try:
+                    n = sock.recv_into(buffer)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    bound.warning("fetch.recv.failed", error=exc.strerror)
+                    return
+                accepted = core.datagram(view[:n], loop.time())
+                if accepted is None:
+                    continue
                 try:
                     os.pwrite(fd, accepted.payload, accepted.offset)
                 except OSError as exc:
                     write_error.append(exc)
                     done.set()
+                    return
                 if core.complete:
                     done.set()
+                    return
 
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(on_datagram), sock=sock
-        )
+        loop.add_reader(sock.fileno(), drain)
         progress = _Progress(
             cfg.progress, os.path.basename(destination) or "stdout", reply.size or 0
         )
@@ -352,7 +357,8 @@ async def _receive(
             if write_error:
                 raise FetchError(f"cannot write {destination}: {write_error[0].strerror}")
         finally:
-            transport.close()
+            loop.remove_reader(sock.fileno())
+            sock.close()
             progress.close()
             if in_flight is not None and not in_flight.done():
                 in_flight.cancel()

@@ -15,7 +15,8 @@ save up an unbounded burst.
   same (the link was full), under random loss it falls with the rate. In the second case the
   controller restores the rate and learns that loss level as the floor, so random loss never
   throttles the cast.
-* Otherwise additive increase back towards the configured maximum.
+* Otherwise a gentle increase (10 % of the current rate per clean window) back towards
+  the configured maximum.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class RateController:
     CLEAN_LOSS_MARGIN = 0.03  # loss below floor + this → may speed up
     OVERRUN_FRACTION = 0.005
     DECREASE = 0.7
-    INCREASE_FRACTION = 0.05  # of the maximum rate, per window
+    INCREASE_FRACTION = 0.10  # of the current rate, per clean window
+    MIN_INCREASE_FRACTION = 0.01  # of the maximum: recovery from a deep cut is not glacial
     CONGESTION_DELIVERY_RATIO = 0.85
     MIN_SAMPLES = 64
 
@@ -136,6 +138,9 @@ class RateController:
         if loss < self.loss_floor:
             self.loss_floor = 0.8 * self.loss_floor + 0.2 * loss
         if loss <= self.loss_floor + self.CLEAN_LOSS_MARGIN:
-            step = self.max_rate_mbit * self.INCREASE_FRACTION
+            step = max(
+                self.rate_mbit * self.INCREASE_FRACTION,
+                self.max_rate_mbit * self.MIN_INCREASE_FRACTION,
+            )
             return self._set(self.rate_mbit + step, "clean", loss)
         return None
