@@ -15,6 +15,9 @@ save up an unbounded burst.
   same (the link was full), under random loss it falls with the rate. In the second case the
   controller restores the rate and learns that loss level as the floor, so random loss never
   throttles the cast.
+* A cast starts at ``START_RATE_MBIT`` at most (slow start: +50 % per clean window until
+  the first cut), so an unpaced blast at a high ``--rate`` never overruns receivers for
+  long.
 * Otherwise a gentle increase (10 % of the current rate per clean window) back towards
   the configured maximum.
 """
@@ -70,13 +73,16 @@ class RateController:
     MIN_INCREASE_FRACTION = 0.01  # of the maximum: recovery from a deep cut is not glacial
     CONGESTION_DELIVERY_RATIO = 0.85
     MIN_SAMPLES = 64
+    START_RATE_MBIT = 400.0
+    SLOW_START_INCREASE = 0.5
 
     def __init__(
         self, max_rate_mbit: float, *, min_rate_mbit: float = 1.0, window_s: float = 0.5
     ) -> None:
         self.max_rate_mbit = max_rate_mbit
         self.min_rate_mbit = min(min_rate_mbit, max_rate_mbit)
-        self.rate_mbit = max_rate_mbit
+        self.rate_mbit = min(max_rate_mbit, self.START_RATE_MBIT)
+        self._slow_start = self.rate_mbit < max_rate_mbit
         self.window_s = window_s
         self.loss_floor = 0.0
         self._windows: dict[str, _Window] = {}
@@ -115,6 +121,8 @@ class RateController:
 
     def _set(self, rate: float, reason: str, loss: float) -> RateChange | None:
         rate = min(self.max_rate_mbit, max(self.min_rate_mbit, rate))
+        if rate < self.rate_mbit:
+            self._slow_start = False
         if abs(rate - self.rate_mbit) < 1e-9:
             return None
         self.rate_mbit = rate
@@ -139,7 +147,8 @@ class RateController:
             self.loss_floor = 0.8 * self.loss_floor + 0.2 * loss
         if loss <= self.loss_floor + self.CLEAN_LOSS_MARGIN:
             step = max(
-                self.rate_mbit * self.INCREASE_FRACTION,
+                self.rate_mbit
+                * (self.SLOW_START_INCREASE if self._slow_start else self.INCREASE_FRACTION),
                 self.max_rate_mbit * self.MIN_INCREASE_FRACTION,
             )
             return self._set(self.rate_mbit + step, "clean", loss)

@@ -386,8 +386,8 @@ class BootcastServer:
             loop_s=full_pass_s,
             now=now,
         )
-        cast.pacer = Pacer(cfg.rate_mbit)
         cast.controller = RateController(cfg.rate_mbit) if cfg.adaptive else None
+        cast.pacer = Pacer(cast.controller.rate_mbit if cast.controller else cfg.rate_mbit)
         cast.ready.set_result(None)
         self.metrics.casts_started.inc()
         self.metrics.casts_active.inc()

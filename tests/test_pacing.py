@@ -75,13 +75,25 @@ def test_receiver_overrun_slows_down() -> None:
     assert sum(tail) / len(tail) <= 260
 
 
-def test_clean_link_keeps_full_rate() -> None:
+def test_clean_link_reaches_and_keeps_full_rate() -> None:
     controller = RateController(500.0)
+    assert controller.rate_mbit <= RateController.START_RATE_MBIT  # slow start
     controller.poll(0.0)
+    rates = []
     for i in range(1, 20):
         controller.report("r", received=1000, lost=0, overrun=0)
-        assert controller.poll(i * 0.5) is None
-    assert controller.rate_mbit == 500.0
+        controller.poll(i * 0.5)
+        rates.append(controller.rate_mbit)
+    assert rates == sorted(rates) and rates[-5:] == [500.0] * 5
+
+
+def test_slow_start_ramps_a_high_limit_quickly() -> None:
+    controller = RateController(10_000.0)
+    controller.poll(0.0)
+    for i in range(1, 13):  # six seconds of clean windows
+        controller.report("r", received=1000, lost=0, overrun=0)
+        controller.poll(i * 0.5)
+    assert controller.rate_mbit == 10_000.0
 
 
 SANS_IO = ["page", "ranges", "joinreply", "nack", "pacing", "cast", "receiver", "errors"]
