@@ -29,9 +29,23 @@ def bootcast_cmd() -> list[str]:
 
 def run_once(root: Path, out: Path, clients: int, digest: str) -> tuple[float, int]:
     server = subprocess.Popen(
-        [*bootcast_cmd(), "--log-json", "serve", "--dir", str(root), "--listen",
-         "127.0.0.1:0", "--interface", "127.0.0.1", "--page-size", "8192", "--rate", "100000"],
-        stderr=subprocess.PIPE, text=True,
+        [
+            *bootcast_cmd(),
+            "--log-json",
+            "serve",
+            "--dir",
+            str(root),
+            "--listen",
+            "127.0.0.1:0",
+            "--interface",
+            "127.0.0.1",
+            "--page-size",
+            "8192",
+            "--rate",
+            "100000",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stderr is not None
@@ -44,8 +58,12 @@ def run_once(root: Path, out: Path, clients: int, digest: str) -> tuple[float, i
         assert port is not None, "server did not start"
         url = f"http://127.0.0.1:{port}/join/file.bin"
         start = time.monotonic()
-        procs = [subprocess.Popen([*bootcast_cmd(), "fetch", url, "-O", str(out / f"c{i}"),
-                                   "-q", "--timeout", "60"]) for i in range(clients)]
+        procs = [
+            subprocess.Popen(
+                [*bootcast_cmd(), "fetch", url, "-O", str(out / f"c{i}"), "-q", "--timeout", "60"]
+            )
+            for i in range(clients)
+        ]
         codes = [p.wait(timeout=600) for p in procs]
         wall = time.monotonic() - start
         if any(codes):
@@ -79,12 +97,13 @@ def main() -> int:
         results = [run_once(root, out, args.clients, digest) for _ in range(args.runs)]
     size_mb = args.size_mib * 1.048576
     wall = statistics.median(w for w, _ in results)
-    print(f"\nbootcast loopback, no rate limit, 8 KiB pages, {args.clients} clients, "
-          f"{args.size_mib} MiB, median of {args.runs}")
+    print(
+        f"\nbootcast loopback, no rate limit, 8 KiB pages, {args.clients} clients, "
+        f"{args.size_mib} MiB, median of {args.runs}"
+    )
     print(f"{'run':<5}{'wall s':>9}{'MB/s/client':>13}{'MB/s total':>12}{'resent':>9}")
     for i, (w, resent) in enumerate(results, 1):
-        print(f"{i:<5}{w:>9.2f}{size_mb / w:>13.1f}{args.clients * size_mb / w:>12.1f}"
-              f"{resent:>9}")
+        print(f"{i:<5}{w:>9.2f}{size_mb / w:>13.1f}{args.clients * size_mb / w:>12.1f}{resent:>9}")
     print(f"{'med':<5}{wall:>9.2f}{size_mb / wall:>13.1f}{args.clients * size_mb / wall:>12.1f}")
     return 0
 

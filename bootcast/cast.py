@@ -20,8 +20,10 @@ Scheduling, in priority order:
 
 Lifecycle (a table, as in h11): ``RUNNING`` until the last client leaves, or until
 ``idle_loops`` full carousel iterations pass without a join, leave or NACK report. While
-paused, each ``loop_s`` seconds (the time one full pass takes at the current rate) counts as
-one iteration, so a client that vanished without leaving never keeps a cast alive.
+paused, each ``loop_s`` seconds (the time one full pass takes at the configured rate, at
+least 1 s) counts as one iteration, so a client that vanished without leaving never keeps a
+cast alive; and an iteration never counts for less than ``loop_s`` of wall time, so the
+fast wraps of a tiny file cannot end its cast before a client had time to bind the group.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class CastCore:
         self._paused_since: float | None = None
         self._paused_idle_s = 0.0
         self._started = now
+        self._last_activity = now
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -143,6 +146,7 @@ class CastCore:
             raise LocalProtocolError(f"{event.value} in state {self.state.value}") from None
 
     def _activity(self, now: float) -> None:
+        self._last_activity = now
         self._wraps_idle = 0
         self._paused_idle_s = 0.0
         if self._paused_since is not None:
@@ -246,7 +250,10 @@ class CastCore:
         paused = self._paused_idle_s
         if self._paused_since is not None:
             paused += now - self._paused_since
-        return self._wraps_idle + paused / self.loop_s
+        loops = self._wraps_idle + paused / self.loop_s
+        # An iteration counts for at least loop_s (≥ 1 s) of wall time: a tiny file wraps
+        # in microseconds, but a client binds the group only a round trip after its join.
+        return min(loops, (now - self._last_activity) / self.loop_s)
 
     def poll(self, now: float) -> CastState:
         """Check the idle rule; returns the (possibly new) state."""

@@ -27,6 +27,7 @@ import os
 import secrets
 import socket
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,9 @@ class BootcastServer:
         self._slots: set[int] = set()
         self._cast_ids: set[int] = set()
         self._loop = asyncio.get_running_loop()
+        # Casts map and hash their file in threads of their own: the default executor is
+        # shared with whatever embeds the server and must not be able to starve joins.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bootcast-open")
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/join/{path:.*}", self.handle_join)
         self.app.router.add_get("/leave/{path:.*}", self.handle_leave)
@@ -365,7 +369,9 @@ class BootcastServer:
         cfg = self.config
         bound = log.bind(path=cast.path, cast_id=cast.cast_id, group=cast.group, port=cast.port)
         try:
-            source = await asyncio.to_thread(FileSource.open, cast.key, fd, cfg.page_size)
+            source = await self._loop.run_in_executor(
+                self._executor, FileSource.open, cast.key, fd, cfg.page_size
+            )
             cast.source = source
             cast.sock = sender_socket(cast.group, interface=cfg.send_interface, ttl=cfg.ttl)
         except Exception as exc:
@@ -513,6 +519,7 @@ class BootcastServer:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, float]:
         return self.metrics.snapshot()

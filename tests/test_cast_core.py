@@ -112,9 +112,11 @@ def test_vanished_spec_client_stops_after_idle_loops_of_carousel() -> None:
     core = make(pages=4, idle_loops=3)
     core.join("a", 0.0, nack_capable=False)
     sent = 0
-    while core.poll(0.0) is CastState.RUNNING:
-        assert core.next_page(0.0) is not None
+    now = 0.0
+    while core.poll(now) is CastState.RUNNING:
+        assert core.next_page(now) is not None
         sent += 1
+        now += 0.25  # one pass per loop_s
     assert sent == 12 and core.stop_reason is StopReason.IDLE
 
 
@@ -122,18 +124,28 @@ def test_join_leave_and_nack_reset_the_idle_count() -> None:
     core = make(pages=4, idle_loops=2)
     core.join("a", 0.0, nack_capable=False)
     for _ in range(7):
-        core.next_page(0.0)
-    assert core.poll(0.0) is CastState.RUNNING
-    core.join("b", 0.0, nack_capable=False)  # resets: the next wrap is the first again
+        core.next_page(10.0)
+    assert core.poll(10.0) is CastState.RUNNING
+    core.join("b", 10.0, nack_capable=False)  # resets: the next wrap is the first again
     for _ in range(4):
-        core.next_page(0.0)
-    assert core.poll(0.0) is CastState.RUNNING
-    core.nack("b", NackReport(), 0.0)  # so does a NACK report
+        core.next_page(20.0)
+    assert core.poll(20.0) is CastState.RUNNING
+    core.nack("b", NackReport(), 20.0)  # so does a NACK report
     for _ in range(4):
-        core.next_page(0.0)
-    assert core.poll(0.0) is CastState.RUNNING
-    core.next_page(0.0)  # the second wrap since the NACK
-    assert core.poll(0.0) is CastState.STOPPED
+        core.next_page(30.0)
+    assert core.poll(30.0) is CastState.RUNNING
+    core.next_page(30.0)  # the second wrap since the NACK
+    assert core.poll(30.0) is CastState.STOPPED
+
+
+def test_fast_wraps_of_a_tiny_file_do_not_end_the_cast_early() -> None:
+    core = make(pages=1, idle_loops=3)  # loop_s = 1 s
+    core.join("a", 0.0, nack_capable=False)
+    for _ in range(1000):  # a thousand passes in 10 ms
+        assert core.next_page(0.01) is not None
+    assert core.poll(0.01) is CastState.RUNNING
+    assert core.poll(2.9) is CastState.RUNNING
+    assert core.poll(3.0) is CastState.STOPPED and core.stop_reason is StopReason.IDLE
 
 
 def test_paused_cast_counts_time_as_loops() -> None:

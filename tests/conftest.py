@@ -1,0 +1,88 @@
+"""Shared fixtures: loopback multicast slots and in-process bootcast servers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bootcast.server import BootcastServer, ServeConfig, start_server
+
+
+@dataclass(frozen=True, slots=True)
+class McastSlot:
+    """A base group and port base unlikely to collide with another test's casts."""
+
+    group: str
+    port_base: int
+
+
+@pytest.fixture
+def mcast_slot() -> McastSlot:
+    rng = random.Random()
+    # Octet 66 is the server's default group (239.255.66.1); keep clear of it.
+    third = rng.choice([n for n in range(1, 255) if n != 66])
+    return McastSlot(group=f"239.255.{third}.1", port_base=rng.randrange(30000, 60000))
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: BootcastServer
+    runner: web.AppRunner
+    port: int
+    root: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/join/{path}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from ``stats()``: ``metric("bootcast_casts_stopped_total", reason="idle")``."""
+        key = name
+        if labels:
+            key += "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+        return self.server.stats().get(key, 0.0)
+
+    def metric_sum(self, name: str) -> float:
+        """The sum of a labelled metric over all its label values."""
+        return sum(
+            v for k, v in self.server.stats().items() if k == name or k.startswith(name + "{")
+        )
+
+
+StartBootcast = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_bootcast(tmp_path: Path, mcast_slot: McastSlot) -> AsyncIterator[StartBootcast]:
+    """Factory: ``await start_bootcast(page_size=8192)`` → a server on 127.0.0.1, port 0.
+
+    Serves ``tmp_path / "root"`` (created) unless ``root=`` is given; every server started
+    is cleaned up (casts cancelled, sockets closed) after the test.
+    """
+    runners: list[web.AppRunner] = []
+    default_root = tmp_path / "root"
+    default_root.mkdir(exist_ok=True)
+
+    async def start(**overrides: Any) -> RunningServer:
+        options: dict[str, Any] = {
+            "root": default_root,
+            "host": "127.0.0.1",
+            "port": 0,
+            "group": mcast_slot.group,
+            "port_base": mcast_slot.port_base,
+        }
+        options.update(overrides)
+        server, runner, port = await start_server(ServeConfig(**options))
+        runners.append(runner)
+        return RunningServer(server=server, runner=runner, port=port, root=options["root"])
+
+    try:
+        yield start
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
