@@ -8,8 +8,6 @@ Exit codes: 0 success (for fetch: a verified file), 1 failure (one line on stder
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +40,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .server import (
+    from .defaults import (
         DEFAULT_GROUP_V4,
         DEFAULT_GROUP_V6,
         DEFAULT_IDLE_LOOPS,
@@ -186,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
     from .server import ServeConfig, start_server
 
     host, port = args.listen
@@ -238,8 +239,11 @@ def _flat(stats: dict[str, float]) -> dict[str, float]:
     }
 
 
-async def _fetch(args: argparse.Namespace) -> int:
+def _fetch(args: argparse.Namespace) -> int:
     from .client import FetchConfig, fetch
+
+    # SIGTERM takes the Ctrl-C path, so the client leaves the cast on its way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     config = FetchConfig(
         url=args.url,
@@ -249,7 +253,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         progress="none" if args.quiet else args.progress,
         repair=not args.no_repair,
     )
-    result = await fetch(config)
+    result = fetch(config)
     if not args.quiet:
         logs.get_logger("bootcast.fetch").info(
             "fetch.verified",
@@ -269,13 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = "warning" if getattr(args, "quiet", False) else getattr(args, "log_level", "info")
     logs.configure(json=getattr(args, "log_json", False), level=level)
-    runners = {"serve": _serve, "fetch": _fetch}
     try:
+        if args.command == "fetch":
+            return _fetch(args)
+        import asyncio
+
         if args.command == "demo":
             from .demo import run_demo
 
             return asyncio.run(run_demo(clients=args.clients, size_mib=args.size_mib))
-        return asyncio.run(runners[args.command](args))
+        return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         print(f"bootcast {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -37,6 +37,14 @@ from aiohttp.abc import AbstractAccessLogger
 
 from . import page as pagecodec
 from .cast import CastCore, CastState, StopReason
+from .defaults import (
+    DEFAULT_GROUP_V4,
+    DEFAULT_GROUP_V6,
+    DEFAULT_IDLE_LOOPS,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_PORT_BASE,
+    DEFAULT_RATE_MBIT,
+)
 from .errors import ConfigError, PathRejected, RemoteProtocolError
 from .joinreply import JoinReply
 from .logs import get_logger
@@ -48,12 +56,6 @@ from .paths import open_confined
 
 log = get_logger("bootcast.server")
 
-DEFAULT_GROUP_V4 = "239.255.66.1"
-DEFAULT_GROUP_V6 = "ff15::b007:1"
-DEFAULT_PORT_BASE = 27000
-DEFAULT_PAGE_SIZE = 1400  # 1400 + 16 + 4 + IPv6/UDP 48 < 1500: no fragmentation
-DEFAULT_RATE_MBIT = 900.0
-DEFAULT_IDLE_LOOPS = 10
 REPAIR_HEADER = "X-Bootcast-Repair"
 _HASH_CHUNK = 4 * 1024 * 1024
 
