@@ -310,12 +310,42 @@ class _NackSender:
         self._thread.join(timeout=2.5)
 
 
-def _sha256_file(fd: int) -> str:
-    digest = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, 4 * 1024 * 1024):
-        digest.update(chunk)
-    return digest.hexdigest()
+class _PrefixHash:
+    """SHA-256 of the file's held prefix, advanced while pages arrive.
+
+    Pages mostly arrive in order, so hashing them on the way in (from the datagram, or
+    read back for pages that came early) overlaps the digest with waiting for the network
+    instead of reading the whole file again at the end.
+    """
+
+    def __init__(self, fd: int, page_size: int) -> None:
+        self.fd = fd
+        self.page_size = page_size
+        self.digest = hashlib.sha256()
+        self.next_index = 1
+
+    def page(self, index: int, payload: memoryview) -> None:
+        if index == self.next_index:
+            self.digest.update(payload)
+            self.next_index += 1
+
+    def catch_up(self, have: bytearray, pages: int, limit: int = 64) -> None:
+        for _ in range(limit):
+            if self.next_index > pages or not have[self.next_index]:
+                return
+            offset = (self.next_index - 1) * self.page_size
+            self.digest.update(os.pread(self.fd, self.page_size, offset))
+            self.next_index += 1
+
+    def finish(self, size: int) -> str:
+        offset = (self.next_index - 1) * self.page_size
+        while offset < size:
+            chunk = os.pread(self.fd, min(4 * 1024 * 1024, size - offset), offset)
+            if not chunk:
+                break
+            self.digest.update(chunk)
+            offset += len(chunk)
+        return self.digest.hexdigest()
 
 
 def _temp_for(destination: str) -> tuple[int, str]:
@@ -406,6 +436,7 @@ def _receive(
     if reply.size:
         os.ftruncate(fd, reply.size)
     nacks_sent = 0
+    hasher = _PrefixHash(fd, reply.page_size)
     if reply.pages:
         interface = cfg.interface or _local_address(cfg.url)
         sock = receiver_socket(reply.group, reply.port, interface=interface)
@@ -417,7 +448,7 @@ def _receive(
             cfg.progress, os.path.basename(destination) or "stdout", reply.size or 0
         )
         try:
-            _loop(core, sock, fd, cfg, reply, interface, nack, progress)
+            _loop(core, sock, fd, cfg, reply, interface, nack, progress, hasher)
         finally:
             sock.close()
             progress.close()
@@ -427,7 +458,7 @@ def _receive(
     size = core.file_size()
     if reply.size is None:
         os.ftruncate(fd, size)
-    digest = _sha256_file(fd)
+    digest = hasher.finish(size)
     if reply.sha256 is not None and digest != reply.sha256:
         raise VerificationFailed(f"SHA-256 mismatch: got {digest}, server said {reply.sha256}")
     if os.fstat(fd).st_size != size:
@@ -447,6 +478,7 @@ def _loop(
     interface: str | None,
     nack: _NackSender | None,
     progress: _Progress,
+    hasher: _PrefixHash,
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
@@ -469,8 +501,10 @@ def _loop(
                     os.pwrite(fd, accepted.payload, accepted.offset)
                 except OSError as exc:
                     raise FetchError(f"cannot write {cfg.destination()}: {exc.strerror}") from None
+                hasher.page(accepted.index, accepted.payload)
                 if core.complete:
                     break
+        hasher.catch_up(core.have, core.pages)
         now = monotonic()
         if now < next_tick or core.complete:
             continue

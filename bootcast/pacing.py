@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 
 class Pacer:
-    def __init__(self, rate_mbit: float, *, burst_s: float = 0.002) -> None:
+    def __init__(self, rate_mbit: float, *, burst_s: float = 0.02) -> None:
         self.burst_s = burst_s
         self.next_at = 0.0
         self.set_rate(rate_mbit)

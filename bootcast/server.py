@@ -448,7 +448,7 @@ class BootcastServer:
         overhead = (
             self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
         )
-        burst = 32
+        burst = 64
         while True:
             now = loop.time()
             if core.poll(now) is CastState.STOPPED:
