@@ -35,7 +35,8 @@ Peer configurations (tuned on this topology; see the comments at each command li
   ``udp-receiver --nokbd --file F``;
 * uftp: ``uftpd -d -D DIR -U <id> -I eth0 -B 8M``,
   ``uftp -R 95000 -M 230.4.4.1 -P 230.5.5.1 -H <ids of all clients> -B 8M``;
-* bootcast: ``bootcast serve --rate 95``, ``bootcast fetch --quiet``.
+* bootcast: ``bootcast serve --rate <link rate>`` (it counts wire bytes),
+  ``bootcast fetch --quiet``.
 
 A run that exceeds ``--timeout-factor`` × ideal (× N for HTTP, which must push N copies;
 at least ``--min-timeout-s``) is killed and recorded as failed. Logs of every process are
@@ -108,6 +109,8 @@ class RunSpec:
     send_rate_mbit: float
     udpcast_fec: str
     """``--fec`` value for udp-sender, empty for none."""
+    link_mbit: float
+    """The tbf rate of the server's link."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -400,7 +403,11 @@ def run_bootcast(spec: RunSpec) -> Outcome:
         server_argv = [
             exe, "serve", "--dir", str(spec.src.parent),
             "--listen", f"{topo.server.addr}:{BOOTCAST_PORT}",
-            "--interface", topo.server.addr, "--rate", f"{spec.send_rate_mbit:g}",
+            "--interface", topo.server.addr,
+            # bootcast's --rate counts bytes on the wire (Ethernet, IP, UDP and page
+            # headers), so the link rate itself is the right limit; the qdisc's backpressure
+            # on the socket keeps the sender from overrunning it.
+            "--rate", f"{spec.link_mbit:g}", "--log-json",
         ]  # fmt: skip
         procs.append(_start(spec, logs, topo.server, "bootcast-serve", server_argv))
         if not _wait_tcp(topo, topo.clients[0], topo.server.addr, BOOTCAST_PORT, 15.0):
@@ -528,6 +535,7 @@ def _one_run(
             args.min_timeout_s, args.timeout_factor * ideal_s * (n if peer == "http" else 1)
         ),
         send_rate_mbit=args.send_rate_mbit,
+        link_mbit=args.link_mbit,
         udpcast_fec=args.udpcast_fec,
     )
     try:

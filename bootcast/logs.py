@@ -3,6 +3,9 @@
 Human-readable on a TTY (colours) and plain ``key=value`` lines otherwise; one JSON object
 per line with ``--log-json``. Always to stderr, so ``bootcast fetch -O -`` keeps stdout for
 the file. Event names are dotted (``cast.started``); context is bound, not formatted in.
+
+structlog is imported on the first event that passes the level filter: ``bootcast fetch
+--quiet`` on a rack of machines starting at once then never pays for the import.
 """
 
 from __future__ import annotations
@@ -11,40 +14,83 @@ import logging
 import sys
 from typing import Any
 
-import structlog
-
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_settings: dict[str, Any] = {"json": False, "level": logging.INFO, "applied": False}
 
 
 def configure(*, json: bool = False, level: str = "info") -> None:
-    numeric = LEVELS[level]
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    renderer: Any
-    if json:
-        processors.append(structlog.processors.dict_tracebacks)
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+    _settings.update(json=json, level=LEVELS[level], applied=False)
     # aiohttp reports malformed requests through stdlib logging; we count and log them
     # ourselves (``http.rejected``), so keep its tracebacks out of the operator's way.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     logging.getLogger("aiohttp.access").setLevel(logging.CRITICAL)
 
 
+def _apply() -> Any:
+    import structlog
+
+    if not _settings["applied"]:
+        processors: list[Any] = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ]
+        renderer: Any
+        if _settings["json"]:
+            processors.append(structlog.processors.dict_tracebacks)
+            renderer = structlog.processors.JSONRenderer()
+        else:
+            renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.configure(
+            processors=[*processors, renderer],
+            wrapper_class=structlog.make_filtering_bound_logger(_settings["level"]),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+        _settings["applied"] = True
+    return structlog
+
+
+class _LazyLogger:
+    """A structlog-like logger that imports structlog only for events it will emit."""
+
+    __slots__ = ("_context", "_name")
+
+    def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = context or {}
+
+    def bind(self, **context: Any) -> _LazyLogger:
+        return _LazyLogger(self._name, {**self._context, **context})
+
+    def __getattr__(self, method: str) -> Any:
+        level = _METHOD_LEVELS.get(method)
+        if level is None:
+            raise AttributeError(method)
+
+        def emit(event: str, **fields: Any) -> None:
+            if level < _settings["level"]:
+                return
+            structlog = _apply()
+            logger = structlog.get_logger(self._name).bind(**self._context)
+            getattr(logger, method)(event, **fields)
+
+        return emit
+
+
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+    return _LazyLogger(name)
