@@ -43,6 +43,7 @@ from .joinreply import JoinReply
 from .logs import get_logger
 from .mcast import receiver_socket, socket_drops
 from .nack import NackReport
+from .ranges import format_ranges
 from .receiver import ReceiverCore
 
 log = get_logger("bootcast.fetch")
@@ -388,7 +389,17 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     destination = cfg.destination()
     started = time.monotonic()
     api = _Http(cfg.url, cfg.timeout_s)
+    # Where to listen is known before the join; joining the group right after the reply
+    # (before anything else) keeps the pages sent meanwhile, which we would miss, few.
+    interface = cfg.interface or _local_address(cfg.url)
     reply = _join(api, cfg)
+    try:
+        sock = (
+            receiver_socket(reply.group, reply.port, interface=interface) if reply.pages else None
+        )
+    except BaseException:
+        _leave(api, cfg, reply.token)
+        raise
     bound = log.bind(file=destination, cast_id=reply.cast_id)
     bound.info(
         "fetch.joined",
@@ -401,11 +412,13 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     try:
         fd, temp = _temp_for(destination)
     except BaseException:
+        if sock is not None:
+            sock.close()
         _leave(api, cfg, reply.token)
         raise
     try:
         try:
-            stats = _receive(api, cfg, reply, fd, destination, bound)
+            stats = _receive(api, cfg, reply, sock, interface, fd, destination, bound)
         finally:
             _leave(api, cfg, reply.token)
         _finish(fd, temp, destination)
@@ -423,6 +436,8 @@ def _receive(
     api: _Http,
     cfg: FetchConfig,
     reply: JoinReply,
+    sock: socket.socket | None,
+    interface: str | None,
     fd: int,
     destination: str,
     bound: Any,
@@ -439,9 +454,7 @@ def _receive(
         os.ftruncate(fd, reply.size)
     nacks_sent = 0
     hasher = _PrefixHash(fd, reply.page_size)
-    if reply.pages:
-        interface = cfg.interface or _local_address(cfg.url)
-        sock = receiver_socket(reply.group, reply.port, interface=interface)
+    if sock is not None:
         nack: _NackSender | None = None
         if cfg.repair and reply.nack_path:
             target = urlsplit(urljoin(cfg.url, reply.nack_path)).path
@@ -476,12 +489,21 @@ class _Writer:
     order, and a syscall per 1400-byte page costs more than the page)."""
 
     LIMIT = 256 * 1024
+    SYNC_EVERY = 4 * 1024 * 1024
 
     def __init__(self, fd: int, destination: str) -> None:
         self.fd = fd
         self.destination = destination
         self.start = 0
         self.buffer = bytearray()
+        self.unsynced = 0
+
+    def sync_if_due(self) -> None:
+        """Write dirty pages back as the transfer goes, so the final fsync (the file is
+        durable before it gets its name) has little left to do."""
+        if self.unsynced >= self.SYNC_EVERY:
+            os.fdatasync(self.fd)
+            self.unsynced = 0
 
     def write(self, offset: int, payload: memoryview) -> None:
         if self.buffer and offset != self.start + len(self.buffer):
@@ -499,6 +521,7 @@ class _Writer:
             os.pwrite(self.fd, self.buffer, self.start)
         except OSError as exc:
             raise FetchError(f"cannot write {self.destination}: {exc.strerror}") from None
+        self.unsynced += len(self.buffer)
         self.buffer = bytearray()
 
 
@@ -549,6 +572,7 @@ def _loop(
         writer.flush()
         if core.complete:
             break
+        writer.sync_if_due()
         hasher.catch_up(core.have, core.pages)
         next_tick = now + TICK_S
         progress.update(core.bytes_held)
@@ -568,6 +592,15 @@ def _loop(
         if nack is not None and not nack.busy:
             report = core.poll(now)
             if report is not None:
+                if report.missing or report.lost:
+                    log.debug(
+                        "fetch.nack.report",
+                        received=report.received,
+                        lost=report.lost,
+                        overrun=report.overrun,
+                        missing=format_ranges(report.missing[:8]),
+                        held=core.held,
+                    )
                 nack.offer(report)
     writer.flush()
     progress.update(core.bytes_held)

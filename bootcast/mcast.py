@@ -19,7 +19,12 @@ SO_MEMINFO = 55
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SK_MEMINFO_DROPS = 8
 DEFAULT_RCVBUF = 8 * 1024 * 1024
-DEFAULT_SNDBUF = 1 * 1024 * 1024
+# Small on purpose: the kernel doubles it, and what the socket may have queued must stay
+# below the interface queue (a tbf qdisc of 50 ms at 100 Mbit holds ~600 KB) so that a full
+# queue blocks the sender instead of dropping its datagrams.
+DEFAULT_SNDBUF = 128 * 1024
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,12 @@ def sender_socket(group: str, *, interface: str | None, ttl: int = 1) -> socket.
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, DEFAULT_SNDBUF)
+        # With RECVERR a datagram the local queue drops fails with ENOBUFS instead of
+        # vanishing silently, so the sender can retry it rather than wait for NACKs.
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)

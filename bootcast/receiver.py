@@ -157,6 +157,12 @@ class ReceiverCore:
         self._received += 1
         if self._first_seen is None:
             self._first_seen = index
+        elif self._expect is not None and index < self._expect <= index + self.pages // 2:
+            # A little behind the stream: reordered on the way (packets of one flow can
+            # take different CPUs' queues), not a wrap. It was counted lost in a gap; its
+            # NACK, delayed by nack_delay_s, will not be sent now that it is held.
+            self._lost = max(0, self._lost - 1)
+            return
         elif self._expect is not None and index != self._expect:
             # Pages expect..index-1 (cyclically) went by without reaching us.
             if index > self._expect:

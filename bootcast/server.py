@@ -74,6 +74,7 @@ class ServeConfig:
     idle_loops: int = DEFAULT_IDLE_LOOPS
     max_casts: int = 64
     start_delay_s: float = 0.05
+    start_wait_max_s: float = 0.5
     adaptive: bool = True
 
     def __post_init__(self) -> None:
@@ -183,6 +184,7 @@ class Cast:
     pages_sent: int = 0
     pages_resent: int = 0
     nacks: int = 0
+    last_join_at: float = 0.0
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -254,6 +256,7 @@ class BootcastServer:
         token = secrets.token_urlsafe(18)
         nack_capable = request.headers.get(REPAIR_HEADER, "").lower() == "nack"
         core.join(token, self._loop.time(), nack_capable=nack_capable)
+        cast.last_join_at = self._loop.time()
         cast.wake.set()
         self.metrics.joins.inc()
         self.metrics.clients_active.inc()
@@ -408,9 +411,16 @@ class BootcastServer:
             interface=cfg.send_interface or "default",
         )
         try:
-            if cfg.start_delay_s > 0:
-                # Give the first client time to join the group before page 1 goes out.
-                await asyncio.sleep(cfg.start_delay_s)
+            # Clients of one netboot wave join within moments of each other: start once the
+            # joins pause for start_delay_s (each client needs that long to join the group
+            # after its reply), or at the latest start_wait_max_s after the first.
+            first = self._loop.time()
+            while True:
+                now = self._loop.time()
+                quiet_until = max(first, cast.last_join_at) + cfg.start_delay_s
+                if now >= quiet_until or now - first >= cfg.start_wait_max_s:
+                    break
+                await asyncio.sleep(min(quiet_until, first + cfg.start_wait_max_s) - now)
             await self._send_loop(cast, bound)
         except asyncio.CancelledError:
             cast.core.shutdown()
@@ -483,8 +493,9 @@ class BootcastServer:
                 )
                 payload.release()
                 try:
-                    await loop.sock_sendto(sock, datagram, dest)
+                    await self._send(sock, datagram, dest)
                 except OSError as exc:
+                    # The page is lost; receivers will ask for it again.
                     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
                     self.metrics.send_errors.labels(errno=name).inc()
                     bound.warning("cast.send.failed", errno=name, error=exc.strerror)
@@ -510,6 +521,18 @@ class BootcastServer:
             timeout = max(0.0, core.idle_deadline(now) - now) + 0.001
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cast.wake.wait(), min(timeout, 1.0))
+
+    async def _send(self, sock: socket.socket, datagram: bytes, dest: tuple[str, int]) -> None:
+        """Send one datagram; a full local queue (ENOBUFS) is waited out, not a loss."""
+        for attempt in range(200):
+            try:
+                await self._loop.sock_sendto(sock, datagram, dest)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS or attempt == 199:
+                    raise
+                self.metrics.send_errors.labels(errno="ENOBUFS_retried").inc()
+                await asyncio.sleep(0.001)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await self.close()
