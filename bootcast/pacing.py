@@ -69,9 +69,10 @@ class RateController:
     CLEAN_LOSS_MARGIN = 0.03  # loss below floor + this → may speed up
     OVERRUN_FRACTION = 0.005
     DECREASE = 0.7
+    PROBE_DECREASE = 0.85  # a cheaper cut while it is unclear whether loss is congestion
     INCREASE_FRACTION = 0.10  # of the current rate, per clean window
     MIN_INCREASE_FRACTION = 0.01  # of the maximum: recovery from a deep cut is not glacial
-    CONGESTION_DELIVERY_RATIO = 0.85
+    CONGESTION_DELIVERY_RATIO = 0.93
     MIN_SAMPLES = 64
     START_RATE_MBIT = 400.0
     SLOW_START_INCREASE = 0.5
@@ -142,7 +143,7 @@ class RateController:
                 return self._set(rate_before, "random_loss", loss)
         if heavy:
             self._probe = (loss, delivered, self.rate_mbit)
-            return self._set(self.rate_mbit * self.DECREASE, "heavy_loss", loss)
+            return self._set(self.rate_mbit * self.PROBE_DECREASE, "heavy_loss", loss)
         if loss < self.loss_floor:
             self.loss_floor = 0.8 * self.loss_floor + 0.2 * loss
         if loss <= self.loss_floor + self.CLEAN_LOSS_MARGIN:

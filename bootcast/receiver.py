@@ -14,7 +14,9 @@ full pass; or the tail of the pass was lost) every missing page is NACKed.
 
 New gaps are reported within ``nack_delay_s``; every ``report_interval_s`` a report carries
 the loss counters (for the server's pacing) and re-asks for everything still missing in
-the passed region, lowest pages first, at most ``MAX_RANGES`` ranges.
+the passed region, lowest pages first, at most ``MAX_RANGES`` ranges. After a full pass,
+when at most ``FAST_SWEEP_PAGES`` are missing, it re-asks every ``fast_sweep_s`` instead, so
+the last rounds of repair follow each other without the link going idle.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Accepted:
 
 
 class ReceiverCore:
+    FAST_SWEEP_PAGES = 512
     def __init__(
         self,
         *,
@@ -58,6 +61,7 @@ class ReceiverCore:
         nack_delay_s: float = 0.03,
         report_interval_s: float = 0.25,
         idle_s: float = 0.3,
+        fast_sweep_s: float = 0.05,
     ) -> None:
         self.pages = pages
         self.page_size = page_size
@@ -66,6 +70,7 @@ class ReceiverCore:
         self.nack_delay_s = nack_delay_s
         self.report_interval_s = report_interval_s
         self.idle_s = idle_s
+        self.fast_sweep_s = fast_sweep_s
         self.have = bytearray(pages + 1)
         self.have[0] = 1
         self.held = 0
@@ -121,6 +126,22 @@ class ReceiverCore:
         if reason is not None:
             self.drops[reason] += 1
             return None
+        repair = (
+            n >= end + TRAILER_BYTES
+            and data[end] == TRAILER_MAGIC
+            and data[end + 1] == TRAILER_VERSION
+            and bool(data[end + 2] & FLAG_REPAIR)
+        )
+        if self.have[index]:
+            # Held already (repairs go to everyone): nothing to verify or write, only
+            # the carousel order matters.
+            self.duplicates += 1
+            self.last_datagram = now
+            if repair:
+                self.repairs_received += 1
+            else:
+                self._carousel(index, now)
+            return None
         payload = memoryview(data)[HEADER_BYTES:end]
         if _crc32c(payload) != crc:
             self.drops[DropReason.BAD_CRC] += 1
@@ -129,12 +150,6 @@ class ReceiverCore:
         if (expected is not None and size != expected) or (expected is None and size == 0):
             self.drops[DropReason.BAD_SIZE] += 1
             return None
-        repair = (
-            n >= end + TRAILER_BYTES
-            and data[end] == TRAILER_MAGIC
-            and data[end + 1] == TRAILER_VERSION
-            and bool(data[end + 2] & FLAG_REPAIR)
-        )
         self.last_datagram = now
         if self.first_page_at is None:
             self.first_page_at = now
@@ -142,9 +157,6 @@ class ReceiverCore:
             self.repairs_received += 1
         else:
             self._carousel(index, now)
-        if self.have[index]:
-            self.duplicates += 1
-            return None
         self.have[index] = 1
         self.held += 1
         self.bytes_held += size
@@ -201,12 +213,21 @@ class ReceiverCore:
         tail = missing_ranges(self.have, first, self.pages, limit=MAX_RANGES)
         return (head + tail)[:MAX_RANGES]
 
+    def _report_interval(self, now: float) -> float:
+        # Once the carousel has gone by (or gone quiet), what is missing is all that is
+        # left: ask again quickly while it is little, so the link does not idle between
+        # rounds of repairs; a long list waits for the usual interval (it is still queued).
+        idle = self.last_datagram is None or now - self.last_datagram >= self.idle_s
+        if (self._full_pass or idle) and self.pages - self.held <= self.FAST_SWEEP_PAGES:
+            return self.fast_sweep_s
+        return self.report_interval_s
+
     def poll(self, now: float, *, nack: bool = True) -> NackReport | None:
         """A report to send now, or None. Reports carry counters even when ``nack`` is off."""
         if self.complete:
             return None
         due_gap = self._gap_since is not None and now - self._gap_since >= self.nack_delay_s
-        due_report = now - self._last_report >= self.report_interval_s
+        due_report = now - self._last_report >= self._report_interval(now)
         if not (due_gap or due_report):
             return None
         missing: list[Range] = []

@@ -519,8 +519,15 @@ class BootcastServer:
             # Paused: wait for a join, leave or NACK, or for the idle rule to fire.
             cast.wake.clear()
             timeout = max(0.0, core.idle_deadline(now) - now) + 0.001
+            paused_at = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cast.wake.wait(), min(timeout, 1.0))
+            bound.debug(
+                "cast.paused",
+                paused_s=round(loop.time() - paused_at, 4),
+                pages_sent=cast.pages_sent,
+                pages_resent=cast.pages_resent,
+            )
 
     async def _send(self, sock: socket.socket, datagram: bytes, dest: tuple[str, int]) -> None:
         """Send one datagram; a full local queue (ENOBUFS) is waited out, not a loss."""
