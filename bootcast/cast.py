@@ -16,7 +16,10 @@ Scheduling, in priority order:
    spec-only client is joined, or while a NACK-capable client has not yet seen one full
    pass since it joined (late joiners get the pass from where they came in). A carousel send
    of a queued page satisfies that repair too.
-3. Otherwise the cast is **paused**: every client that is still joined is NACK-capable, has
+3. **Speculative repeats.** While clients are still asking (a NACK within ``speculate_s``),
+   recent repairs are repeated, each at most once per ``suppress_s``: the link would idle
+   between rounds of repair anyway, and a receiver that lost a repair needs no new round.
+4. Otherwise the cast is **paused**: every client that is still joined is NACK-capable, has
    seen a full pass and gets the rest by asking.
 
 Lifecycle (a table, as in h11): ``RUNNING`` until the last client leaves, or until
@@ -87,6 +90,7 @@ class NackOutcome:
 class NextPage:
     index: int
     repair: bool
+    speculative: bool = False  # a repeat of a recent repair nobody asked for again yet
 
 
 class CastCore:
@@ -99,6 +103,7 @@ class CastCore:
         loop_s: float,
         now: float,
         suppress_s: float = 0.08,
+        speculate_s: float = 0.3,
     ) -> None:
         if pages < 0:
             raise LocalProtocolError("pages must be ≥ 0")
@@ -117,6 +122,10 @@ class CastCore:
         self._carousel_sent = 0
         self._carousel_until = 0
         self._repair_queue: deque[int] = deque()
+        self._recent_repairs: deque[int] = deque(maxlen=1024)
+        self._last_nack = -1e9
+        self.speculate_s = speculate_s
+        self.retry_at: float | None = None
         self._queued = bytearray(pages + 1)
         self._last_sent = array("d", bytes(8 * (pages + 1)))
         self._sent_ever = bytearray(pages + 1)
@@ -190,6 +199,8 @@ class CastCore:
             return None
         self._event(CastEvent.NACK)
         client.last_seen = now
+        if report.missing:
+            self._last_nack = now
         self._activity(now)
         queued = aggregated = suppressed = 0
         horizon = now - self.suppress_s
@@ -238,6 +249,8 @@ class CastCore:
                 self._wraps_idle += 1
             page = NextPage(index, False)
         if page is None:
+            page = self._speculate(now)
+        if page is None:
             if self._paused_since is None:
                 self._paused_since = now
             return None
@@ -246,7 +259,27 @@ class CastCore:
             self._paused_since = None
         self._last_sent[page.index] = now
         self._sent_ever[page.index] = 1
+        if page.repair:
+            self._recent_repairs.append(page.index)
         return page
+
+    def _speculate(self, now: float) -> NextPage | None:
+        """While clients are still asking (a NACK within ``speculate_s``) and nothing else
+        is due, repeat recent repairs, each at most once per ``suppress_s``: the link is
+        idle anyway, and a receiver that lost a repair then needs no further round."""
+        self.retry_at = None
+        if now - self._last_nack > self.speculate_s or not self._recent_repairs:
+            return None
+        horizon = now - self.suppress_s
+        for _ in range(min(64, len(self._recent_repairs))):
+            index = self._recent_repairs[0]
+            self._recent_repairs.rotate(-1)
+            if self._last_sent[index] <= horizon:
+                self._recent_repairs.pop()  # appended again when sent
+                return NextPage(index, True, speculative=True)
+        oldest = min(self._last_sent[i] for i in self._recent_repairs)
+        self.retry_at = min(oldest + self.suppress_s, self._last_nack + self.speculate_s)
+        return None
 
     @property
     def paused(self) -> bool:

@@ -16,6 +16,11 @@ class ServerMetrics:
         r = self.registry
         self.pages_sent = Counter("bootcast_pages_sent", "Pages multicast (carousel)", registry=r)
         self.pages_resent = Counter("bootcast_pages_resent", "Pages resent for NACKs", registry=r)
+        self.pages_repeated = Counter(
+            "bootcast_pages_repeated",
+            "Recent repairs repeated while the link was idle",
+            registry=r,
+        )
         self.bytes_sent = Counter("bootcast_bytes_sent", "Datagram bytes sent", registry=r)
         self.send_errors = Counter(
             "bootcast_send_errors", "Failed datagram sends", ["errno"], registry=r

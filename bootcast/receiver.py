@@ -50,6 +50,7 @@ class Accepted:
 
 class ReceiverCore:
     FAST_SWEEP_PAGES = 512
+
     def __init__(
         self,
         *,

@@ -76,6 +76,7 @@ class ServeConfig:
     start_delay_s: float = 0.05
     start_wait_max_s: float = 0.5
     adaptive: bool = True
+    repeat_repairs: bool = True
 
     def __post_init__(self) -> None:
         if not self.root.is_dir():
@@ -183,6 +184,7 @@ class Cast:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pages_sent: int = 0
     pages_resent: int = 0
+    pages_repeated: int = 0
     nacks: int = 0
     last_join_at: float = 0.0
 
@@ -396,6 +398,7 @@ class BootcastServer:
             idle_loops=cfg.idle_loops,
             loop_s=full_pass_s,
             now=now,
+            speculate_s=0.3 if cfg.repeat_repairs else 0.0,
         )
         cast.controller = RateController(cfg.rate_mbit) if cfg.adaptive else None
         cast.pacer = Pacer(cast.controller.rate_mbit if cast.controller else cfg.rate_mbit)
@@ -436,6 +439,7 @@ class BootcastServer:
                 reason=reason.value,
                 pages_sent=cast.pages_sent,
                 pages_resent=cast.pages_resent,
+                pages_repeated=cast.pages_repeated,
                 nacks=cast.nacks,
                 clients_left_behind=core.clients,
                 rate_mbit=round(cast.pacer.rate_mbit, 1),
@@ -501,7 +505,10 @@ class BootcastServer:
                     bound.warning("cast.send.failed", errno=name, error=exc.strerror)
                     await asyncio.sleep(0.05)
                     break
-                if nxt.repair:
+                if nxt.speculative:
+                    cast.pages_repeated += 1
+                    self.metrics.pages_repeated.inc()
+                elif nxt.repair:
                     cast.pages_resent += 1
                     self.metrics.pages_resent.inc()
                 else:
@@ -519,6 +526,8 @@ class BootcastServer:
             # Paused: wait for a join, leave or NACK, or for the idle rule to fire.
             cast.wake.clear()
             timeout = max(0.0, core.idle_deadline(now) - now) + 0.001
+            if core.retry_at is not None:
+                timeout = min(timeout, max(0.0, core.retry_at - now) + 0.0005)
             paused_at = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cast.wake.wait(), min(timeout, 1.0))

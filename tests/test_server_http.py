@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import random
 import socket
@@ -860,7 +861,7 @@ async def test_nack_needs_a_token_of_that_cast(start_bootcast: StartBootcast) ->
 
 
 async def test_nack_resends_the_page_marked_as_repair(start_bootcast: StartBootcast) -> None:
-    served, (client,) = await _paused_nack_cast(start_bootcast, pages=10)
+    served, (client,) = await _paused_nack_cast(start_bootcast, pages=10, repeat_repairs=False)
     cast_id = client.cast_id
     async with listening(client.info.group, client.info.port) as listener:
         response = await nack(served.port, "f", client.info.token, b"MISSING=7\nRECEIVED=9\n")
@@ -886,7 +887,9 @@ async def test_nack_resends_the_page_marked_as_repair(start_bootcast: StartBootc
 
 
 async def test_fifty_nacks_for_one_page_cause_one_resend(start_bootcast: StartBootcast) -> None:
-    served, clients = await _paused_nack_cast(start_bootcast, pages=20, clients=50, rate_mbit=5.0)
+    served, clients = await _paused_nack_cast(
+        start_bootcast, pages=20, clients=50, rate_mbit=5.0, repeat_repairs=False
+    )
     cast_id = clients[0].cast_id
     assert len({c.info.token for c in clients}) == 50
     async with listening(clients[0].info.group, clients[0].info.port) as listener:
@@ -917,3 +920,22 @@ async def test_fifty_nacks_for_one_page_cause_one_resend(start_bootcast: StartBo
         "bootcast_nack_pages_total", outcome="suppressed"
     )
     assert (queued, others) == (1, 49)
+
+
+async def test_idle_link_repeats_recent_repairs_briefly(start_bootcast: StartBootcast) -> None:
+    """While clients are still asking, the idle link repeats recent repairs (each at most
+    once per suppression window), and stops soon after the NACKs stop."""
+    served, (client,) = await _paused_nack_cast(start_bootcast, pages=10)
+    cast = cast_of(served, "f")
+    assert cast.core is not None
+    async with listening(client.info.group, client.info.port) as listener:
+        response = await nack(served.port, "f", client.info.token, b"MISSING=7\n")
+        assert response.status == 204
+        await asyncio.sleep(cast.core.speculate_s + 0.4)
+    got = [(t, parse_datagram(d)) for t, d in listener.datagrams(client.cast_id)]
+    assert [p.index for _, p in got if p is not None] == [7] * len(got)
+    assert 2 <= len(got) <= 1 + cast.core.speculate_s / cast.core.suppress_s + 1
+    times = [t for t, _ in got]
+    assert all(b - a >= cast.core.suppress_s * 0.9 for a, b in itertools.pairwise(times))
+    assert served.metric("bootcast_pages_resent_total") == 1
+    assert served.metric("bootcast_pages_repeated_total") == len(got) - 1
