@@ -17,8 +17,9 @@ Scheduling, in priority order:
    pass since it joined (late joiners get the pass from where they came in). A carousel send
    of a queued page satisfies that repair too.
 3. **Speculative repeats.** While clients are still asking (a NACK within ``speculate_s``),
-   recent repairs are repeated, each at most once per ``suppress_s``: the link would idle
-   between rounds of repair anyway, and a receiver that lost a repair needs no new round.
+   each recent repair is repeated once, ``suppress_s`` after it went out: the link would
+   idle between rounds of repair anyway, and a receiver that lost a repair then needs no
+   new round.
 4. Otherwise the cast is **paused**: every client that is still joined is NACK-capable, has
    seen a full pass and gets the rest by asking.
 
@@ -122,7 +123,7 @@ class CastCore:
         self._carousel_sent = 0
         self._carousel_until = 0
         self._repair_queue: deque[int] = deque()
-        self._recent_repairs: deque[int] = deque(maxlen=1024)
+        self._recent_repairs: deque[tuple[int, float]] = deque(maxlen=4096)
         self._last_nack = -1e9
         self.speculate_s = speculate_s
         self.retry_at: float | None = None
@@ -259,26 +260,29 @@ class CastCore:
             self._paused_since = None
         self._last_sent[page.index] = now
         self._sent_ever[page.index] = 1
-        if page.repair:
-            self._recent_repairs.append(page.index)
+        if page.repair and not page.speculative and self.speculate_s > 0:
+            self._recent_repairs.append((page.index, now))
         return page
 
     def _speculate(self, now: float) -> NextPage | None:
         """While clients are still asking (a NACK within ``speculate_s``) and nothing else
-        is due, repeat recent repairs, each at most once per ``suppress_s``: the link is
-        idle anyway, and a receiver that lost a repair then needs no further round."""
+        is due, repeat each recent repair once, ``suppress_s`` after it went out: the link
+        would idle between rounds of repair anyway, and a receiver that lost the repair
+        then needs no further round."""
         self.retry_at = None
-        if now - self._last_nack > self.speculate_s or not self._recent_repairs:
+        if now - self._last_nack > self.speculate_s:
+            self._recent_repairs.clear()
             return None
-        horizon = now - self.suppress_s
-        for _ in range(min(64, len(self._recent_repairs))):
-            index = self._recent_repairs[0]
-            self._recent_repairs.rotate(-1)
-            if self._last_sent[index] <= horizon:
-                self._recent_repairs.pop()  # appended again when sent
-                return NextPage(index, True, speculative=True)
-        oldest = min(self._last_sent[i] for i in self._recent_repairs)
-        self.retry_at = min(oldest + self.suppress_s, self._last_nack + self.speculate_s)
+        while self._recent_repairs:
+            index, sent_at = self._recent_repairs[0]
+            if self._last_sent[index] != sent_at or now - sent_at > self.speculate_s:
+                self._recent_repairs.popleft()  # sent again meanwhile, or too old
+                continue
+            if sent_at > now - self.suppress_s:
+                self.retry_at = sent_at + self.suppress_s
+                return None
+            self._recent_repairs.popleft()
+            return NextPage(index, True, speculative=True)
         return None
 
     @property
