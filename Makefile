@@ -53,6 +53,7 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.files_bench
+	$(BIN)/python -m bench.loopback_bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bootcast.demo import loopback_serve_argv
+
 
 def bootcast_cmd() -> list[str]:
     exe = shutil.which("bootcast") or str(Path(sys.executable).parent / "bootcast")
@@ -28,24 +30,9 @@ def bootcast_cmd() -> list[str]:
 
 
 def run_once(root: Path, out: Path, clients: int, digest: str) -> tuple[float, int]:
+    # "No rate limit": far above what loopback and Python reach (adaptive pacing stays on).
     server = subprocess.Popen(
-        [
-            *bootcast_cmd(),
-            "--log-json",
-            "serve",
-            "--dir",
-            str(root),
-            "--listen",
-            "127.0.0.1:0",
-            "--interface",
-            "127.0.0.1",
-            "--page-size",
-            "8192",
-            "--rate",
-            "100000",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+        loopback_serve_argv(root, rate_mbit=100_000), stderr=subprocess.PIPE, text=True
     )
     try:
         assert server.stderr is not None

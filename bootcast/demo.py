@@ -38,8 +38,9 @@ def _generate(path: Path, size_mib: int) -> str:
     return digest.hexdigest()
 
 
-async def _start_server(root: Path) -> tuple[asyncio.subprocess.Process, int]:
-    proc = await asyncio.create_subprocess_exec(
+def loopback_serve_argv(root: Path, *, rate_mbit: float) -> list[str]:
+    """``bootcast serve`` of ``root`` on 127.0.0.1 (a free port, 8 KiB pages, JSON logs)."""
+    return [
         *_command(),
         "--log-json",
         "serve",
@@ -52,8 +53,13 @@ async def _start_server(root: Path) -> tuple[asyncio.subprocess.Process, int]:
         "--page-size",
         "8192",
         "--rate",
-        "800",
-        stderr=asyncio.subprocess.PIPE,
+        f"{rate_mbit:g}",
+    ]
+
+
+async def _start_server(root: Path) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        *loopback_serve_argv(root, rate_mbit=800), stderr=asyncio.subprocess.PIPE
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 15

@@ -140,8 +140,10 @@ class ReceiverCore:
             else:
                 self._carousel(index, now)
             return None
-        payload = data[HEADER_BYTES:end] if isinstance(data, memoryview) else (
-            memoryview(data)[HEADER_BYTES:end]
+        payload = (
+            data[HEADER_BYTES:end]
+            if isinstance(data, memoryview)
+            else (memoryview(data)[HEADER_BYTES:end])
         )
         if _crc32c(payload) != crc:
             self.drops[DropReason.BAD_CRC] += 1
