@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send through this interface (address or name); default: the --listen "
         "address if it is a specific one, else the kernel's choice",
     )
+    serve.add_argument(
+        "--prehash-gib", type=float, default=16.0, metavar="GIB",
+        help="at start, hash up to this much of --dir in the background so first joins "
+        "answer at once (default 16; 0 = hash on first join only)",
+    )
     serve.add_argument("--ttl", type=int, default=1, help="multicast TTL / hop limit (default 1)")
     serve.add_argument(
         "--idle-loops",
@@ -202,6 +207,7 @@ async def _serve(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         idle_loops=args.idle_loops,
         adaptive=not args.no_adaptive,
+        prehash_bytes=int(args.prehash_gib * 1024**3),
     )
     server, runner, bound_port = await start_server(config)
     log = logs.get_logger("bootcast.serve")

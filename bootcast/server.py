@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import ipaddress
 import mmap
 import os
 import secrets
 import socket
+import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ from .defaults import (
     DEFAULT_PORT_BASE,
     DEFAULT_RATE_MBIT,
 )
+from .digests import DigestCache, compute, key_of
 from .errors import ConfigError, PathRejected, RemoteProtocolError
 from .joinreply import JoinReply
 from .logs import get_logger
@@ -57,7 +58,6 @@ from .paths import open_confined
 log = get_logger("bootcast.server")
 
 REPAIR_HEADER = "X-Bootcast-Repair"
-_HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +77,7 @@ class ServeConfig:
     start_wait_max_s: float = 0.5
     adaptive: bool = True
     repeat_repairs: bool = True
+    prehash_bytes: int = 16 * 1024**3
 
     def __post_init__(self) -> None:
         if not self.root.is_dir():
@@ -131,23 +132,22 @@ class FileSource:
     _map: mmap.mmap | None
 
     @classmethod
-    def open(cls, path: Path, fd: int, page_size: int) -> FileSource:
-        """Map ``fd`` and compute its digest and page CRCs (run in a worker thread)."""
+    def open(cls, path: Path, fd: int, page_size: int, cache: DigestCache) -> FileSource:
+        """Map ``fd``; take its digests from the cache or compute them (in a worker thread)."""
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
-            digest = hashlib.sha256()
-            crcs = array("I", [0])  # index 0 unused: pages are 1-based
-            if mapped is not None:
-                with memoryview(mapped) as view:
-                    for offset in range(0, size, _HASH_CHUNK):
-                        digest.update(view[offset : offset + _HASH_CHUNK])
-                    for offset in range(0, size, page_size):
-                        crcs.append(pagecodec.crc32c(view[offset : offset + page_size]))
+            key = key_of(st, page_size)
+            found = cache.get(key)
+            if found is None:
+                with memoryview(mapped if mapped is not None else b"") as view:
+                    found = compute(view, page_size)
+                cache.put(key, found)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, size, page_size, digest.hexdigest(), crcs, fd, mapped)
+        return cls(path, size, page_size, found.sha256, found.crcs, fd, mapped)
 
     @property
     def pages(self) -> int:
@@ -221,12 +221,24 @@ class BootcastServer:
         # Casts map and hash their file in threads of their own: the default executor is
         # shared with whatever embeds the server and must not be able to starve joins.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bootcast-open")
+        self.digests = DigestCache()
+        if config.prehash_bytes > 0:
+            threading.Thread(target=self._prehash, name="bootcast-prehash", daemon=True).start()
         self.app = web.Application(client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/join/{path:.*}", self.handle_join)
         self.app.router.add_get("/leave/{path:.*}", self.handle_leave)
         self.app.router.add_post("/nack/{path:.*}", self.handle_nack)
         self.app.router.add_get("/metrics", self.handle_metrics)
         self.app.on_shutdown.append(self._on_shutdown)
+
+    def _prehash(self) -> None:
+        cfg = self.config
+        try:
+            files = self.digests.prehash(cfg.root, cfg.page_size, budget_bytes=cfg.prehash_bytes)
+        except OSError as exc:
+            log.warning("serve.prehash.failed", error=str(exc))
+            return
+        log.info("serve.prehashed", files=files)
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -377,7 +389,7 @@ class BootcastServer:
         bound = log.bind(path=cast.path, cast_id=cast.cast_id, group=cast.group, port=cast.port)
         try:
             source = await self._loop.run_in_executor(
-                self._executor, FileSource.open, cast.key, fd, cfg.page_size
+                self._executor, FileSource.open, cast.key, fd, cfg.page_size, self.digests
             )
             cast.source = source
             cast.sock = sender_socket(cast.group, interface=cfg.send_interface, ttl=cfg.ttl)

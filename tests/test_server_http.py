@@ -41,6 +41,7 @@ from spec_client import (
 )
 
 from bootcast import server as server_module
+from bootcast.digests import DigestCache
 
 SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
 TRAILER_MAGIC = 0xBC
@@ -577,9 +578,11 @@ async def test_file_is_read_once_per_cast(
     opened: list[Path] = []
     original = server_module.FileSource.open
 
-    def counting_open(path: Path, fd: int, page_size: int) -> server_module.FileSource:
+    def counting_open(
+        path: Path, fd: int, page_size: int, cache: DigestCache
+    ) -> server_module.FileSource:
         opened.append(path)
-        return original(path, fd, page_size)
+        return original(path, fd, page_size, cache)
 
     monkeypatch.setattr(server_module.FileSource, "open", counting_open)
     served = await start_bootcast(idle_loops=1000, rate_mbit=100.0)
