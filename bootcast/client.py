@@ -421,6 +421,7 @@ def fetch(cfg: FetchConfig) -> FetchResult:
             stats = _receive(api, cfg, reply, sock, interface, fd, destination, bound)
         finally:
             _leave(api, cfg, reply.token)
+        bound.debug("fetch.finishing")
         _finish(fd, temp, destination)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -470,6 +471,7 @@ def _receive(
             if nack is not None:
                 nack.close()
                 nacks_sent = nack.sent
+    bound.debug("fetch.complete", held=core.held, duplicates=core.duplicates)
     size = core.file_size()
     if reply.size is None:
         os.ftruncate(fd, size)
