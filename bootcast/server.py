@@ -495,6 +495,8 @@ class BootcastServer:
                 await asyncio.sleep(delay)
                 continue
             sent = 0
+            counts = [0, 0, 0]  # carousel, repairs, repeats: metrics once per burst
+            sent_bytes = 0
             while sent < burst:
                 nxt = core.next_page(now)
                 if nxt is None:
@@ -517,21 +519,21 @@ class BootcastServer:
                     bound.warning("cast.send.failed", errno=name, error=exc.strerror)
                     await asyncio.sleep(0.05)
                     break
-                if nxt.speculative:
-                    cast.pages_repeated += 1
-                    self.metrics.pages_repeated.inc()
-                elif nxt.repair:
-                    cast.pages_resent += 1
-                    self.metrics.pages_resent.inc()
-                else:
-                    cast.pages_sent += 1
-                    self.metrics.pages_sent.inc()
-                self.metrics.bytes_sent.inc(len(datagram))
+                counts[2 if nxt.speculative else 1 if nxt.repair else 0] += 1
+                sent_bytes += len(datagram)
                 pacer.sent(len(datagram) + overhead, now)
                 sent += 1
                 now = loop.time()
                 if pacer.delay(now) > 0:
                     break
+            if sent:
+                cast.pages_sent += counts[0]
+                cast.pages_resent += counts[1]
+                cast.pages_repeated += counts[2]
+                self.metrics.pages_sent.inc(counts[0])
+                self.metrics.pages_resent.inc(counts[1])
+                self.metrics.pages_repeated.inc(counts[2])
+                self.metrics.bytes_sent.inc(sent_bytes)
             if sent:
                 await asyncio.sleep(0)
                 continue
