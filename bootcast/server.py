@@ -511,7 +511,14 @@ class BootcastServer:
                 )
                 payload.release()
                 try:
-                    await self._send(sock, datagram, dest)
+                    try:
+                        sock.sendto(datagram, dest)  # the common case: no coroutine
+                    except (BlockingIOError, InterruptedError):
+                        await self._send(sock, datagram, dest)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOBUFS:
+                            raise
+                        await self._send(sock, datagram, dest)
                 except OSError as exc:
                     # The page is lost; receivers will ask for it again.
                     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
