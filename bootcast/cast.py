@@ -12,7 +12,9 @@ Scheduling, in priority order:
    and on a LAN's wire, plus a report's delay) is ignored (suppression: that NACK
    most likely crossed the resend on the wire; a client still lacking the page asks again).
 2. **The carousel.** Pages 1..PAGES in order, wrapping around: the original protocol, and
-   all that a spec-only client (one that never NACKs) relies on. The carousel runs while a
+   all that a spec-only client (one that never NACKs) relies on. When only NACK-capable
+   clients are joined, it skips a page already sent (as a repair) since the latest join:
+   every client got that transmission or will ask for the page. The carousel runs while a
    spec-only client is joined, or while a NACK-capable client has not yet seen one full
    pass since it joined (late joiners get the pass from where they came in). A carousel send
    of a queued page satisfies that repair too.
@@ -125,6 +127,7 @@ class CastCore:
         self._repair_queue: deque[int] = deque()
         self._recent_repairs: deque[tuple[int, float]] = deque(maxlen=4096)
         self._last_nack = -1e9
+        self._latest_join = now
         self.speculate_s = speculate_s
         self.retry_at: float | None = None
         self._queued = bytearray(pages + 1)
@@ -167,6 +170,7 @@ class CastCore:
             raise LocalProtocolError("duplicate token")
         self._event(CastEvent.JOIN)
         self._clients[token] = _Client(nack_capable, self._carousel_sent, now)
+        self._latest_join = now
         if nack_capable:
             self._carousel_until = max(self._carousel_until, self._carousel_sent + self.pages)
         else:
@@ -240,7 +244,7 @@ class CastCore:
                 self._queued[index] = 0
                 page = NextPage(index, True)
                 break
-        if page is None and self._carousel_active():
+        while page is None and self._carousel_active():
             index = self._carousel_pos
             self._queued[index] = 0  # the carousel send satisfies a queued repair
             self._carousel_sent += 1
@@ -248,6 +252,14 @@ class CastCore:
             if self._carousel_pos > self.pages:
                 self._carousel_pos = 1
                 self._wraps_idle += 1
+            if (
+                self._spec_clients == 0
+                and self._sent_ever[index]
+                and self._last_sent[index] > self._latest_join
+            ):
+                # Every client now joined was there when this page went out (as a repair,
+                # ahead of the carousel): those that lost it ask for it again.
+                continue
             page = NextPage(index, False)
         if page is None:
             page = self._speculate(now)

@@ -52,8 +52,8 @@ REPAIR_HEADER = "X-Bootcast-Repair"
 TICK_S = 0.01
 MAX_REPLY_BYTES = 64 * 1024
 DRAIN_BATCH = 512
-BATCH_TARGET = 8
-BATCH_WAIT_S = 0.002
+BATCH_TARGET = 32
+BATCH_WAIT_S = 0.005
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -63,6 +63,7 @@ class ReceiverCore:
         report_interval_s: float = 0.25,
         idle_s: float = 0.3,
         fast_sweep_s: float = 0.05,
+        carousel_quiet_s: float = 0.1,
     ) -> None:
         self.pages = pages
         self.page_size = page_size
@@ -84,6 +85,8 @@ class ReceiverCore:
         self.repairs_received = 0
         self.last_progress = now
         self.last_datagram: float | None = None
+        self.last_carousel_at: float | None = None
+        self.carousel_quiet_s = carousel_quiet_s
         self.first_page_at: float | None = None
         self._first_seen: int | None = None
         self._expect: int | None = None
@@ -165,6 +168,7 @@ class ReceiverCore:
             # The common case, in carousel order: nothing to detect.
             self._received += 1
             self._expect = index + 1
+            self.last_carousel_at = now
         else:
             self._carousel(index, now)
         self.have[index] = 1
@@ -177,6 +181,7 @@ class ReceiverCore:
 
     def _carousel(self, index: int, now: float) -> None:
         self._received += 1
+        self.last_carousel_at = now
         if self._first_seen is None:
             self._first_seen = index
         elif self._expect is not None and index < self._expect <= index + self.pages // 2:
@@ -210,9 +215,23 @@ class ReceiverCore:
         """The socket's cumulative drop counter (SO_MEMINFO), read by the shell."""
         self._overrun_total = total_drops
 
+    def _all_passed(self, now: float) -> bool:
+        """Has the carousel gone by everything this receiver will see of it? After a full
+        pass; or when nothing arrived for ``idle_s``; or when repairs still arrive but the
+        carousel has been quiet for ``carousel_quiet_s`` (the server stops it once every
+        NACK client had its pass)."""
+        if self._full_pass:
+            return True
+        if self.first_page_at is None:
+            return False
+        assert self.last_datagram is not None
+        if now - self.last_datagram >= self.idle_s:
+            return True
+        quiet_since = self.last_carousel_at or self.first_page_at
+        return now - quiet_since >= self.carousel_quiet_s
+
     def _passed_missing(self, now: float) -> list[Range]:
-        idle = self.last_datagram is None or now - self.last_datagram >= self.idle_s
-        if self._full_pass or (idle and self.first_page_at is not None):
+        if self._all_passed(now):
             return missing_ranges(self.have, 1, self.pages, limit=MAX_RANGES)
         if self._first_seen is None or self._expect is None:
             return []
@@ -227,8 +246,7 @@ class ReceiverCore:
         # Once the carousel has gone by (or gone quiet), what is missing is all that is
         # left: ask again quickly while it is little, so the link does not idle between
         # rounds of repairs; a long list waits for the usual interval (it is still queued).
-        idle = self.last_datagram is None or now - self.last_datagram >= self.idle_s
-        if (self._full_pass or idle) and self.pages - self.held <= self.FAST_SWEEP_PAGES:
+        if self.pages - self.held <= self.FAST_SWEEP_PAGES and self._all_passed(now):
             return self.fast_sweep_s
         return self.report_interval_s
 

@@ -165,3 +165,35 @@ def test_empty_file_cast_never_sends_and_idles_out() -> None:
     assert core.next_page(0.0) is None
     assert core.poll(1.9) is CastState.RUNNING
     assert core.poll(2.1) is CastState.STOPPED
+
+
+def test_carousel_skips_pages_repaired_since_the_latest_join() -> None:
+    core = make(pages=10)
+    core.join("a", 0.0, nack_capable=True)
+    assert [p.index for p in drain(core, 0.1, limit=3)] == [1, 2, 3]
+    core.nack("a", NackReport(missing=[(7, 8)]), 0.2)  # asked ahead of the carousel
+    assert [(p.index, p.repair) for p in drain(core, 0.3)] == [
+        (7, True),
+        (8, True),
+        (4, False),
+        (5, False),
+        (6, False),
+        (9, False),
+        (10, False),
+    ]
+
+
+def test_carousel_never_skips_for_spec_clients() -> None:
+    core = make(pages=5, idle_loops=100)
+    core.join("spec", 0.0, nack_capable=False)
+    core.join("n", 0.0, nack_capable=True)
+    core.nack("n", NackReport(missing=[(3, 3)]), 0.1)
+    sent = [core.next_page(0.2) for _ in range(6)]
+    assert [(p.index, p.repair) for p in sent if p] == [
+        (3, True),
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (5, False),
+    ]

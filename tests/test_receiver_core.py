@@ -67,7 +67,9 @@ def test_pages_of_the_wrong_size_are_dropped() -> None:
 def test_gaps_are_nacked_quickly_and_only_inside_the_passed_region() -> None:
     data = bytes(2000)
     dgrams = pages_of(data)
-    core = ReceiverCore(pages=20, page_size=PAGE, size=2000, cast_id=9, now=0.0, idle_s=5.0)
+    core = ReceiverCore(
+        pages=20, page_size=PAGE, size=2000, cast_id=9, now=0.0, idle_s=5.0, carousel_quiet_s=5.0
+    )
     # A late joiner: first sees page 5, loses 8 and 9.
     for i in [5, 6, 7, 10, 11]:
         core.datagram(dgrams[i - 1], 0.0)
@@ -164,3 +166,18 @@ def test_reordered_carousel_pages_are_not_a_wrap() -> None:
         core.datagram(dgrams[i - 1], 0.1)
     report = core.poll(0.2)
     assert report is not None and report.lost == 41 and report.missing == [(60, 100)]
+
+
+def test_a_quiet_carousel_means_ask_for_everything() -> None:
+    """Repairs keep arriving, but the carousel has stopped (the server does so once every
+    NACK client had its pass): what was never seen, before the first page too, is asked for."""
+    dgrams = pages_of(bytes(1000))
+    core = ReceiverCore(pages=10, page_size=PAGE, size=1000, cast_id=9, now=0.0, idle_s=5.0)
+    for i in [3, 4, 5, 6, 7, 8, 9]:
+        core.datagram(dgrams[i - 1], 0.0)
+    core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.05)
+    report = core.poll(0.06)
+    assert report is None or report.missing == []  # the carousel may still come round
+    core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.15)  # a repeat, not carousel
+    report = core.poll(0.3)
+    assert report is not None and report.missing == [(1, 1), (10, 10)]
