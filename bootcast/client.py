@@ -310,7 +310,7 @@ class _NackSender:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=2.5)
+        self._thread.join(timeout=0.2)  # a report in flight is of no use any more
 
 
 class _PrefixHash:
@@ -332,13 +332,16 @@ class _PrefixHash:
             self.digest.update(payload)
             self.next_index += 1
 
-    def catch_up(self, have: bytearray, pages: int, limit: int = 64) -> None:
-        for _ in range(limit):
-            if self.next_index > pages or not have[self.next_index]:
-                return
-            offset = (self.next_index - 1) * self.page_size
-            self.digest.update(os.pread(self.fd, self.page_size, offset))
-            self.next_index += 1
+    def catch_up(self, have: bytearray, pages: int, limit_bytes: int = 4 << 20) -> None:
+        """Hash the run of held pages that follows the prefix (one read, bounded)."""
+        if self.next_index > pages or not have[self.next_index]:
+            return
+        end = have.find(0, self.next_index, pages + 1)
+        end = pages + 1 if end < 0 else end
+        count = min(end - self.next_index, max(1, limit_bytes // self.page_size))
+        offset = (self.next_index - 1) * self.page_size
+        self.digest.update(os.pread(self.fd, count * self.page_size, offset))
+        self.next_index += count
 
     def finish(self, size: int) -> str:
         offset = (self.next_index - 1) * self.page_size
@@ -362,7 +365,10 @@ def _temp_for(destination: str) -> tuple[int, str]:
 
 
 def _finish(fd: int, temp: str, destination: str) -> None:
-    os.fsync(fd)
+    """Publish the verified file. Its data reaches the disk before it gets its name
+    (fdatasync, then rename), so even a power cut never leaves a partial file under the
+    final name; the rename itself is not forced to disk (as with cp or wget): after a cut
+    the file may be missing, never torn."""
     if destination == "-":
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(os.dup(fd), "rb") as src:
@@ -373,12 +379,8 @@ def _finish(fd: int, temp: str, destination: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
+    os.fdatasync(fd)
     os.replace(temp, destination)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(destination)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def fetch(cfg: FetchConfig) -> FetchResult:
@@ -499,13 +501,23 @@ class _Writer:
         self.start = 0
         self.buffer = bytearray()
         self.unsynced = 0
+        self._syncer: threading.Thread | None = None
 
     def sync_if_due(self) -> None:
-        """Write dirty pages back as the transfer goes, so the final fsync (the file is
-        durable before it gets its name) has little left to do."""
-        if self.unsynced >= self.SYNC_EVERY:
-            os.fdatasync(self.fd)
+        """Write dirty pages back as the transfer goes (in a thread: fdatasync blocks), so
+        the final one before the rename has little left to do."""
+        if self.unsynced >= self.SYNC_EVERY and (
+            self._syncer is None or not self._syncer.is_alive()
+        ):
             self.unsynced = 0
+            self._syncer = threading.Thread(
+                target=os.fdatasync, args=(self.fd,), name="bootcast-sync", daemon=True
+            )
+            self._syncer.start()
+
+    def wait_synced(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
 
     def write(self, offset: int, payload: memoryview) -> None:
         if self.buffer and offset != self.start + len(self.buffer):
@@ -538,11 +550,29 @@ def _loop(
     progress: _Progress,
     hasher: _PrefixHash,
 ) -> None:
+    writer = _Writer(fd, cfg.destination())
+    try:
+        _receive_loop(core, sock, fd, cfg, reply, interface, nack, progress, hasher, writer)
+    finally:
+        writer.wait_synced()  # the fd must stay open until a background sync is done
+
+
+def _receive_loop(
+    core: ReceiverCore,
+    sock: socket.socket,
+    fd: int,
+    cfg: FetchConfig,
+    reply: JoinReply,
+    interface: str | None,
+    nack: _NackSender | None,
+    progress: _Progress,
+    hasher: _PrefixHash,
+    writer: _Writer,
+) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
-    writer = _Writer(fd, cfg.destination())
     joined_at = time.monotonic()
     next_tick = joined_at + TICK_S
     monotonic = time.monotonic
