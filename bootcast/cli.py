@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "address if it is a specific one, else the kernel's choice",
     )
     serve.add_argument(
-        "--prehash-gib", type=float, default=16.0, metavar="GIB",
+        "--prehash-gib",
+        type=float,
+        default=16.0,
+        metavar="GIB",
         help="at start, hash up to this much of --dir in the background so first joins "
         "answer at once (default 16; 0 = hash on first join only)",
     )
