@@ -466,7 +466,11 @@ def _receive(
             cfg.progress, os.path.basename(destination) or "stdout", reply.size or 0
         )
         try:
-            _loop(core, sock, fd, cfg, reply, interface, nack, progress, hasher)
+            writer = _Writer(fd, destination)
+            try:
+                _receive_loop(core, sock, cfg, reply, interface, nack, progress, hasher, writer)
+            finally:
+                writer.wait_synced()  # the fd must stay open until a background sync ends
         finally:
             sock.close()
             progress.close()
@@ -539,28 +543,9 @@ class _Writer:
         self.buffer = bytearray()
 
 
-def _loop(
-    core: ReceiverCore,
-    sock: socket.socket,
-    fd: int,
-    cfg: FetchConfig,
-    reply: JoinReply,
-    interface: str | None,
-    nack: _NackSender | None,
-    progress: _Progress,
-    hasher: _PrefixHash,
-) -> None:
-    writer = _Writer(fd, cfg.destination())
-    try:
-        _receive_loop(core, sock, fd, cfg, reply, interface, nack, progress, hasher, writer)
-    finally:
-        writer.wait_synced()  # the fd must stay open until a background sync is done
-
-
 def _receive_loop(
     core: ReceiverCore,
     sock: socket.socket,
-    fd: int,
     cfg: FetchConfig,
     reply: JoinReply,
     interface: str | None,
