@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -357,11 +356,11 @@ class _PrefixHash:
 def _temp_for(destination: str) -> tuple[int, str]:
     if destination == "-":
         return tempfile.mkstemp(prefix="bootcast-", suffix=".part")
-    target = Path(destination)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
+    parent, name = os.path.split(destination)
+    parent = parent or "."
+    if not os.path.isdir(parent):
         raise ConfigError(f"no such directory: {parent}")
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bootcast-part", dir=parent)
+    return tempfile.mkstemp(prefix=f".{name}.", suffix=".bootcast-part", dir=parent)
 
 
 def _finish(fd: int, temp: str, destination: str) -> None:
@@ -389,6 +388,8 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     Blocking; from async code run it in a thread (``asyncio.to_thread(fetch, cfg)``).
     """
     destination = cfg.destination()
+    if destination != "-" and not os.path.isdir(os.path.dirname(destination) or "."):
+        raise ConfigError(f"no such directory: {os.path.dirname(destination)}")
     started = time.monotonic()
     api = _Http(cfg.url, cfg.timeout_s)
     # Where to listen is known before the join; joining the group right after the reply

@@ -48,7 +48,7 @@ from .defaults import (
 from .digests import DigestCache, compute, key_of
 from .errors import ConfigError, PathRejected, RemoteProtocolError
 from .joinreply import JoinReply
-from .logs import get_logger
+from .logs import get_logger, quiet_aiohttp
 from .mcast import is_ipv6, sender_socket
 from .metrics import ServerMetrics
 from .nack import MAX_BODY_BYTES, NackReport
@@ -589,6 +589,7 @@ class BootcastServer:
 
 async def start_server(config: ServeConfig) -> tuple[BootcastServer, web.AppRunner, int]:
     """Build and start a server; returns (server, runner, bound port) — port 0 works."""
+    quiet_aiohttp()
     server = BootcastServer(config)
     access_logger = type("AccessLogger", (_AccessLogger,), {"metrics": server.metrics})
     runner = web.AppRunner(
