@@ -290,13 +290,24 @@ async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("served", [{"rate_mbit": 400.0}], indirect=True)
 async def test_eight_concurrent_fetches_of_64_mib_and_a_late_joiner(
     served: Served, tmp_path: Path
 ) -> None:
     digest = write_random(served.root / "rootfs.img", 64 * 1024 * 1024)
+    pages = 64 * 1024 * 1024 // 8192
 
-    async def one(i: int, delay: float) -> tuple[int, bytes]:
-        await asyncio.sleep(delay)
+    async def mid_cast() -> None:
+        """Until a quarter of the file went out: the late joiner comes in mid-cast."""
+        for _ in range(6000):
+            if served.server.stats().get("bootcast_pages_sent_total", 0) >= pages // 4:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the cast never got a quarter through")
+
+    async def one(i: int, late: bool) -> tuple[int, bytes]:
+        if late:
+            await mid_cast()
         code, _, err = await run_fetch(
             served.url("rootfs.img"),
             "-O",
@@ -309,7 +320,7 @@ async def test_eight_concurrent_fetches_of_64_mib_and_a_late_joiner(
         )
         return code, err
 
-    results = await asyncio.gather(*(one(i, 0.0) for i in range(8)), one(8, 1.5))
+    results = await asyncio.gather(*(one(i, False) for i in range(8)), one(8, True))
     for code, err in results:
         assert code == 0, err
     for i in range(9):
