@@ -16,6 +16,7 @@ Ctrl-C and SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -49,6 +50,8 @@ log = get_logger("bootcast.fetch")
 
 REPAIR_HEADER = "X-Bootcast-Repair"
 TICK_S = 0.01
+_UMASK = os.umask(0o022)  # read once (setting it is process-wide), then put back
+os.umask(_UMASK)
 MAX_REPLY_BYTES = 64 * 1024
 DRAIN_BATCH = 512
 BATCH_TARGET = 32
@@ -293,7 +296,7 @@ class _NackSender:
                 self.sent += 1
                 if status >= 400:
                     log.warning("fetch.nack.refused", status=status)
-            except (OSError, http.client.HTTPException) as exc:
+            except Exception as exc:  # any: a dead repair thread would stall the fetch
                 self.failures += 1
                 if self.failures in (1, 10, 100):
                     log.warning("fetch.nack.failed", error=_describe(exc), failures=self.failures)
@@ -375,9 +378,7 @@ def _finish(fd: int, temp: str, destination: str) -> None:
         sys.stdout.buffer.flush()
         os.unlink(temp)
         return
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.fdatasync(fd)
     os.replace(temp, destination)
 
@@ -453,6 +454,9 @@ def _receive(
         size=reply.size,
         cast_id=reply.cast_id,
         now=now,
+        # A server that follows only the original spec leaves word 4 (our CRC32C) at 0;
+        # ours announces itself with CAST=. Without it, SHA256= (if given) still verifies.
+        verify_crc=reply.cast_id is not None,
     )
     if reply.size:
         os.ftruncate(fd, reply.size)
@@ -507,6 +511,7 @@ class _Writer:
         self.buffer = bytearray()
         self.unsynced = 0
         self._syncer: threading.Thread | None = None
+        self.sync_error: OSError | None = None
 
     def sync_if_due(self) -> None:
         """Write dirty pages back as the transfer goes (in a thread: fdatasync blocks), so
@@ -515,14 +520,23 @@ class _Writer:
             self._syncer is None or not self._syncer.is_alive()
         ):
             self.unsynced = 0
-            self._syncer = threading.Thread(
-                target=os.fdatasync, args=(self.fd,), name="bootcast-sync", daemon=True
-            )
+            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
             self._syncer.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            # Linux reports a writeback error once per file: keep it for the verdict.
+            self.sync_error = exc
 
     def wait_synced(self) -> None:
         if self._syncer is not None:
             self._syncer.join()
+        if self.sync_error is not None:
+            raise FetchError(
+                f"cannot write {self.destination}: {self.sync_error.strerror}"
+            ) from None
 
     def write(self, offset: int, payload: memoryview) -> None:
         if self.buffer and offset != self.start + len(self.buffer):
@@ -537,7 +551,13 @@ class _Writer:
         if not self.buffer:
             return
         try:
-            os.pwrite(self.fd, self.buffer, self.start)
+            view = memoryview(self.buffer)
+            done = 0
+            while done < len(view):  # a short write (NFS, FUSE, a full disk) is not an error
+                n = os.pwrite(self.fd, view[done:], self.start + done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                done += n
         except OSError as exc:
             raise FetchError(f"cannot write {self.destination}: {exc.strerror}") from None
         self.unsynced += len(self.buffer)

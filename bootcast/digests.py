@@ -10,7 +10,6 @@ a background thread when it starts (``prehash``), and remembers digests by
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import stat
 import threading
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import page as pagecodec
+from .errors import SourceChanged
 from .logs import get_logger
 
 log = get_logger("bootcast.digests")
@@ -47,6 +47,24 @@ def compute(view: memoryview | bytes, page_size: int) -> Digests:
     crc = pagecodec.crc32c
     for offset in range(0, size, page_size):
         crcs.append(crc(view[offset : offset + page_size]))
+    return Digests(digest.hexdigest(), crcs)
+
+
+def compute_fd(fd: int, size: int, page_size: int) -> Digests:
+    """Digests of the first ``size`` bytes of ``fd``, read with ``pread`` (not mapped: a
+    file truncated meanwhile must be an error, not a SIGBUS that kills the server)."""
+    digest = hashlib.sha256()
+    crcs = array("I", [0])
+    crc = pagecodec.crc32c
+    chunk = page_size * max(1, _HASH_CHUNK // page_size)
+    for offset in range(0, size, chunk):
+        data = os.pread(fd, min(chunk, size - offset), offset)
+        if len(data) != min(chunk, size - offset):
+            raise SourceChanged(f"file shrank while being read (at byte {offset + len(data)})")
+        digest.update(data)
+        view = memoryview(data)
+        for sub in range(0, len(data), page_size):
+            crcs.append(crc(view[sub : sub + page_size]))
     return Digests(digest.hexdigest(), crcs)
 
 
@@ -88,18 +106,10 @@ class DigestCache:
                         continue
                     key = key_of(st, page_size)
                     if self.get(key) is None:
-                        if st.st_size:
-                            with (
-                                mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) as mapped,
-                                memoryview(mapped) as view,
-                            ):
-                                digests = compute(view, page_size)
-                        else:
-                            digests = compute(b"", page_size)
-                        self.put(key, digests)
+                        self.put(key, compute_fd(fd, st.st_size, page_size))
                         done += 1
                     budget_bytes -= st.st_size
-                except OSError:
+                except (OSError, SourceChanged):
                     continue
                 finally:
                     os.close(fd)

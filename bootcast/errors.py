@@ -54,3 +54,7 @@ class NoPagesArrived(FetchTimeout):
 
 class VerificationFailed(FetchError):
     """The assembled file does not match SIZE= or SHA256= from the join reply."""
+
+
+class SourceChanged(BootcastError):
+    """A served file shrank or vanished while it was being read: the cast stops."""

@@ -71,8 +71,10 @@ class JoinReply:
             raise RemoteProtocolError(f"CONNECT port {self.port} out of range")
         if not self.token or any(c.isspace() for c in self.token):
             raise RemoteProtocolError("TOKEN is empty or contains whitespace")
-        if self.pages < 0 or self.page_size <= 0:
-            raise RemoteProtocolError("PAGES must be ≥ 0 and PAGESIZE > 0")
+        if not 0 <= self.pages < 2**32 or not 0 < self.page_size <= 65507:
+            raise RemoteProtocolError("PAGES must be 0..2³²-1 and PAGESIZE 1..65507")
+        if self.cast_id is not None and not 0 <= self.cast_id < 2**32:
+            raise RemoteProtocolError("CAST must be 0..2³²-1")
         if self.size is not None and (
             self.size < 0 or -(-self.size // self.page_size) != self.pages
         ):

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
-import mmap
 import os
 import secrets
 import socket
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -45,8 +45,8 @@ from .defaults import (
     DEFAULT_PORT_BASE,
     DEFAULT_RATE_MBIT,
 )
-from .digests import DigestCache, compute, key_of
-from .errors import ConfigError, PathRejected, RemoteProtocolError
+from .digests import DigestCache, compute_fd, key_of
+from .errors import ConfigError, PathRejected, RemoteProtocolError, SourceChanged
 from .joinreply import JoinReply
 from .logs import get_logger, quiet_aiohttp
 from .mcast import is_ipv6, sender_socket
@@ -99,6 +99,15 @@ class ServeConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"--group {self.group} is not a multicast address")
+        try:
+            last = ipaddress.ip_address(self.base_group) + (self.max_casts - 1)
+        except ValueError:
+            last = None
+        if last is None or not last.is_multicast:
+            raise ConfigError(
+                f"--group {self.base_group}: {self.max_casts} consecutive groups leave the "
+                "multicast range"
+            )
 
     @property
     def send_interface(self) -> str | None:
@@ -129,39 +138,35 @@ class FileSource:
     sha256: str
     crcs: array[int]
     _fd: int
-    _map: mmap.mmap | None
 
     @classmethod
     def open(cls, path: Path, fd: int, page_size: int, cache: DigestCache) -> FileSource:
-        """Map ``fd``; take its digests from the cache or compute them (in a worker thread)."""
+        """Take ``fd``'s digests from the cache or compute them (in a worker thread)."""
         try:
             st = os.fstat(fd)
-            size = st.st_size
-            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
             key = key_of(st, page_size)
             found = cache.get(key)
             if found is None:
-                with memoryview(mapped if mapped is not None else b"") as view:
-                    found = compute(view, page_size)
+                found = compute_fd(fd, st.st_size, page_size)
                 cache.put(key, found)
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, size, page_size, found.sha256, found.crcs, fd, mapped)
+        return cls(path, st.st_size, page_size, found.sha256, found.crcs, fd)
 
     @property
     def pages(self) -> int:
         return pagecodec.page_count(self.size, self.page_size)
 
-    def payload(self, index: int) -> memoryview:
-        assert self._map is not None
-        offset = (index - 1) * self.page_size
-        return memoryview(self._map)[offset : offset + self.page_size]
+    def payload(self, index: int) -> bytes:
+        """Page ``index``, read from the file opened at the cast's start (page cache)."""
+        offset, length = pagecodec.page_span(index, self.size, self.page_size)
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise SourceChanged(f"{self.path} shrank during the cast (page {index})")
+        return data
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
@@ -187,6 +192,7 @@ class Cast:
     pages_repeated: int = 0
     nacks: int = 0
     last_join_at: float = 0.0
+    tokens: set[str] = field(default_factory=set)
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -215,6 +221,7 @@ class BootcastServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.casts: dict[Path, Cast] = {}
+        self._tokens: dict[str, tuple[Cast, str]] = {}
         self._slots: set[int] = set()
         self._cast_ids: set[int] = set()
         self._loop = asyncio.get_running_loop()
@@ -269,7 +276,22 @@ class BootcastServer:
             raise web.HTTPServiceUnavailable(text="cast is stopping, retry\n")
         token = secrets.token_urlsafe(18)
         nack_capable = request.headers.get(REPAIR_HEADER, "").lower() == "nack"
+        reply = JoinReply(
+            group=cast.group,
+            port=cast.port,
+            token=token,
+            pages=source.pages,
+            page_size=source.page_size,
+            size=source.size,
+            sha256=source.sha256,
+            cast_id=cast.cast_id,
+            nack_path="/nack/" + quote(path),
+        )
         core.join(token, self._loop.time(), nack_capable=nack_capable)
+        # Leaves and NACKs find their cast by token, not by the file, which may have been
+        # renamed, replaced or deleted meanwhile (the cast keeps its mapping).
+        self._tokens[token] = (cast, path)
+        cast.tokens.add(token)
         cast.last_join_at = self._loop.time()
         cast.wake.set()
         self.metrics.joins.inc()
@@ -282,35 +304,23 @@ class BootcastServer:
             nack=nack_capable,
             remote=request.remote,
         )
-        reply = JoinReply(
-            group=cast.group,
-            port=cast.port,
-            token=token,
-            pages=source.pages,
-            page_size=source.page_size,
-            size=source.size,
-            sha256=source.sha256,
-            cast_id=cast.cast_id,
-            nack_path=f"/nack/{path}",
-        )
         return web.Response(text=reply.encode(), content_type="text/plain")
 
-    def _cast_for(self, request: web.Request) -> Cast | None:
-        path = request.match_info["path"]
-        try:
-            real = open_confined(self.config.root, path)
-        except PathRejected:
+    def _cast_for(self, request: web.Request, token: str) -> Cast | None:
+        found = self._tokens.get(token)
+        if found is None or found[1] != request.match_info["path"]:
             return None
-        os.close(real[1])
-        return self.casts.get(real[0])
+        return found[0]
 
     async def handle_leave(self, request: web.Request) -> web.Response:
         token = request.headers.get("X-TOKEN")
         if not token:
             return web.Response(status=400)
-        cast = self._cast_for(request)
+        cast = self._cast_for(request, token)
         if cast is None or cast.core is None or not cast.core.leave(token, self._loop.time()):
             return web.Response(status=404)
+        self._tokens.pop(token, None)
+        cast.tokens.discard(token)
         self.metrics.leaves.inc()
         self.metrics.clients_active.dec()
         log.info("cast.left", path=cast.path, cast_id=cast.cast_id, clients=cast.core.clients)
@@ -321,7 +331,7 @@ class BootcastServer:
         token = request.headers.get("X-TOKEN")
         if not token:
             return web.Response(status=400, text="X-TOKEN required\n")
-        cast = self._cast_for(request)
+        cast = self._cast_for(request, token)
         if cast is None or cast.core is None or not cast.core.has_client(token):
             return web.Response(status=404, text="no such client\n")
         body = await request.read()
@@ -437,6 +447,9 @@ class BootcastServer:
                     break
                 await asyncio.sleep(min(quiet_until, first + cfg.start_wait_max_s) - now)
             await self._send_loop(cast, bound)
+        except SourceChanged as exc:
+            bound.error("cast.source.changed", error=str(exc))
+            cast.core.shutdown()
         except asyncio.CancelledError:
             cast.core.shutdown()
             raise
@@ -461,6 +474,9 @@ class BootcastServer:
             source.close()
 
     def _release(self, cast: Cast) -> None:
+        for token in cast.tokens:
+            self._tokens.pop(token, None)
+        cast.tokens.clear()
         self._slots.discard(cast.slot)
         self._cast_ids.discard(cast.cast_id)
         if self.casts.get(cast.key) is cast:
@@ -501,15 +517,13 @@ class BootcastServer:
                 nxt = core.next_page(now)
                 if nxt is None:
                     break
-                payload = source.payload(nxt.index)
                 datagram = pagecodec.encode(
                     nxt.index,
                     cast.cast_id,
-                    payload,
+                    source.payload(nxt.index),
                     crc=source.crcs[nxt.index],
                     repair=nxt.repair,
                 )
-                payload.release()
                 try:
                     try:
                         sock.sendto(datagram, dest)  # the common case: no coroutine
