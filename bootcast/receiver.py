@@ -65,6 +65,7 @@ class ReceiverCore:
         fast_sweep_s: float = 0.05,
         carousel_quiet_s: float = 0.1,
         verify_crc: bool = True,
+        first_page_wait_s: float = 1.0,
     ) -> None:
         self.pages = pages
         self.page_size = page_size
@@ -86,6 +87,7 @@ class ReceiverCore:
         self.repairs_received = 0
         self.last_progress = now
         self._created = now
+        self.first_page_wait_s = first_page_wait_s
         self.verify_crc = verify_crc
         self.last_datagram: float | None = None
         self.last_carousel_at: float | None = None
@@ -230,7 +232,9 @@ class ReceiverCore:
             return True
         if self.first_page_at is None:
             # Nothing yet: a late joiner of a small file may have missed its whole pass.
-            return now - self._created >= self.idle_s
+            # (Later than idle_s: a cast waits up to 0.5 s for a wave of joins to settle,
+            # and everything asked for now would come as repairs, outside gap detection.)
+            return now - self._created >= self.first_page_wait_s
         assert self.last_datagram is not None
         if now - self.last_datagram >= self.idle_s:
             return True
