@@ -16,15 +16,11 @@ Ctrl-C and SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import http.client
 import os
 import select
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +39,7 @@ from .joinreply import JoinReply
 from .logs import get_logger
 from .mcast import receiver_socket, socket_drops
 from .nack import NackReport
+from .outfile import PrefixHash, Writer, finish, temp_for
 from .ranges import format_ranges
 from .receiver import ReceiverCore
 
@@ -50,8 +47,6 @@ log = get_logger("bootcast.fetch")
 
 REPAIR_HEADER = "X-Bootcast-Repair"
 TICK_S = 0.01
-_UMASK = os.umask(0o022)  # read once (setting it is process-wide), then put back
-os.umask(_UMASK)
 MAX_REPLY_BYTES = 64 * 1024
 DRAIN_BATCH = 512
 BATCH_TARGET = 32
@@ -315,74 +310,6 @@ class _NackSender:
         self._thread.join(timeout=0.2)  # a report in flight is of no use any more
 
 
-class _PrefixHash:
-    """SHA-256 of the file's held prefix, advanced while pages arrive.
-
-    Pages mostly arrive in order, so hashing them on the way in (from the datagram, or
-    read back for pages that came early) overlaps the digest with waiting for the network
-    instead of reading the whole file again at the end.
-    """
-
-    def __init__(self, fd: int, page_size: int) -> None:
-        self.fd = fd
-        self.page_size = page_size
-        self.digest = hashlib.sha256()
-        self.next_index = 1
-
-    def page(self, index: int, payload: memoryview) -> None:
-        if index == self.next_index:
-            self.digest.update(payload)
-            self.next_index += 1
-
-    def catch_up(self, have: bytearray, pages: int, limit_bytes: int = 4 << 20) -> None:
-        """Hash the run of held pages that follows the prefix (one read, bounded)."""
-        if self.next_index > pages or not have[self.next_index]:
-            return
-        end = have.find(0, self.next_index, pages + 1)
-        end = pages + 1 if end < 0 else end
-        count = min(end - self.next_index, max(1, limit_bytes // self.page_size))
-        offset = (self.next_index - 1) * self.page_size
-        self.digest.update(os.pread(self.fd, count * self.page_size, offset))
-        self.next_index += count
-
-    def finish(self, size: int) -> str:
-        offset = (self.next_index - 1) * self.page_size
-        while offset < size:
-            chunk = os.pread(self.fd, min(4 * 1024 * 1024, size - offset), offset)
-            if not chunk:
-                break
-            self.digest.update(chunk)
-            offset += len(chunk)
-        return self.digest.hexdigest()
-
-
-def _temp_for(destination: str) -> tuple[int, str]:
-    if destination == "-":
-        return tempfile.mkstemp(prefix="bootcast-", suffix=".part")
-    parent, name = os.path.split(destination)
-    parent = parent or "."
-    if not os.path.isdir(parent):
-        raise ConfigError(f"no such directory: {parent}")
-    return tempfile.mkstemp(prefix=f".{name}.", suffix=".bootcast-part", dir=parent)
-
-
-def _finish(fd: int, temp: str, destination: str) -> None:
-    """Publish the verified file. Its data reaches the disk before it gets its name
-    (fdatasync, then rename), so even a power cut never leaves a partial file under the
-    final name; the rename itself is not forced to disk (as with cp or wget): after a cut
-    the file may be missing, never torn."""
-    if destination == "-":
-        os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(os.dup(fd), "rb") as src:
-            shutil.copyfileobj(src, sys.stdout.buffer, 1024 * 1024)
-        sys.stdout.buffer.flush()
-        os.unlink(temp)
-        return
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    os.fdatasync(fd)
-    os.replace(temp, destination)
-
-
 def fetch(cfg: FetchConfig) -> FetchResult:
     """Fetch ``cfg.url`` to ``cfg.destination()``; raises a :class:`FetchError` on failure.
 
@@ -414,7 +341,7 @@ def fetch(cfg: FetchConfig) -> FetchResult:
         size=reply.size,
     )
     try:
-        fd, temp = _temp_for(destination)
+        fd, temp = temp_for(destination)
     except BaseException:
         if sock is not None:
             sock.close()
@@ -426,7 +353,7 @@ def fetch(cfg: FetchConfig) -> FetchResult:
         finally:
             _leave(api, cfg, reply.token)
         bound.debug("fetch.finishing")
-        _finish(fd, temp, destination)
+        finish(fd, temp, destination)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -461,7 +388,7 @@ def _receive(
     if reply.size:
         os.ftruncate(fd, reply.size)
     nacks_sent = 0
-    hasher = _PrefixHash(fd, reply.page_size)
+    hasher = PrefixHash(fd, reply.page_size)
     if sock is not None:
         nack: _NackSender | None = None
         if cfg.repair and reply.nack_path:
@@ -471,7 +398,7 @@ def _receive(
             cfg.progress, os.path.basename(destination) or "stdout", reply.size or 0
         )
         try:
-            writer = _Writer(fd, destination)
+            writer = Writer(fd, destination)
             try:
                 _receive_loop(core, sock, cfg, reply, interface, nack, progress, hasher, writer)
             finally:
@@ -497,73 +424,6 @@ def _receive(
     return size, digest, core.duplicates, core.repairs_received, nacks_sent, drops
 
 
-class _Writer:
-    """Coalesces runs of consecutive pages into one ``pwrite`` (pages mostly arrive in
-    order, and a syscall per 1400-byte page costs more than the page)."""
-
-    LIMIT = 256 * 1024
-    SYNC_EVERY = 4 * 1024 * 1024
-
-    def __init__(self, fd: int, destination: str) -> None:
-        self.fd = fd
-        self.destination = destination
-        self.start = 0
-        self.buffer = bytearray()
-        self.unsynced = 0
-        self._syncer: threading.Thread | None = None
-        self.sync_error: OSError | None = None
-
-    def sync_if_due(self) -> None:
-        """Write dirty pages back as the transfer goes (in a thread: fdatasync blocks), so
-        the final one before the rename has little left to do."""
-        if self.unsynced >= self.SYNC_EVERY and (
-            self._syncer is None or not self._syncer.is_alive()
-        ):
-            self.unsynced = 0
-            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
-            self._syncer.start()
-
-    def _sync(self) -> None:
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            # Linux reports a writeback error once per file: keep it for the verdict.
-            self.sync_error = exc
-
-    def wait_synced(self) -> None:
-        if self._syncer is not None:
-            self._syncer.join()
-        if self.sync_error is not None:
-            raise FetchError(
-                f"cannot write {self.destination}: {self.sync_error.strerror}"
-            ) from None
-
-    def write(self, offset: int, payload: memoryview) -> None:
-        if self.buffer and offset != self.start + len(self.buffer):
-            self.flush()
-        if not self.buffer:
-            self.start = offset
-        self.buffer += payload
-        if len(self.buffer) >= self.LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        try:
-            view = memoryview(self.buffer)
-            done = 0
-            while done < len(view):  # a short write (NFS, FUSE, a full disk) is not an error
-                n = os.pwrite(self.fd, view[done:], self.start + done)
-                if n == 0:
-                    raise OSError(errno.ENOSPC, "no space left on device")
-                done += n
-        except OSError as exc:
-            raise FetchError(f"cannot write {self.destination}: {exc.strerror}") from None
-        self.unsynced += len(self.buffer)
-        self.buffer = bytearray()
-
-
 def _receive_loop(
     core: ReceiverCore,
     sock: socket.socket,
@@ -572,8 +432,8 @@ def _receive_loop(
     interface: str | None,
     nack: _NackSender | None,
     progress: _Progress,
-    hasher: _PrefixHash,
-    writer: _Writer,
+    hasher: PrefixHash,
+    writer: Writer,
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)

@@ -25,7 +25,6 @@ import os
 import secrets
 import socket
 import threading
-from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from .defaults import (
     DEFAULT_PORT_BASE,
     DEFAULT_RATE_MBIT,
 )
-from .digests import DigestCache, compute_fd, key_of
+from .digests import DigestCache
 from .errors import ConfigError, PathRejected, RemoteProtocolError, SourceChanged
 from .joinreply import JoinReply
 from .logs import get_logger, quiet_aiohttp
@@ -54,6 +53,7 @@ from .metrics import ServerMetrics
 from .nack import MAX_BODY_BYTES, NackReport
 from .pacing import Pacer, RateController
 from .paths import open_confined
+from .source import FileSource
 
 log = get_logger("bootcast.server")
 
@@ -126,49 +126,6 @@ class ServeConfig:
             return self.group
         iface = self.send_interface or ""
         return DEFAULT_GROUP_V6 if ":" in iface else DEFAULT_GROUP_V4
-
-
-@dataclass(slots=True)
-class FileSource:
-    """A file mapped once for the whole cast, with its digest and per-page CRCs."""
-
-    path: Path
-    size: int
-    page_size: int
-    sha256: str
-    crcs: array[int]
-    _fd: int
-
-    @classmethod
-    def open(cls, path: Path, fd: int, page_size: int, cache: DigestCache) -> FileSource:
-        """Take ``fd``'s digests from the cache or compute them (in a worker thread)."""
-        try:
-            st = os.fstat(fd)
-            key = key_of(st, page_size)
-            found = cache.get(key)
-            if found is None:
-                found = compute_fd(fd, st.st_size, page_size)
-                cache.put(key, found)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(path, st.st_size, page_size, found.sha256, found.crcs, fd)
-
-    @property
-    def pages(self) -> int:
-        return pagecodec.page_count(self.size, self.page_size)
-
-    def payload(self, index: int) -> bytes:
-        """Page ``index``, read from the file opened at the cast's start (page cache)."""
-        offset, length = pagecodec.page_span(index, self.size, self.page_size)
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise SourceChanged(f"{self.path} shrank during the cast (page {index})")
-        return data
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
 
 
 @dataclass(slots=True)

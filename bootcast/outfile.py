@@ -1,0 +1,154 @@
+"""The output file of a fetch: a temporary file beside the destination, written in coalesced
+runs, hashed while pages arrive, synced in the background, and published by rename only
+once verified (data on disk first, so a power cut never leaves a torn file under the name).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+
+from .errors import ConfigError, FetchError
+
+_UMASK = os.umask(0o022)  # read once (setting it is process-wide), then put back
+os.umask(_UMASK)
+
+
+class PrefixHash:
+    """SHA-256 of the file's held prefix, advanced while pages arrive.
+
+    Pages mostly arrive in order, so hashing them on the way in (from the datagram, or
+    read back for pages that came early) overlaps the digest with waiting for the network
+    instead of reading the whole file again at the end.
+    """
+
+    def __init__(self, fd: int, page_size: int) -> None:
+        self.fd = fd
+        self.page_size = page_size
+        self.digest = hashlib.sha256()
+        self.next_index = 1
+
+    def page(self, index: int, payload: memoryview) -> None:
+        if index == self.next_index:
+            self.digest.update(payload)
+            self.next_index += 1
+
+    def catch_up(self, have: bytearray, pages: int, limit_bytes: int = 4 << 20) -> None:
+        """Hash the run of held pages that follows the prefix (one read, bounded)."""
+        if self.next_index > pages or not have[self.next_index]:
+            return
+        end = have.find(0, self.next_index, pages + 1)
+        end = pages + 1 if end < 0 else end
+        count = min(end - self.next_index, max(1, limit_bytes // self.page_size))
+        offset = (self.next_index - 1) * self.page_size
+        self.digest.update(os.pread(self.fd, count * self.page_size, offset))
+        self.next_index += count
+
+    def finish(self, size: int) -> str:
+        offset = (self.next_index - 1) * self.page_size
+        while offset < size:
+            chunk = os.pread(self.fd, min(4 * 1024 * 1024, size - offset), offset)
+            if not chunk:
+                break
+            self.digest.update(chunk)
+            offset += len(chunk)
+        return self.digest.hexdigest()
+
+
+def temp_for(destination: str) -> tuple[int, str]:
+    if destination == "-":
+        return tempfile.mkstemp(prefix="bootcast-", suffix=".part")
+    parent, name = os.path.split(destination)
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"no such directory: {parent}")
+    return tempfile.mkstemp(prefix=f".{name}.", suffix=".bootcast-part", dir=parent)
+
+
+def finish(fd: int, temp: str, destination: str) -> None:
+    """Publish the verified file. Its data reaches the disk before it gets its name
+    (fdatasync, then rename), so even a power cut never leaves a partial file under the
+    final name; the rename itself is not forced to disk (as with cp or wget): after a cut
+    the file may be missing, never torn."""
+    if destination == "-":
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as src:
+            shutil.copyfileobj(src, sys.stdout.buffer, 1024 * 1024)
+        sys.stdout.buffer.flush()
+        os.unlink(temp)
+        return
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    os.fdatasync(fd)
+    os.replace(temp, destination)
+
+
+class Writer:
+    """Coalesces runs of consecutive pages into one ``pwrite`` (pages mostly arrive in
+    order, and a syscall per 1400-byte page costs more than the page)."""
+
+    LIMIT = 256 * 1024
+    SYNC_EVERY = 4 * 1024 * 1024
+
+    def __init__(self, fd: int, destination: str) -> None:
+        self.fd = fd
+        self.destination = destination
+        self.start = 0
+        self.buffer = bytearray()
+        self.unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self.sync_error: OSError | None = None
+
+    def sync_if_due(self) -> None:
+        """Write dirty pages back as the transfer goes (in a thread: fdatasync blocks), so
+        the final one before the rename has little left to do."""
+        if self.unsynced >= self.SYNC_EVERY and (
+            self._syncer is None or not self._syncer.is_alive()
+        ):
+            self.unsynced = 0
+            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
+            self._syncer.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            # Linux reports a writeback error once per file: keep it for the verdict.
+            self.sync_error = exc
+
+    def wait_synced(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+        if self.sync_error is not None:
+            raise FetchError(
+                f"cannot write {self.destination}: {self.sync_error.strerror}"
+            ) from None
+
+    def write(self, offset: int, payload: memoryview) -> None:
+        if self.buffer and offset != self.start + len(self.buffer):
+            self.flush()
+        if not self.buffer:
+            self.start = offset
+        self.buffer += payload
+        if len(self.buffer) >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        try:
+            view = memoryview(self.buffer)
+            done = 0
+            while done < len(view):  # a short write (NFS, FUSE, a full disk) is not an error
+                n = os.pwrite(self.fd, view[done:], self.start + done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                done += n
+        except OSError as exc:
+            raise FetchError(f"cannot write {self.destination}: {exc.strerror}") from None
+        self.unsynced += len(self.buffer)
+        self.buffer = bytearray()
