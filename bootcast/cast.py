@@ -18,6 +18,11 @@ Scheduling, in priority order:
    spec-only client is joined, or while a NACK-capable client has not yet seen one full
    pass since it joined (late joiners get the pass from where they came in). A carousel send
    of a queued page satisfies that repair too.
+   Clients that joined with parity (``parity.py``) are repaired per block instead: a
+   block's need (the most pages any one client still lacks there) is answered with fresh
+   parity symbols, one symbol repairing a different lost page at every client; symbols
+   queued or sent within ``suppress_s`` count against later reports of that block. A client
+   lacking a whole block gets the pages themselves (no encoding work for the same cost).
 3. **Speculative repeats.** While clients are still asking (a NACK within ``speculate_s``),
    each recent repair is repeated once, ``suppress_s`` after it went out: the link would
    idle between rounds of repair anyway, and a receiver that lost a repair then needs no
@@ -42,6 +47,8 @@ from dataclasses import dataclass
 
 from .errors import LocalProtocolError
 from .nack import NackReport
+from .parity import BLOCK_PAGES, SYMBOLS, block_of, block_span
+from .ranges import Range
 
 
 class CastState(enum.Enum):
@@ -80,6 +87,7 @@ class _Client:
     nack_capable: bool
     joined_at_slot: int  # carousel sends counted when the client joined
     last_seen: float
+    parity: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +99,11 @@ class NackOutcome:
 
 @dataclass(frozen=True, slots=True)
 class NextPage:
-    index: int
+    index: int  # the page; for a parity symbol, the block (0-based)
     repair: bool
     speculative: bool = False  # a repeat of a recent repair nobody asked for again yet
+    symbol: int | None = None  # a parity symbol's number (parity.py), else None
+    carousel_done: bool = False  # a repair sent while the carousel is paused
 
 
 class CastCore:
@@ -107,6 +117,7 @@ class CastCore:
         now: float,
         suppress_s: float = 0.08,
         speculate_s: float = 0.3,
+        block_pages: int = BLOCK_PAGES,
     ) -> None:
         if pages < 0:
             raise LocalProtocolError("pages must be ≥ 0")
@@ -138,6 +149,12 @@ class CastCore:
         self._paused_idle_s = 0.0
         self._started = now
         self._last_activity = now
+        self.block_pages = block_pages
+        self._parity_next: dict[int, int] = {}  # block → next unused symbol number
+        self._parity_pending: dict[int, int] = {}  # block → symbols queued, not yet sent
+        self._parity_queue: deque[int] = deque()  # blocks with pending symbols, FIFO
+        self._parity_sent: dict[int, list[float]] = {}  # block → recent send times
+        self._recent_parity: deque[tuple[int, float]] = deque(maxlen=4096)
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -165,11 +182,13 @@ class CastCore:
         if self._paused_since is not None:
             self._paused_since = now
 
-    def join(self, token: str, now: float, *, nack_capable: bool) -> None:
+    def join(self, token: str, now: float, *, nack_capable: bool, parity: bool = False) -> None:
         if token in self._clients:
             raise LocalProtocolError("duplicate token")
         self._event(CastEvent.JOIN)
-        self._clients[token] = _Client(nack_capable, self._carousel_sent, now)
+        self._clients[token] = _Client(
+            nack_capable, self._carousel_sent, now, parity=parity and nack_capable
+        )
         self._latest_join = now
         if nack_capable:
             self._carousel_until = max(self._carousel_until, self._carousel_sent + self.pages)
@@ -207,24 +226,70 @@ class CastCore:
         if report.missing:
             self._last_nack = now
         self._activity(now)
-        queued = aggregated = suppressed = 0
+        if client.parity:
+            return self._parity_nack(report.missing, now)
+        counts = [0, 0, 0]
+        for first, last in report.missing:
+            self._queue_pages(first, last, now, counts)
+        return NackOutcome(*counts)
+
+    def _queue_pages(self, first: int, last: int, now: float, counts: list[int]) -> None:
+        """Queue pages first..last for resending; counts += (queued, aggregated, suppressed)."""
+        # Clients re-ask for what they still lack; most of it is already queued, so count
+        # that at C speed and visit only the pages that are not.
         horizon = now - self.suppress_s
         queued_map, sent_ever, last_sent = self._queued, self._sent_ever, self._last_sent
-        for first, last in report.missing:
-            # Clients re-ask for what they still lack; most of it is already queued, so
-            # count that at C speed and visit only the pages that are not.
-            end = last + 1
-            aggregated += queued_map.count(1, first, end)
-            index = queued_map.find(0, first, end)
-            while index >= 0:
-                if sent_ever[index] and last_sent[index] > horizon:
-                    suppressed += 1
-                else:
-                    queued_map[index] = 1
-                    self._repair_queue.append(index)
-                    queued += 1
-                index = queued_map.find(0, index + 1, end)
-        return NackOutcome(queued, aggregated, suppressed)
+        end = last + 1
+        counts[1] += queued_map.count(1, first, end)
+        index = queued_map.find(0, first, end)
+        while index >= 0:
+            if sent_ever[index] and last_sent[index] > horizon:
+                counts[2] += 1
+            else:
+                queued_map[index] = 1
+                self._repair_queue.append(index)
+                counts[0] += 1
+            index = queued_map.find(0, index + 1, end)
+
+    def _parity_nack(self, missing: list[Range], now: float) -> NackOutcome:
+        """A parity client's report: per block, the symbols it still needs."""
+        counts = [0, 0, 0]
+        needs: dict[int, int] = {}
+        bp = self.block_pages
+        for first, last in missing:
+            block = block_of(first, bp)
+            while True:
+                start = block * bp + 1
+                lo, hi = max(first, start), min(last, start + bp - 1)
+                needs[block] = needs.get(block, 0) + hi - lo + 1
+                if hi >= last:
+                    break
+                block += 1
+        horizon = now - self.suppress_s
+        for block, need in needs.items():
+            start, k = block_span(block, self.pages, bp)
+            if need >= k:
+                # The whole block: the pages themselves cost the same and encode nothing.
+                self._queue_pages(start, start + k - 1, now, counts)
+                continue
+            sent = self._parity_sent.get(block)
+            if sent:
+                sent[:] = [t for t in sent if t > horizon]
+            in_flight = self._parity_pending.get(block, 0) + (len(sent) if sent else 0)
+            more = need - in_flight
+            counts[2] += min(need, in_flight)
+            if more <= 0:
+                continue
+            nxt = self._parity_next.get(block, k) + self._parity_pending.get(block, 0)
+            if nxt + more > SYMBOLS:
+                # Out of parity symbols (a block lost >200 times over): resend its pages.
+                self._queue_pages(start, start + k - 1, now, counts)
+                continue
+            if not self._parity_pending.get(block):
+                self._parity_queue.append(block)
+            self._parity_pending[block] = self._parity_pending.get(block, 0) + more
+            counts[0] += more
+        return NackOutcome(*counts)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -242,8 +307,10 @@ class CastCore:
             index = self._repair_queue.popleft()
             if self._queued[index]:
                 self._queued[index] = 0
-                page = NextPage(index, True)
+                page = NextPage(index, True, carousel_done=not self._carousel_active())
                 break
+        if page is None and self._parity_queue:
+            page = self._next_parity()
         while page is None and self._carousel_active():
             index = self._carousel_pos
             self._queued[index] = 0  # the carousel send satisfies a queued repair
@@ -270,11 +337,41 @@ class CastCore:
         if self._paused_since is not None:
             self._paused_idle_s += now - self._paused_since
             self._paused_since = None
+        if page.symbol is not None:
+            self._parity_sent.setdefault(page.index, []).append(now)
+            if not page.speculative and self.speculate_s > 0:
+                self._recent_parity.append((page.index, now))
+            return page
         self._last_sent[page.index] = now
         self._sent_ever[page.index] = 1
         if page.repair and not page.speculative and self.speculate_s > 0:
             self._recent_repairs.append((page.index, now))
         return page
+
+    def _take_symbol(self, block: int) -> int | None:
+        _, k = block_span(block, self.pages, self.block_pages)
+        number = self._parity_next.get(block, k)
+        if number >= SYMBOLS:
+            return None
+        self._parity_next[block] = number + 1
+        return number
+
+    def _next_parity(self) -> NextPage | None:
+        """The next queued parity symbol (a block's symbols go out back to back)."""
+        while self._parity_queue:
+            block = self._parity_queue[0]
+            pending = self._parity_pending.get(block, 0)
+            number = self._take_symbol(block) if pending else None
+            if number is None or pending <= 1:
+                self._parity_queue.popleft()
+                self._parity_pending.pop(block, None)
+            else:
+                self._parity_pending[block] = pending - 1
+            if number is not None:
+                return NextPage(
+                    block, True, symbol=number, carousel_done=not self._carousel_active()
+                )
+        return None
 
     def _speculate(self, now: float) -> NextPage | None:
         """While clients are still asking (a NACK within ``speculate_s``) and nothing else
@@ -284,7 +381,21 @@ class CastCore:
         self.retry_at = None
         if now - self._last_nack > self.speculate_s:
             self._recent_repairs.clear()
+            self._recent_parity.clear()
             return None
+        while self._recent_parity:
+            block, sent_at = self._recent_parity[0]
+            sent = self._parity_sent.get(block)
+            if not sent or sent[-1] != sent_at or now - sent_at > self.speculate_s:
+                self._recent_parity.popleft()  # more went out meanwhile, or too old
+                continue
+            if sent_at > now - self.suppress_s:
+                self.retry_at = sent_at + self.suppress_s
+                break
+            self._recent_parity.popleft()
+            number = self._take_symbol(block)
+            if number is not None:
+                return NextPage(block, True, speculative=True, symbol=number, carousel_done=True)
         while self._recent_repairs:
             index, sent_at = self._recent_repairs[0]
             if self._last_sent[index] != sent_at or now - sent_at > self.speculate_s:
@@ -294,7 +405,7 @@ class CastCore:
                 self.retry_at = sent_at + self.suppress_s
                 return None
             self._recent_repairs.popleft()
-            return NextPage(index, True, speculative=True)
+            return NextPage(index, True, speculative=True, carousel_done=True)
         return None
 
     @property

@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the rate fixed (no slowdown when clients report overruns or heavy loss)",
     )
     serve.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="repair by resending pages only (no parity symbols, even to clients that ask)",
+    )
+    serve.add_argument(
         "--interface",
         metavar="ADDR",
         help="send through this interface (address or name); default: the --listen "
@@ -180,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never send NACKs; wait for the carousel like a spec-only client",
     )
+    fetch.add_argument(
+        "--no-parity",
+        action="store_true",
+        help="ask for lost pages themselves, not for parity symbols",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -210,6 +220,7 @@ async def _serve(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         idle_loops=args.idle_loops,
         adaptive=not args.no_adaptive,
+        parity=not args.no_parity,
         prehash_bytes=int(args.prehash_gib * 1024**3),
     )
     server, runner, bound_port = await start_server(config)
@@ -261,6 +272,7 @@ def _fetch(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         progress="none" if args.quiet else args.progress,
         repair=not args.no_repair,
+        parity=not args.no_parity,
     )
     result = fetch(config)
     if not args.quiet:

@@ -49,6 +49,7 @@ REPAIR_HEADER = "X-Bootcast-Repair"
 TICK_S = 0.01
 MAX_REPLY_BYTES = 64 * 1024
 DRAIN_BATCH = 512
+PARITY_RCVBUF = 2 * 1024 * 1024
 BATCH_TARGET = 32
 BATCH_WAIT_S = 0.005
 
@@ -61,6 +62,7 @@ class FetchConfig:
     timeout_s: float = 30.0
     progress: str = "auto"  # auto | bar | log | none
     repair: bool = True
+    parity: bool = True  # ask for parity repair (parity.py) when NACKing
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -215,7 +217,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _join(api: _Http, cfg: FetchConfig) -> JoinReply:
-    headers = {REPAIR_HEADER: "nack"} if cfg.repair else {}
+    headers = {REPAIR_HEADER: "nack, parity" if cfg.parity else "nack"} if cfg.repair else {}
     target = urlsplit(cfg.url)._replace(scheme="", netloc="").geturl()
     try:
         status, reason, body = api.request("GET", target, headers)
@@ -324,11 +326,17 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     # (before anything else) keeps the pages sent meanwhile, which we would miss, few.
     interface = cfg.interface or _local_address(cfg.url)
     reply = _join(api, cfg)
+    sock = parity_sock = None
     try:
-        sock = (
-            receiver_socket(reply.group, reply.port, interface=interface) if reply.pages else None
-        )
+        if reply.pages:
+            sock = receiver_socket(reply.group, reply.port, interface=interface)
+            if reply.parity_port is not None and cfg.repair:
+                parity_sock = receiver_socket(
+                    reply.group, reply.parity_port, interface=interface, rcvbuf=PARITY_RCVBUF
+                )
     except BaseException:
+        if sock is not None:
+            sock.close()
         _leave(api, cfg, reply.token)
         raise
     bound = log.bind(file=destination, cast_id=reply.cast_id)
@@ -343,13 +351,16 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     try:
         fd, temp = temp_for(destination)
     except BaseException:
-        if sock is not None:
-            sock.close()
+        for s in (sock, parity_sock):
+            if s is not None:
+                s.close()
         _leave(api, cfg, reply.token)
         raise
     try:
         try:
-            stats = _receive(api, cfg, reply, sock, interface, fd, destination, bound)
+            stats = _receive(
+                api, cfg, reply, (sock, parity_sock), interface, fd, destination, bound
+            )
         finally:
             _leave(api, cfg, reply.token)
         bound.debug("fetch.finishing")
@@ -368,12 +379,13 @@ def _receive(
     api: _Http,
     cfg: FetchConfig,
     reply: JoinReply,
-    sock: socket.socket | None,
+    socks: tuple[socket.socket | None, socket.socket | None],
     interface: str | None,
     fd: int,
     destination: str,
     bound: Any,
 ) -> tuple[int, str, int, int, int, dict[str, int]]:
+    sock, parity_sock = socks
     now = time.monotonic()
     core = ReceiverCore(
         pages=reply.pages,
@@ -384,6 +396,7 @@ def _receive(
         # A server that follows only the original spec leaves word 4 (our CRC32C) at 0;
         # ours announces itself with CAST=. Without it, SHA256= (if given) still verifies.
         verify_crc=reply.cast_id is not None,
+        block_pages=reply.block_pages if parity_sock is not None else None,
     )
     if reply.size:
         os.ftruncate(fd, reply.size)
@@ -400,16 +413,27 @@ def _receive(
         try:
             writer = Writer(fd, destination)
             try:
-                _receive_loop(core, sock, cfg, reply, interface, nack, progress, hasher, writer)
+                _receive_loop(
+                    core, (sock, parity_sock), cfg, reply, interface, nack, progress, hasher,
+                    writer,
+                )  # fmt: skip
             finally:
                 writer.wait_synced()  # the fd must stay open until a background sync ends
         finally:
             sock.close()
+            if parity_sock is not None:
+                parity_sock.close()
             progress.close()
             if nack is not None:
                 nack.close()
                 nacks_sent = nack.sent
-    bound.debug("fetch.complete", held=core.held, duplicates=core.duplicates)
+    bound.debug(
+        "fetch.complete",
+        held=core.held,
+        duplicates=core.duplicates,
+        parity_received=core.parity_received,
+        pages_rebuilt=core.pages_rebuilt,
+    )
     size = core.file_size()
     if reply.size is None:
         os.ftruncate(fd, size)
@@ -424,9 +448,35 @@ def _receive(
     return size, digest, core.duplicates, core.repairs_received, nacks_sent, drops
 
 
+def _rebuild(core: ReceiverCore, fd: int, writer: Writer, hasher: PrefixHash, now: float) -> None:
+    """Decode the blocks that hold enough symbols: read the block back, rebuild the missing
+    pages, write the whole block in one ``pwrite`` (its missing pages are scattered)."""
+    writer.flush()  # the held pages must be in the file before they are read back
+    page_size = core.page_size
+    for block in list(core.decodable):
+        first, offset, length = core.block_extent(block)
+        extent = bytearray(os.pread(fd, length, offset))
+        if len(extent) != length:
+            raise FetchError(f"{writer.destination} changed while being written")
+        held = {
+            i: bytes(extent[(i - first) * page_size : (i - first + 1) * page_size])
+            for i in core.block_pages_held(block)
+        }
+        rebuilt = core.rebuild(block, held, now)
+        if not rebuilt:
+            continue
+        for accepted in rebuilt:
+            at = accepted.offset - offset
+            extent[at : at + len(accepted.payload)] = accepted.payload
+        writer.write(offset, memoryview(extent))
+        writer.flush()
+        for accepted in rebuilt:
+            hasher.page(accepted.index, accepted.payload)
+
+
 def _receive_loop(
     core: ReceiverCore,
-    sock: socket.socket,
+    socks: tuple[socket.socket, socket.socket | None],
     cfg: FetchConfig,
     reply: JoinReply,
     interface: str | None,
@@ -437,8 +487,12 @@ def _receive_loop(
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
+    sock, parity_sock = socks
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
+    if parity_sock is not None:
+        poller.register(parity_sock.fileno(), select.POLLIN)
+    fd = writer.fd
     joined_at = time.monotonic()
     next_tick = joined_at + TICK_S
     monotonic = time.monotonic
@@ -461,6 +515,16 @@ def _receive_loop(
                 hasher.page(accepted.index, accepted.payload)
                 if core.complete:
                     break
+        if parity_sock is not None and not core.complete:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    n = parity_sock.recv_into(buffer)
+                except (BlockingIOError, InterruptedError):
+                    break
+                got += 1
+                core.parity(view[:n], now)
+            if core.decodable:
+                _rebuild(core, fd, writer, hasher, now)
         if got < BATCH_TARGET and not core.complete:
             # A trickle (a paced link delivers one datagram at a time): let a few gather
             # before the next wake-up.

@@ -14,6 +14,8 @@ Extensions follow; clients ignore keys they do not know. Ours:
 * ``CAST=<id>``: the cast id stamped in word 3 of every page (decimal).
 * ``NACK=<path>``: where this client may POST repair requests (see ``nack.py``).
 * ``INTERFACE=<addr>``: the address the server sends from (a hint).
+* ``PARITY=<port>/<block pages>``: parity symbols for this client come to the group at
+  that port (``parity.py``); sent only to clients that asked for parity.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class JoinReply:
     sha256: str | None = None
     cast_id: int | None = None
     nack_path: str | None = None
+    parity_port: int | None = None
+    block_pages: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,13 @@ class JoinReply:
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
         ):
             raise RemoteProtocolError("SHA256 is not 64 lowercase hex digits")
+        if (self.parity_port is None) != (self.block_pages is None):
+            raise RemoteProtocolError("PARITY needs both a port and a block size")
+        if self.parity_port is not None and self.block_pages is not None:
+            if not 1 <= self.parity_port <= 65535 or not 1 <= self.block_pages <= 128:
+                raise RemoteProtocolError("PARITY port must be 1..65535, block 1..128 pages")
+            if self.size is None or self.cast_id is None:
+                raise RemoteProtocolError("PARITY needs SIZE and CAST")
 
     def encode(self) -> str:
         lines = [
@@ -101,6 +112,8 @@ class JoinReply:
             lines.append(f"CAST={self.cast_id}")
         if self.nack_path is not None:
             lines.append(f"NACK={self.nack_path}")
+        if self.parity_port is not None:
+            lines.append(f"PARITY={self.parity_port}/{self.block_pages}")
         lines.extend(f"{k}={v}" for k, v in self.extra.items())
         return "\n".join(lines) + "\n"
 
@@ -127,9 +140,13 @@ class JoinReply:
             page_size = int(values["PAGESIZE"])
             size = int(values["SIZE"]) if "SIZE" in values else None
             cast_id = int(values["CAST"]) if "CAST" in values else None
+            parity_port = block_pages = None
+            if "PARITY" in values:
+                port_text, _, block_text = values["PARITY"].partition("/")
+                parity_port, block_pages = int(port_text), int(block_text)
         except ValueError as exc:
             raise RemoteProtocolError(f"bad join reply: {exc}") from None
-        known = {*REQUIRED, "SIZE", "SHA256", "CAST", "NACK"}
+        known = {*REQUIRED, "SIZE", "SHA256", "CAST", "NACK", "PARITY"}
         return cls(
             group=group,
             port=port,
@@ -140,5 +157,7 @@ class JoinReply:
             sha256=values.get("SHA256"),
             cast_id=cast_id,
             nack_path=values.get("NACK"),
+            parity_port=parity_port,
+            block_pages=block_pages,
             extra={k: v for k, v in values.items() if k not in known},
         )

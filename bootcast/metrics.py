@@ -21,6 +21,9 @@ class ServerMetrics:
             "Recent repairs repeated while the link was idle",
             registry=r,
         )
+        self.parity_sent = Counter(
+            "bootcast_parity_sent", "Parity symbols multicast (parity.py)", registry=r
+        )
         self.bytes_sent = Counter("bootcast_bytes_sent", "Datagram bytes sent", registry=r)
         self.send_errors = Counter(
             "bootcast_send_errors", "Failed datagram sends", ["errno"], registry=r

@@ -15,8 +15,10 @@ Layout (all integers unsigned 32-bit, network byte order)::
 
 A page may carry bytes after the payload. Ours carry a 4-byte trailer
 ``0xBC, version=1, flags, 0`` whose flag bit 0 marks a *repair* (a resend outside the
-carousel order), which lets our receivers keep gap detection exact. A spec-only receiver
-ignores the trailer. The trailer is advisory: it is never used to accept data.
+carousel order), which lets our receivers keep gap detection exact; bit 2, on a repair,
+says the carousel is paused (a receiver then knows the pass is over and asks for all it
+lacks, instead of inferring it from a quiet carousel). Bit 1 marks parity (``parity.py``).
+A spec-only receiver ignores the trailer. The trailer is advisory: it is never used to accept data.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ TRAILER_BYTES = TRAILER.size
 TRAILER_MAGIC = 0xBC
 TRAILER_VERSION = 1
 FLAG_REPAIR = 0x01
+FLAG_CAROUSEL_DONE = 0x04  # on a repair: the carousel is paused (every NACK client had a pass)
 MAX_PAGE_SIZE = 65507 - HEADER_BYTES - TRAILER_BYTES  # largest UDP/IPv4 payload
 
 
@@ -54,6 +57,7 @@ class DropReason(enum.Enum):
     BAD_CRC = "bad_crc"  # payload does not match its CRC32C
     BAD_SIZE = "bad_size"  # size does not match the page's place in the file
     DUPLICATE = "duplicate"  # already held
+    BAD_PARITY = "bad_parity"  # a datagram on the parity port that is not a valid symbol
 
 
 class PageHeader(NamedTuple):

@@ -17,15 +17,24 @@ the loss counters (for the server's pacing) and re-asks for everything still mis
 the passed region, lowest pages first, at most ``MAX_RANGES`` ranges. After a full pass,
 when at most ``FAST_SWEEP_PAGES`` are missing, it re-asks every ``fast_sweep_s`` instead, so
 the last rounds of repair follow each other without the link going idle.
+
+With parity (``parity.py``; ``block_pages`` given), the shell also feeds parity datagrams
+to :meth:`ReceiverCore.parity`. A block whose held pages and parity symbols reach its page
+count is listed in :attr:`ReceiverCore.decodable`; the shell reads the block's held pages
+back, and :meth:`ReceiverCore.rebuild` decodes and returns the missing ones to write. A
+report then lists, per block, only as many missing pages as symbols are still needed.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from array import array
+from collections import Counter, deque
 from dataclasses import dataclass
 
+from . import parity as _parity
 from .nack import MAX_RANGES, NackReport
 from .page import (
+    FLAG_CAROUSEL_DONE,
     FLAG_REPAIR,
     HEADER,
     HEADER_BYTES,
@@ -50,6 +59,7 @@ class Accepted:
 
 class ReceiverCore:
     FAST_SWEEP_PAGES = 512
+    PARITY_SCAN_S = 1.0
 
     def __init__(
         self,
@@ -63,9 +73,11 @@ class ReceiverCore:
         report_interval_s: float = 0.25,
         idle_s: float = 0.3,
         fast_sweep_s: float = 0.05,
-        carousel_quiet_s: float = 0.1,
+        carousel_quiet_s: float = 0.5,
         verify_crc: bool = True,
         first_page_wait_s: float = 1.0,
+        block_pages: int | None = None,
+        parity_retry_s: float = 0.25,
     ) -> None:
         self.pages = pages
         self.page_size = page_size
@@ -92,12 +104,29 @@ class ReceiverCore:
         self.last_datagram: float | None = None
         self.last_carousel_at: float | None = None
         self.carousel_quiet_s = carousel_quiet_s
+        self.carousel_done = False  # a repair said the server paused the carousel
         self.first_page_at: float | None = None
         self._first_seen: int | None = None
         self._expect: int | None = None
         self._wrapped = False
         self._full_pass = False
         self._new_gaps: list[Range] = []
+        self.block_pages = block_pages
+        self._bp = block_pages or 1
+        blocks = _parity.block_count(pages, block_pages) if block_pages else 0
+        self.blocks = blocks
+        # Pages held per block, and the parity symbols held for incomplete blocks.
+        self._block_held = bytearray(blocks) if block_pages and block_pages < 256 else None
+        self._symbols: dict[int, dict[int, bytes]] = {}
+        self._asked_at = array("d", bytes(8 * blocks)) if self._block_held is not None else None
+        self._asked_need = bytearray(blocks)
+        self.parity_retry_s = parity_retry_s
+        self._retry: deque[tuple[float, int]] = deque()  # (asked at, block), in ask order
+        self._next_scan = now
+        self._scanned_all_passed = False
+        self.decodable: list[int] = []
+        self.parity_received = 0
+        self.pages_rebuilt = 0
         self._received = 0
         self._lost = 0
         self._overrun_reported = 0
@@ -132,12 +161,16 @@ class ReceiverCore:
         if reason is not None:
             self.drops[reason] += 1
             return None
-        repair = (
-            n >= end + TRAILER_BYTES
+        flags = (
+            data[end + 2]
+            if n >= end + TRAILER_BYTES
             and data[end] == TRAILER_MAGIC
             and data[end + 1] == TRAILER_VERSION
-            and bool(data[end + 2] & FLAG_REPAIR)
+            else 0
         )
+        repair = bool(flags & FLAG_REPAIR)
+        if flags & FLAG_CAROUSEL_DONE and repair:
+            self.carousel_done = True
         if self.have[index]:
             # Held already (repairs go to everyone): nothing to verify or write, only
             # the carousel order matters.
@@ -179,6 +212,11 @@ class ReceiverCore:
         self.have[index] = 1
         self.held += 1
         self.bytes_held += size
+        if self._block_held is not None:
+            block = (index - 1) // self._bp
+            self._block_held[block] += 1
+            if block in self._symbols:
+                self._check_decodable(block)
         if index == pages:
             self.last_page_size = size
         self.last_progress = now
@@ -219,16 +257,169 @@ class ReceiverCore:
             self._wrapped = True
         self._expect = index + 1 if index < self.pages else 1
 
+    # -- parity ----------------------------------------------------------------------------
+
+    def parity(self, data: bytes | memoryview, now: float) -> None:
+        """Take one datagram from the parity port (checked; bad ones are counted)."""
+        if self._block_held is None or self.cast_id is None:
+            self.drops[DropReason.FOREIGN] += 1
+            return
+        sym = _parity.decode_datagram(
+            data, cast_id=self.cast_id, page_size=self.page_size, blocks=self.blocks
+        )
+        if sym is None:
+            self.drops[DropReason.BAD_PARITY] += 1
+            return
+        self.last_datagram = now
+        _, k = _parity.block_span(sym.block, self.pages, self.block_pages or 1)
+        held = self._symbols.get(sym.block)
+        if self._block_held[sym.block] >= k or sym.number < k or (held and sym.number in held):
+            self.duplicates += 1
+            return
+        self.parity_received += 1
+        if sym.carousel_done:
+            self.carousel_done = True
+        self.repairs_received += 1
+        self._symbols.setdefault(sym.block, {})[sym.number] = sym.data
+        self._check_decodable(sym.block)
+
+    def _check_decodable(self, block: int) -> None:
+        assert self._block_held is not None and self.block_pages is not None
+        _, k = _parity.block_span(block, self.pages, self.block_pages)
+        symbols = self._symbols[block]
+        if self._block_held[block] >= k:
+            del self._symbols[block]  # completed by pages alone
+        elif self._block_held[block] + len(symbols) >= k and block not in self.decodable:
+            self.decodable.append(block)
+
+    def block_extent(self, block: int) -> tuple[int, int, int]:
+        """(first page, byte offset, byte length) of ``block`` in the file."""
+        first, k = _parity.block_span(block, self.pages, self._bp)
+        offset = (first - 1) * self.page_size
+        return first, offset, min(k * self.page_size, self.file_size() - offset)
+
+    def block_pages_held(self, block: int) -> list[int]:
+        """The held pages of ``block`` (the shell reads them back for :meth:`rebuild`)."""
+        assert self.block_pages is not None
+        first, k = _parity.block_span(block, self.pages, self.block_pages)
+        return [i for i in range(first, first + k) if self.have[i]]
+
+    def rebuild(self, block: int, held: dict[int, bytes], now: float) -> list[Accepted]:
+        """Decode ``block`` from its held pages (index → payload, as read back) and parity;
+        mark the missing pages held and return them to write."""
+        assert self._block_held is not None and self.block_pages is not None
+        if block in self.decodable:
+            self.decodable.remove(block)
+        symbols = self._symbols.pop(block, {})
+        first, k = _parity.block_span(block, self.pages, self.block_pages)
+        if self._block_held[block] >= k:
+            return []  # completed by pages meanwhile
+        page_size = self.page_size
+        for index, page in held.items():
+            symbols[index - first] = page.ljust(page_size, b"\0")
+        if len(symbols) < k:
+            return []  # pages vanished meanwhile? cannot happen; ask again rather than fail
+        data = _parity.decode_symbols(k, symbols)
+        out: list[Accepted] = []
+        for offset in range(k):
+            index = first + offset
+            if self.have[index]:
+                continue
+            size = page_size if index < self.pages else self._final_size()
+            payload = memoryview(data[offset])[:size]
+            self.have[index] = 1
+            self.held += 1
+            self.bytes_held += size
+            self._block_held[block] += 1
+            self.pages_rebuilt += 1
+            if index == self.pages:
+                self.last_page_size = size
+            out.append(Accepted(index, (index - 1) * page_size, payload))
+        if out:
+            self.last_progress = now
+        return out
+
+    def _final_size(self) -> int:
+        # Parity needs SIZE= (the server always sends it with PARITY=).
+        assert self._last_size is not None
+        return self._last_size
+
+    def _parity_missing(self, spans: list[Range], now: float) -> list[Range]:
+        """What to ask for in parity mode, for the pages of ``spans`` (passed pages, or new
+        gaps). Per block: leave out as many missing pages as parity symbols are held (the
+        server counts pages per block as symbols needed); ask again for a block only when
+        its need grew or ``retry_s`` passed since it was asked for: eight clients re-listing
+        thousands of gaps four times a second would cost the server more than the repairs.
+        Blocks are found with ``bytearray.find``, so complete stretches cost nothing."""
+        assert self._asked_at is not None
+        have, bp = self.have, self._bp
+        out: list[Range] = []
+        asked_at, asked_need = self._asked_at, self._asked_need
+        retry_s = self._retry_s(now)
+        for first, last in spans:
+            pos = have.find(0, first, last + 1)
+            while pos >= 0 and len(out) < MAX_RANGES:
+                block = (pos - 1) // bp
+                block_end = min((block + 1) * bp, self.pages)
+                hi = min(block_end, last)
+                symbols = self._symbols.get(block)
+                drop = len(symbols) if symbols else 0
+                need = have.count(0, pos, hi + 1) - drop
+                if need > 0 and (need > asked_need[block] or now >= asked_at[block] + retry_s):
+                    asked_at[block] = now
+                    asked_need[block] = min(need, 255)
+                    self._retry.append((now, block))
+                    for a, z in missing_ranges(have, pos, hi):
+                        take = min(drop, z - a + 1)
+                        drop -= take
+                        if a + take > z:
+                            continue
+                        if out and out[-1][1] + 1 == a + take:
+                            out[-1] = (out[-1][0], z)
+                        else:
+                            out.append((a + take, z))
+                pos = have.find(0, hi + 1, last + 1) if hi < last else -1
+        return out[:MAX_RANGES]
+
+    def _parity_spans(self, now: float, due_report: bool) -> list[Range]:
+        """Where to look for parity needs: new gaps; on a report, the blocks whose ask is
+        older than ``retry_s``; and the whole passed region once per ``PARITY_SCAN_S``
+        and when the carousel has gone by entirely (walking thousands of blocks that are
+        waiting for their repairs on every report would cost more than the repairs)."""
+        spans = _merge(self._new_gaps, self.have)
+        if not due_report:
+            return spans
+        all_passed = self._all_passed(now)
+        if now >= self._next_scan or (all_passed and not self._scanned_all_passed):
+            self._next_scan = now + self.PARITY_SCAN_S
+            self._scanned_all_passed = all_passed
+            self._retry.clear()
+            return self._passed_spans(now)
+        retry_s, bp = self._retry_s(now), self._bp
+        due: list[Range] = []
+        while self._retry and self._retry[0][0] + retry_s <= now:
+            _, block = self._retry.popleft()
+            start = block * bp + 1
+            due.append((start, min(start + bp - 1, self.pages)))
+        return _merge(spans + due, self.have)
+
+    def _retry_s(self, now: float) -> float:
+        if self.pages - self.held <= self.FAST_SWEEP_PAGES and self._all_passed(now):
+            return self.fast_sweep_s
+        return self.parity_retry_s
+
     def overrun(self, total_drops: int) -> None:
         """The socket's cumulative drop counter (SO_MEMINFO), read by the shell."""
         self._overrun_total = total_drops
 
     def _all_passed(self, now: float) -> bool:
         """Has the carousel gone by everything this receiver will see of it? After a full
-        pass; or when nothing arrived for ``idle_s``; or when repairs still arrive but the
-        carousel has been quiet for ``carousel_quiet_s`` (the server stops it once every
-        NACK client had its pass)."""
-        if self._full_pass:
+        pass; or when a repair says the server paused the carousel (it does once every
+        NACK client had its pass); or when nothing arrived for ``idle_s``; or when repairs
+        still arrive but the carousel has been quiet for ``carousel_quiet_s`` (a server
+        without the flag; long enough that repairs crowding the carousel out for a while
+        are not taken for its end)."""
+        if self._full_pass or self.carousel_done:
             return True
         if self.first_page_at is None:
             # Nothing yet: a late joiner of a small file may have missed its whole pass.
@@ -241,17 +432,22 @@ class ReceiverCore:
         quiet_since = self.last_carousel_at or self.first_page_at
         return now - quiet_since >= self.carousel_quiet_s
 
-    def _passed_missing(self, now: float) -> list[Range]:
+    def _passed_spans(self, now: float) -> list[Range]:
+        """The stretches of pages the carousel has gone by (see ``_all_passed``)."""
         if self._all_passed(now):
-            return missing_ranges(self.have, 1, self.pages, limit=MAX_RANGES)
+            return [(1, self.pages)]
         if self._first_seen is None or self._expect is None:
             return []
         first, last = self._first_seen, self._expect - 1
         if not self._wrapped:
-            return missing_ranges(self.have, first, last, limit=MAX_RANGES) if last >= first else []
-        head = missing_ranges(self.have, 1, last, limit=MAX_RANGES) if last >= 1 else []
-        tail = missing_ranges(self.have, first, self.pages, limit=MAX_RANGES)
-        return (head + tail)[:MAX_RANGES]
+            return [(first, last)] if last >= first else []
+        return ([(1, last)] if last >= 1 else []) + [(first, self.pages)]
+
+    def _passed_missing(self, now: float) -> list[Range]:
+        out: list[Range] = []
+        for first, last in self._passed_spans(now):
+            out.extend(missing_ranges(self.have, first, last, limit=MAX_RANGES - len(out)))
+        return out[:MAX_RANGES]
 
     def _report_interval(self, now: float) -> float:
         # Once the carousel has gone by (or gone quiet), what is missing is all that is
@@ -270,7 +466,10 @@ class ReceiverCore:
         if not (due_gap or due_report):
             return None
         missing: list[Range] = []
-        if nack:
+        if nack and self._asked_at is not None:
+            spans = self._parity_spans(now, due_report)
+            missing = self._parity_missing(spans, now)
+        elif nack:
             if due_report:
                 missing = self._passed_missing(now)
             else:

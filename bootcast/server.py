@@ -35,6 +35,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import page as pagecodec
+from . import parity
 from .cast import CastCore, CastState, StopReason
 from .defaults import (
     DEFAULT_GROUP_V4,
@@ -77,6 +78,7 @@ class ServeConfig:
     start_wait_max_s: float = 0.5
     adaptive: bool = True
     repeat_repairs: bool = True
+    parity: bool = True
     prehash_bytes: int = 16 * 1024**3
 
     def __post_init__(self) -> None:
@@ -147,6 +149,7 @@ class Cast:
     pages_sent: int = 0
     pages_resent: int = 0
     pages_repeated: int = 0
+    parity_sent: int = 0
     nacks: int = 0
     last_join_at: float = 0.0
     tokens: set[str] = field(default_factory=set)
@@ -232,7 +235,9 @@ class BootcastServer:
         if core.state is not CastState.RUNNING:
             raise web.HTTPServiceUnavailable(text="cast is stopping, retry\n")
         token = secrets.token_urlsafe(18)
-        nack_capable = request.headers.get(REPAIR_HEADER, "").lower() == "nack"
+        wanted = {w.strip() for w in request.headers.get(REPAIR_HEADER, "").lower().split(",")}
+        nack_capable = "nack" in wanted
+        parity = nack_capable and "parity" in wanted and self.config.parity and source.size > 0
         reply = JoinReply(
             group=cast.group,
             port=cast.port,
@@ -243,8 +248,10 @@ class BootcastServer:
             sha256=source.sha256,
             cast_id=cast.cast_id,
             nack_path="/nack/" + quote(path),
+            parity_port=cast.port + 1 if parity else None,
+            block_pages=core.block_pages if parity else None,
         )
-        core.join(token, self._loop.time(), nack_capable=nack_capable)
+        core.join(token, self._loop.time(), nack_capable=nack_capable, parity=parity)
         # Leaves and NACKs find their cast by token, not by the file, which may have been
         # renamed, replaced or deleted meanwhile (the cast keeps its mapping).
         self._tokens[token] = (cast, path)
@@ -259,6 +266,7 @@ class BootcastServer:
             cast_id=cast.cast_id,
             clients=core.clients,
             nack=nack_capable,
+            parity=parity,
             remote=request.remote,
         )
         return web.Response(text=reply.encode(), content_type="text/plain")
@@ -422,6 +430,7 @@ class BootcastServer:
                 pages_sent=cast.pages_sent,
                 pages_resent=cast.pages_resent,
                 pages_repeated=cast.pages_repeated,
+                parity_sent=cast.parity_sent,
                 nacks=cast.nacks,
                 clients_left_behind=core.clients,
                 rate_mbit=round(cast.pacer.rate_mbit, 1),
@@ -444,6 +453,21 @@ class BootcastServer:
         assert core is not None and source is not None and sock is not None and pacer is not None
         loop = self._loop
         dest = (cast.group, cast.port)
+        parity_dest = (cast.group, cast.port + 1)
+        cast_id, crcs = cast.cast_id, source.crcs
+        pack_header, parity_encode = pagecodec.HEADER.pack, parity.encode_datagram
+        carousel_tail = pagecodec.TRAILER.pack(
+            pagecodec.TRAILER_MAGIC, pagecodec.TRAILER_VERSION, 0, 0
+        )
+        repair_tail = pagecodec.TRAILER.pack(
+            pagecodec.TRAILER_MAGIC, pagecodec.TRAILER_VERSION, pagecodec.FLAG_REPAIR, 0
+        )
+        done_tail = pagecodec.TRAILER.pack(
+            pagecodec.TRAILER_MAGIC,
+            pagecodec.TRAILER_VERSION,
+            pagecodec.FLAG_REPAIR | pagecodec.FLAG_CAROUSEL_DONE,
+            0,
+        )
         overhead = (
             self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
         )
@@ -468,28 +492,44 @@ class BootcastServer:
                 await asyncio.sleep(delay)
                 continue
             sent = 0
-            counts = [0, 0, 0]  # carousel, repairs, repeats: metrics once per burst
+            counts = [0, 0, 0, 0]  # carousel, repairs, repeats, parity: metrics per burst
             sent_bytes = 0
             while sent < burst:
                 nxt = core.next_page(now)
                 if nxt is None:
                     break
-                datagram = pagecodec.encode(
-                    nxt.index,
-                    cast.cast_id,
-                    source.payload(nxt.index),
-                    crc=source.crcs[nxt.index],
-                    repair=nxt.repair,
-                )
+                index = nxt.index
+                target = dest
+                if nxt.symbol is not None:
+                    datagram = parity_encode(
+                        index,
+                        nxt.symbol,
+                        cast_id,
+                        source.parity_symbol(index, nxt.symbol, core.block_pages),
+                        carousel_done=nxt.carousel_done,
+                    )
+                    target = parity_dest
+                else:
+                    payload = source.payload(index)
+                    # page.encode, without its argument checks: once per datagram
+                    datagram = b"".join(
+                        (
+                            pack_header(len(payload), index, cast_id, crcs[index]),
+                            payload,
+                            (done_tail if nxt.carousel_done else repair_tail)
+                            if nxt.repair
+                            else carousel_tail,
+                        )
+                    )
                 try:
                     try:
-                        sock.sendto(datagram, dest)  # the common case: no coroutine
+                        sock.sendto(datagram, target)  # the common case: no coroutine
                     except (BlockingIOError, InterruptedError):
-                        await self._send(sock, datagram, dest)
+                        await self._send(sock, datagram, target)
                     except OSError as exc:
                         if exc.errno != errno.ENOBUFS:
                             raise
-                        await self._send(sock, datagram, dest)
+                        await self._send(sock, datagram, target)
                 except OSError as exc:
                     # The page is lost; receivers will ask for it again.
                     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -497,7 +537,10 @@ class BootcastServer:
                     bound.warning("cast.send.failed", errno=name, error=exc.strerror)
                     await asyncio.sleep(0.05)
                     break
-                counts[2 if nxt.speculative else 1 if nxt.repair else 0] += 1
+                if nxt.symbol is not None:
+                    counts[3] += 1
+                else:
+                    counts[2 if nxt.speculative else 1 if nxt.repair else 0] += 1
                 sent_bytes += len(datagram)
                 pacer.sent(len(datagram) + overhead, now)
                 sent += 1
@@ -508,6 +551,8 @@ class BootcastServer:
                 cast.pages_sent += counts[0]
                 cast.pages_resent += counts[1]
                 cast.pages_repeated += counts[2]
+                cast.parity_sent += counts[3]
+                self.metrics.parity_sent.inc(counts[3])
                 self.metrics.pages_sent.inc(counts[0])
                 self.metrics.pages_resent.inc(counts[1])
                 self.metrics.pages_repeated.inc(counts[2])

@@ -172,7 +172,9 @@ def test_a_quiet_carousel_means_ask_for_everything() -> None:
     """Repairs keep arriving, but the carousel has stopped (the server does so once every
     NACK client had its pass): what was never seen, before the first page too, is asked for."""
     dgrams = pages_of(bytes(1000))
-    core = ReceiverCore(pages=10, page_size=PAGE, size=1000, cast_id=9, now=0.0, idle_s=5.0)
+    core = ReceiverCore(
+        pages=10, page_size=PAGE, size=1000, cast_id=9, now=0.0, idle_s=5.0, carousel_quiet_s=0.1
+    )
     for i in [3, 4, 5, 6, 7, 8, 9]:
         core.datagram(dgrams[i - 1], 0.0)
     core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.05)
@@ -180,4 +182,22 @@ def test_a_quiet_carousel_means_ask_for_everything() -> None:
     assert report is None or report.missing == []  # the carousel may still come round
     core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.15)  # a repeat, not carousel
     report = core.poll(0.3)
+    assert report is not None and report.missing == [(1, 1), (10, 10)]
+
+
+def test_a_repair_flagged_carousel_done_means_ask_for_everything_now() -> None:
+    """Our server flags repairs sent while the carousel is paused: no need to wait for the
+    carousel to go quiet (repairs crowding it out for a while must not look like its end)."""
+    dgrams = pages_of(bytes(1000))
+    core = ReceiverCore(pages=10, page_size=PAGE, size=1000, cast_id=9, now=0.0, idle_s=5.0)
+    for i in [3, 4, 5, 6, 7, 8, 9]:
+        core.datagram(dgrams[i - 1], 0.0)
+    core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.05)
+    core.datagram(page.encode(2, 9, bytes(PAGE), repair=True), 0.2)
+    report = core.poll(0.3)
+    assert report is None or report.missing == []  # 0.2 s quiet: repairs may crowd it out
+    done = bytearray(page.encode(2, 9, bytes(PAGE), repair=True))
+    done[-2] |= page.FLAG_CAROUSEL_DONE
+    core.datagram(bytes(done), 0.31)
+    report = core.poll(0.6)
     assert report is not None and report.missing == [(1, 1), (10, 10)]
