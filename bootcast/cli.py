@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 from . import logs
 from .errors import BootcastError, ConfigError
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cast of that file; later joins attach to it; the cast stops when the last client "
         "leaves or after --idle-loops idle iterations.",
     )
-    serve.add_argument("--dir", required=True, type=Path, help="directory to serve")
+    serve.add_argument("--dir", required=True, help="directory to serve")
     serve.add_argument(
         "--listen",
         type=_hostport,
@@ -204,12 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
+    from pathlib import Path
 
     from .server import ServeConfig, start_server
 
     host, port = args.listen
     config = ServeConfig(
-        root=args.dir,
+        root=Path(args.dir),
         host=host,
         port=port,
         group=args.group,
