@@ -39,7 +39,7 @@ from .joinreply import JoinReply
 from .logs import get_logger
 from .mcast import receiver_socket, socket_drops
 from .nack import NackReport
-from .outfile import PrefixHash, Writer, finish, temp_for
+from .outfile import MappedWriter, PrefixHash, Writer, finish, temp_for
 from .ranges import format_ranges
 from .receiver import ReceiverCore
 
@@ -414,7 +414,9 @@ def _receive(
             cfg.progress, os.path.basename(destination) or "stdout", reply.size or 0
         )
         try:
-            writer = Writer(fd, destination)
+            writer: Writer | MappedWriter = (
+                MappedWriter(fd, destination, reply.size) if reply.size else Writer(fd, destination)
+            )
             try:
                 _receive_loop(
                     core, (sock, parity_sock), cfg, reply, interface, nack, progress, hasher,
@@ -451,30 +453,21 @@ def _receive(
     return size, digest, core.duplicates, core.repairs_received, nacks_sent, drops
 
 
-def _rebuild(core: ReceiverCore, fd: int, writer: Writer, hasher: PrefixHash, now: float) -> None:
-    """Decode the blocks that hold enough symbols: read the block back, rebuild the missing
-    pages, write the whole block in one ``pwrite`` (its missing pages are scattered)."""
-    writer.flush()  # the held pages must be in the file before they are read back
+def _rebuild(core: ReceiverCore, writer: Writer | MappedWriter, now: float) -> None:
+    """Decode the blocks that hold enough symbols (their held pages are read back)."""
     page_size = core.page_size
     for block in list(core.decodable):
         first, offset, length = core.block_extent(block)
-        extent = bytearray(os.pread(fd, length, offset))
+        extent = writer.read(offset, length)
         if len(extent) != length:
             raise FetchError(f"{writer.destination} changed while being written")
         held = {
-            i: bytes(extent[(i - first) * page_size : (i - first + 1) * page_size])
+            i: extent[(i - first) * page_size : (i - first + 1) * page_size]
             for i in core.block_pages_held(block)
         }
-        rebuilt = core.rebuild(block, held, now)
-        if not rebuilt:
-            continue
-        for accepted in rebuilt:
-            at = accepted.offset - offset
-            extent[at : at + len(accepted.payload)] = accepted.payload
-        writer.write(offset, memoryview(extent))
-        writer.flush()
-        for accepted in rebuilt:
-            hasher.page(accepted.index, accepted.payload)
+        for accepted in core.rebuild(block, held, now):
+            writer.write(accepted.offset, accepted.payload)
+    writer.flush()
 
 
 def _receive_loop(
@@ -486,7 +479,7 @@ def _receive_loop(
     nack: _NackSender | None,
     progress: _Progress,
     hasher: PrefixHash,
-    writer: Writer,
+    writer: Writer | MappedWriter,
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
@@ -495,11 +488,11 @@ def _receive_loop(
     poller.register(sock.fileno(), select.POLLIN)
     if parity_sock is not None:
         poller.register(parity_sock.fileno(), select.POLLIN)
-    fd = writer.fd
     joined_at = time.monotonic()
     next_tick = joined_at + TICK_S
     monotonic = time.monotonic
     datagram = core.datagram
+    write = writer.write
     while not core.complete:
         poller.poll(max(0.0, next_tick - monotonic()) * 1000)
         now = monotonic()
@@ -514,8 +507,7 @@ def _receive_loop(
             got += 1
             accepted = datagram(view[:n], now)
             if accepted is not None:
-                writer.write(accepted.offset, accepted.payload)
-                hasher.page(accepted.index, accepted.payload)
+                write(accepted.offset, accepted.payload)
                 if core.complete:
                     break
         if parity_sock is not None and not core.complete:
@@ -527,7 +519,7 @@ def _receive_loop(
                 got += 1
                 core.parity(view[:n], now)
             if core.decodable:
-                _rebuild(core, fd, writer, hasher, now)
+                _rebuild(core, writer, now)
         if got < BATCH_TARGET and not core.complete:
             # A trickle (a paced link delivers one datagram at a time): let a few gather
             # before the next wake-up.

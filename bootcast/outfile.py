@@ -22,9 +22,10 @@ os.umask(_UMASK)
 class PrefixHash:
     """SHA-256 of the file's held prefix, advanced while pages arrive.
 
-    Pages mostly arrive in order, so hashing them on the way in (from the datagram, or
-    read back for pages that came early) overlaps the digest with waiting for the network
-    instead of reading the whole file again at the end.
+    Pages mostly arrive in order, so hashing the held prefix as it grows (read back from
+    the page cache in large pieces, a few times per tick of the receive loop) overlaps the
+    digest with waiting for the network instead of reading the whole file again at the
+    end, and costs no Python work per page.
     """
 
     def __init__(self, fd: int, page_size: int) -> None:
@@ -32,11 +33,6 @@ class PrefixHash:
         self.page_size = page_size
         self.digest = hashlib.sha256()
         self.next_index = 1
-
-    def page(self, index: int, payload: memoryview) -> None:
-        if index == self.next_index:
-            self.digest.update(payload)
-            self.next_index += 1
 
     def catch_up(self, have: bytearray, pages: int, limit_bytes: int = 4 << 20) -> None:
         """Hash the run of held pages that follows the prefix (one read, bounded)."""
@@ -87,6 +83,69 @@ def finish(fd: int, temp: str, destination: str) -> None:
     os.replace(temp, destination)
 
 
+class MappedWriter:
+    """Writes pages into a shared mapping of the (preallocated) output file: a page is a
+    memory copy, not a syscall (at 20 % loss, runs of consecutive pages are short, and a
+    ``pwrite`` per run cost more than the pages). Space is reserved up front with
+    ``posix_fallocate``, so a full disk is a clear error at the start, never a SIGBUS in
+    the middle; dirty pages are written back in the background as with :class:`Writer`."""
+
+    SYNC_EVERY = 4 * 1024 * 1024
+
+    def __init__(self, fd: int, destination: str, size: int) -> None:
+        import mmap
+
+        self.fd = fd
+        self.destination = destination
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise FetchError(
+                    f"cannot write {destination}: not enough space for {size} bytes"
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise FetchError(f"cannot write {destination}: {exc.strerror}") from None
+        self.map = mmap.mmap(fd, size)
+        self.unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self.sync_error: OSError | None = None
+
+    def write(self, offset: int, payload: memoryview) -> None:
+        n = len(payload)
+        self.map[offset : offset + n] = payload
+        self.unsynced += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.map[offset : offset + length]
+
+    def flush(self) -> None:
+        """Nothing to do: the mapping is the page cache."""
+
+    def sync_if_due(self) -> None:
+        if self.unsynced >= self.SYNC_EVERY and (
+            self._syncer is None or not self._syncer.is_alive()
+        ):
+            self.unsynced = 0
+            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
+            self._syncer.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)  # writes back pages dirtied through the mapping too
+        except OSError as exc:
+            self.sync_error = exc
+
+    def wait_synced(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+        self.map.close()
+        if self.sync_error is not None:
+            raise FetchError(
+                f"cannot write {self.destination}: {self.sync_error.strerror}"
+            ) from None
+
+
 class Writer:
     """Coalesces runs of consecutive pages into one ``pwrite`` (pages mostly arrive in
     order, and a syscall per 1400-byte page costs more than the page)."""
@@ -127,6 +186,10 @@ class Writer:
             raise FetchError(
                 f"cannot write {self.destination}: {self.sync_error.strerror}"
             ) from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.flush()
+        return os.pread(self.fd, length, offset)
 
     def write(self, offset: int, payload: memoryview) -> None:
         if self.buffer and offset != self.start + len(self.buffer):
