@@ -68,6 +68,10 @@ PREFIX = "bcb"
 FILE_NAME = "file.bin"
 HTTP_PORT = 8080
 BOOTCAST_PORT = 8765
+# Every host here shares the machine's cores; a real server has its own. Each peer's server
+# (nginx, udp-sender, uftp, bootcast serve) runs at this niceness so that N busy clients do
+# not starve it of the CPU its own machine would give it. The same for every peer.
+SERVER_NICE = -5
 UDPCAST_PORTBASE = 9000
 ALL_PEERS = ("http", "udpcast", "uftp", "bootcast")
 
@@ -147,6 +151,8 @@ class _Logs:
 def _start(
     spec: RunSpec, logs: _Logs, host: Host, name: str, argv: Sequence[str], cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    if host is spec.topo.server:
+        argv = ["nice", "-n", str(SERVER_NICE), *argv]
     log = logs.open(name)
     return spec.topo.run(
         host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
@@ -659,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"file {args.size_mib} MiB, link {args.link_mbit:g} Mbit/s (tbf on the server), "
             f"senders at {args.send_rate_mbit:g} Mbit/s, ideal {ideal_s:.2f} s; "
             f"loss: multicast UDP only, HTTP: "
-            f"{'all packets incl. TCP' if args.http_loss == 'tcp' else 'not applied'}"
+            f"{'all packets incl. TCP' if args.http_loss == 'tcp' else 'not applied'}; "
+            f"servers at nice {SERVER_NICE} (all hosts share {os.cpu_count()} cores)"
         )
         print(f"work dir {work}")
         print(HEADER, flush=True)

@@ -23,6 +23,9 @@ Scheduling, in priority order:
    parity symbols, one symbol repairing a different lost page at every client; symbols
    queued or sent within ``suppress_s`` count against later reports of that block. A client
    lacking a whole block gets the pages themselves (no encoding work for the same cost).
+   While the carousel runs, pages (and blocks) it has not sent yet are not repaired: it
+   brings them, and a client asking for everything early must not turn the file into
+   repairs that crowd the carousel out.
 3. **Speculative repeats.** While clients are still asking (a NACK within ``speculate_s``),
    each recent repair is repeated once, ``suppress_s`` after it went out: the link would
    idle between rounds of repair anyway, and a receiver that lost a repair then needs no
@@ -242,8 +245,14 @@ class CastCore:
         end = last + 1
         counts[1] += queued_map.count(1, first, end)
         index = queued_map.find(0, first, end)
+        carousel = self._carousel_active()
         while index >= 0:
-            if sent_ever[index] and last_sent[index] > horizon:
+            if not sent_ever[index] and carousel:
+                # Never sent yet: the running carousel brings it (a client that asks for
+                # everything early, e.g. after a slow start, must not turn the whole file
+                # into repairs that crowd the carousel out for everyone).
+                counts[2] += 1
+            elif sent_ever[index] and last_sent[index] > horizon:
                 counts[2] += 1
             else:
                 queued_map[index] = 1
@@ -266,8 +275,12 @@ class CastCore:
                     break
                 block += 1
         horizon = now - self.suppress_s
+        carousel = self._carousel_active()
         for block, need in needs.items():
             start, k = block_span(block, self.pages, bp)
+            if carousel and self._sent_ever.find(0, start, start + k) >= 0:
+                counts[2] += need  # not all sent yet: the carousel comes first (as above)
+                continue
             if need >= k:
                 # The whole block: the pages themselves cost the same and encode nothing.
                 self._queue_pages(start, start + k - 1, now, counts)

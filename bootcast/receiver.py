@@ -407,7 +407,8 @@ class ReceiverCore:
         if now >= self._next_scan or (all_passed and not self._scanned_all_passed):
             self._next_scan = now + self.PARITY_SCAN_S
             self._scanned_all_passed = all_passed
-            self._retry.clear()
+            # The retry queue stays: blocks asked for moments ago are skipped by the scan
+            # and must still be looked at once their retry time is up.
             return self._passed_spans(now)
         retry_s, bp = self._retry_s(now), self._bp
         due: list[Range] = []

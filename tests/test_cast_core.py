@@ -170,9 +170,11 @@ def test_empty_file_cast_never_sends_and_idles_out() -> None:
 def test_carousel_skips_pages_repaired_since_the_latest_join() -> None:
     core = make(pages=10)
     core.join("a", 0.0, nack_capable=True)
-    assert [p.index for p in drain(core, 0.1, limit=3)] == [1, 2, 3]
-    core.nack("a", NackReport(missing=[(7, 8)]), 0.2)  # asked ahead of the carousel
-    assert [(p.index, p.repair) for p in drain(core, 0.3)] == [
+    assert [p.index for p in drain(core, 0.1)] == list(range(1, 11))  # a's pass
+    core.join("b", 0.2, nack_capable=True)  # b gets a pass of its own
+    assert [p.index for p in drain(core, 0.3, limit=3)] == [1, 2, 3]
+    core.nack("a", NackReport(missing=[(7, 8)]), 0.4)  # lost by a in its pass
+    assert [(p.index, p.repair) for p in drain(core, 0.5)] == [
         (7, True),
         (8, True),
         (4, False),
@@ -183,12 +185,27 @@ def test_carousel_skips_pages_repaired_since_the_latest_join() -> None:
     ]
 
 
+def test_pages_the_carousel_has_not_sent_yet_are_not_repaired() -> None:
+    """A client asking ahead (everything, after a slow start) must not turn the file into
+    repairs that crowd the carousel out for everyone: the carousel brings those pages."""
+    core = make(pages=10)
+    core.join("a", 0.0, nack_capable=True)
+    assert [p.index for p in drain(core, 0.1, limit=3)] == [1, 2, 3]
+    outcome = core.nack("a", NackReport(missing=[(2, 2), (5, 10)]), 0.2)
+    assert outcome is not None and outcome.suppressed == 6
+    assert [(p.index, p.repair) for p in drain(core, 0.3)] == [
+        (2, True),
+        *((i, False) for i in range(4, 11)),
+    ]
+
+
 def test_carousel_never_skips_for_spec_clients() -> None:
     core = make(pages=5, idle_loops=100)
     core.join("spec", 0.0, nack_capable=False)
     core.join("n", 0.0, nack_capable=True)
-    core.nack("n", NackReport(missing=[(3, 3)]), 0.1)
-    sent = [core.next_page(0.2) for _ in range(6)]
+    assert [p.index for p in drain(core, 0.05, limit=5)] == [1, 2, 3, 4, 5]
+    core.nack("n", NackReport(missing=[(3, 3)]), 0.2)
+    sent = [core.next_page(0.3) for _ in range(6)]
     assert [(p.index, p.repair) for p in sent if p] == [
         (3, True),
         (1, False),
