@@ -399,12 +399,15 @@ class ReceiverCore:
         """Where to look for parity needs: new gaps; on a report, the blocks whose ask is
         older than ``retry_s``; and the whole passed region once per ``PARITY_SCAN_S``
         and when the carousel has gone by entirely (walking thousands of blocks that are
-        waiting for their repairs on every report would cost more than the repairs)."""
+        waiting for their repairs on every report would cost more than the repairs); at
+        the end, when few pages are left, on every report (a page lost at the very end of
+        the pass shows as no gap)."""
         spans = _merge(self._new_gaps, self.have)
         if not due_report:
             return spans
         all_passed = self._all_passed(now)
-        if now >= self._next_scan or (all_passed and not self._scanned_all_passed):
+        few_left = all_passed and self.pages - self.held <= self.FAST_SWEEP_PAGES
+        if now >= self._next_scan or few_left or (all_passed and not self._scanned_all_passed):
             self._next_scan = now + self.PARITY_SCAN_S
             self._scanned_all_passed = all_passed
             # The retry queue stays: blocks asked for moments ago are skipped by the scan
