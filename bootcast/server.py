@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import os
 import secrets
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import page as pagecodec
-from . import parity
 from .cast import CastCore, CastState, StopReason
 from .defaults import (
     DEFAULT_GROUP_V4,
@@ -49,11 +45,12 @@ from .digests import DigestCache
 from .errors import ConfigError, PathRejected, RemoteProtocolError, SourceChanged
 from .joinreply import JoinReply
 from .logs import get_logger, quiet_aiohttp
-from .mcast import is_ipv6, sender_socket
+from .mcast import sender_socket
 from .metrics import ServerMetrics
 from .nack import MAX_BODY_BYTES, NackReport
 from .pacing import Pacer, RateController
 from .paths import open_confined
+from .sender import Cast, send_loop, wire_bytes
 from .source import FileSource
 
 log = get_logger("bootcast.server")
@@ -128,31 +125,6 @@ class ServeConfig:
             return self.group
         iface = self.send_interface or ""
         return DEFAULT_GROUP_V6 if ":" in iface else DEFAULT_GROUP_V4
-
-
-@dataclass(slots=True)
-class Cast:
-    path: str
-    key: Path
-    slot: int
-    group: str
-    port: int
-    cast_id: int
-    ready: asyncio.Future[None]
-    source: FileSource | None = None
-    core: CastCore | None = None
-    sock: socket.socket | None = None
-    pacer: Pacer | None = None
-    controller: RateController | None = None
-    task: asyncio.Task[None] | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    pages_sent: int = 0
-    pages_resent: int = 0
-    pages_repeated: int = 0
-    parity_sent: int = 0
-    nacks: int = 0
-    last_join_at: float = 0.0
-    tokens: set[str] = field(default_factory=set)
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -350,15 +322,6 @@ class BootcastServer:
         cast.task = asyncio.create_task(self._run_cast(cast, fd), name=f"cast {path}")
         return cast
 
-    def _wire_bytes(self, payload_bytes: int, group: str) -> int:
-        # Header, trailer, UDP, IP and Ethernet: what the link actually carries.
-        return (
-            payload_bytes
-            + pagecodec.HEADER_BYTES
-            + pagecodec.TRAILER_BYTES
-            + (62 if is_ipv6(group) else 42)
-        )
-
     async def _run_cast(self, cast: Cast, fd: int) -> None:
         cfg = self.config
         bound = log.bind(path=cast.path, cast_id=cast.cast_id, group=cast.group, port=cast.port)
@@ -377,7 +340,7 @@ class BootcastServer:
             return
         now = self._loop.time()
         full_pass_s = (
-            source.pages * self._wire_bytes(cfg.page_size, cast.group) * 8 / (cfg.rate_mbit * 1e6)
+            source.pages * wire_bytes(cfg.page_size, cast.group) * 8 / (cfg.rate_mbit * 1e6)
         )
         cast.core = CastCore(
             cast_id=cast.cast_id,
@@ -411,7 +374,7 @@ class BootcastServer:
                 if now >= quiet_until or now - first >= cfg.start_wait_max_s:
                     break
                 await asyncio.sleep(min(quiet_until, first + cfg.start_wait_max_s) - now)
-            await self._send_loop(cast, bound)
+            await send_loop(cast, self.metrics, bound)
         except SourceChanged as exc:
             bound.error("cast.source.changed", error=str(exc))
             cast.core.shutdown()
@@ -447,145 +410,6 @@ class BootcastServer:
         self._cast_ids.discard(cast.cast_id)
         if self.casts.get(cast.key) is cast:
             del self.casts[cast.key]
-
-    async def _send_loop(self, cast: Cast, bound: Any) -> None:
-        core, source, sock, pacer = cast.core, cast.source, cast.sock, cast.pacer
-        assert core is not None and source is not None and sock is not None and pacer is not None
-        loop = self._loop
-        dest = (cast.group, cast.port)
-        parity_dest = (cast.group, cast.port + 1)
-        cast_id, crcs = cast.cast_id, source.crcs
-        pack_header, parity_encode = pagecodec.HEADER.pack, parity.encode_datagram
-        carousel_tail = pagecodec.TRAILER.pack(
-            pagecodec.TRAILER_MAGIC, pagecodec.TRAILER_VERSION, 0, 0
-        )
-        repair_tail = pagecodec.TRAILER.pack(
-            pagecodec.TRAILER_MAGIC, pagecodec.TRAILER_VERSION, pagecodec.FLAG_REPAIR, 0
-        )
-        done_tail = pagecodec.TRAILER.pack(
-            pagecodec.TRAILER_MAGIC,
-            pagecodec.TRAILER_VERSION,
-            pagecodec.FLAG_REPAIR | pagecodec.FLAG_CAROUSEL_DONE,
-            0,
-        )
-        overhead = (
-            self._wire_bytes(0, cast.group) - pagecodec.HEADER_BYTES - pagecodec.TRAILER_BYTES
-        )
-        burst = 64
-        while True:
-            now = loop.time()
-            if core.poll(now) is CastState.STOPPED:
-                return
-            if cast.controller is not None:
-                change = cast.controller.poll(now)
-                if change is not None:
-                    pacer.set_rate(change.rate_mbit)
-                    self.metrics.rate_changes.labels(reason=change.reason).inc()
-                    bound.info(
-                        "cast.rate.changed",
-                        rate_mbit=round(change.rate_mbit, 1),
-                        reason=change.reason,
-                        loss=round(change.loss, 3),
-                    )
-            delay = pacer.delay(now)
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            sent = 0
-            counts = [0, 0, 0, 0]  # carousel, repairs, repeats, parity: metrics per burst
-            sent_bytes = 0
-            while sent < burst:
-                nxt = core.next_page(now)
-                if nxt is None:
-                    break
-                index = nxt.index
-                target = dest
-                if nxt.symbol is not None:
-                    datagram = parity_encode(
-                        index,
-                        nxt.symbol,
-                        cast_id,
-                        source.parity_symbol(index, nxt.symbol, core.block_pages),
-                        carousel_done=nxt.carousel_done,
-                    )
-                    target = parity_dest
-                else:
-                    payload = source.payload(index)
-                    # page.encode, without its argument checks: once per datagram
-                    datagram = b"".join(
-                        (
-                            pack_header(len(payload), index, cast_id, crcs[index]),
-                            payload,
-                            (done_tail if nxt.carousel_done else repair_tail)
-                            if nxt.repair
-                            else carousel_tail,
-                        )
-                    )
-                try:
-                    try:
-                        sock.sendto(datagram, target)  # the common case: no coroutine
-                    except (BlockingIOError, InterruptedError):
-                        await self._send(sock, datagram, target)
-                    except OSError as exc:
-                        if exc.errno != errno.ENOBUFS:
-                            raise
-                        await self._send(sock, datagram, target)
-                except OSError as exc:
-                    # The page is lost; receivers will ask for it again.
-                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-                    self.metrics.send_errors.labels(errno=name).inc()
-                    bound.warning("cast.send.failed", errno=name, error=exc.strerror)
-                    await asyncio.sleep(0.05)
-                    break
-                if nxt.symbol is not None:
-                    counts[3] += 1
-                else:
-                    counts[2 if nxt.speculative else 1 if nxt.repair else 0] += 1
-                sent_bytes += len(datagram)
-                pacer.sent(len(datagram) + overhead, now)
-                sent += 1
-                now = loop.time()
-                if pacer.delay(now) > 0:
-                    break
-            if sent:
-                cast.pages_sent += counts[0]
-                cast.pages_resent += counts[1]
-                cast.pages_repeated += counts[2]
-                cast.parity_sent += counts[3]
-                self.metrics.parity_sent.inc(counts[3])
-                self.metrics.pages_sent.inc(counts[0])
-                self.metrics.pages_resent.inc(counts[1])
-                self.metrics.pages_repeated.inc(counts[2])
-                self.metrics.bytes_sent.inc(sent_bytes)
-            if sent:
-                await asyncio.sleep(0)
-                continue
-            # Paused: wait for a join, leave or NACK, or for the idle rule to fire.
-            cast.wake.clear()
-            timeout = max(0.0, core.idle_deadline(now) - now) + 0.001
-            if core.retry_at is not None:
-                timeout = min(timeout, max(0.0, core.retry_at - now) + 0.0005)
-            paused_at = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cast.wake.wait(), min(timeout, 1.0))
-            bound.debug(
-                "cast.paused",
-                paused_s=round(loop.time() - paused_at, 4),
-                pages_sent=cast.pages_sent,
-                pages_resent=cast.pages_resent,
-            )
-
-    async def _send(self, sock: socket.socket, datagram: bytes, dest: tuple[str, int]) -> None:
-        """Send one datagram; a full local queue (ENOBUFS) is waited out, not a loss."""
-        for attempt in range(200):
-            try:
-                await self._loop.sock_sendto(sock, datagram, dest)
-                return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS or attempt == 199:
-                    raise
-                self.metrics.send_errors.labels(errno="ENOBUFS_retried").inc()
-                await asyncio.sleep(0.001)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         await self.close()

@@ -27,7 +27,7 @@ from spec_client import (
     parse_join,
 )
 
-from bootcast import server as server_module
+from bootcast import sender as sender_module
 
 SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
 TRAILER_MAGIC = 0xBC
@@ -267,11 +267,11 @@ async def listening(group: str, port: int) -> AsyncIterator[GroupListener]:
         listener.sock.close()
 
 
-def cast_of(served: RunningServer, path: str) -> server_module.Cast:
+def cast_of(served: RunningServer, path: str) -> sender_module.Cast:
     return served.server.casts[(served.root / path).resolve()]
 
 
-def cast_of_or_none(served: RunningServer, path: str) -> server_module.Cast | None:
+def cast_of_or_none(served: RunningServer, path: str) -> sender_module.Cast | None:
     return served.server.casts.get((served.root / path).resolve())
 
 
