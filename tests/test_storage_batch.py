@@ -59,15 +59,20 @@ def test_golden_batch_pins_the_format() -> None:
     assert batch.data.hex() == (
         "41000000"  # length 65
         "803b6e39"  # crc32c
-        "b5" "01" "0100"  # magic, version, attributes: channel column
+        "b5"
+        "01"
+        "0100"  # magic, version, attributes: channel column
         "01000000"  # one record
         "0500000000000000"  # base seqno
-        "0200000000000000" "0200000000000000"  # first and max timestamp
-        "07000000" "00000000"  # epoch, reserved
+        "0200000000000000"
+        "0200000000000000"  # first and max timestamp
+        "07000000"
+        "00000000"  # epoch, reserved
         "0200000000000000"  # timestamps column
         "02000000"  # payload lengths column
         "0100"  # channel lengths column
-        "63" "6869"  # "c", b"hi"
+        "63"
+        "6869"  # "c", b"hi"
     )
 
 
@@ -174,7 +179,9 @@ def _resigned(data: bytearray) -> bytes:
         (56, "<I", 50, "framing"),  # payload length column disagrees with the length
     ],
 )
-def test_structural_checks_behind_a_valid_crc(offset: int, fmt: str, value: int, match: str) -> None:
+def test_structural_checks_behind_a_valid_crc(
+    offset: int, fmt: str, value: int, match: str
+) -> None:
     raw = bytearray(encode_batch([Entry(7, b"abcd")], base_seqno=1, epoch=1).data)
     struct.pack_into(fmt, raw, offset, value)
     with pytest.raises(BatchDecodeError, match=match):
@@ -217,7 +224,9 @@ def test_index_round_trip_and_mismatches() -> None:
     index = SegmentIndex(base_seqno=10, start=32, interval_bytes=100)
     position = 32
     for i in range(20):
-        batch = encode_batch([Entry(100 - i if i % 3 else 100 + i, b"x" * 30)], base_seqno=10 + i, epoch=1)
+        batch = encode_batch(
+            [Entry(100 - i if i % 3 else 100 + i, b"x" * 30)], base_seqno=10 + i, epoch=1
+        )
         index.add(position, batch.header)
         position += batch.header.length
     files = index.encode()

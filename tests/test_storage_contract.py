@@ -68,7 +68,11 @@ def fill(log: Log, batches: int, *, size: int = 5, seed: int = 0, ts: int = 1_00
     rng = random.Random(seed)
     out = []
     for i in range(batches):
-        out.append(log.append(random_entries(rng, rng.randrange(1, size + 1), timestamp_ms=ts + 100 * i), epoch=1))
+        out.append(
+            log.append(
+                random_entries(rng, rng.randrange(1, size + 1), timestamp_ms=ts + 100 * i), epoch=1
+            )
+        )
     return out
 
 
@@ -343,7 +347,9 @@ def test_both_implementations_store_identical_batches(tmp_path: Path) -> None:
             for log in (disk, memory):
                 log.append(entries, epoch=1 + step // 100)
             if step % 37 == 0:
-                cut = rng.randrange(max(disk.first_seqno - 1, disk.last_seqno - 30), disk.last_seqno + 1)
+                cut = rng.randrange(
+                    max(disk.first_seqno - 1, disk.last_seqno - 30), disk.last_seqno + 1
+                )
                 disk.truncate_after(cut)
                 memory.truncate_after(cut)
             if step % 53 == 0:
@@ -351,6 +357,8 @@ def test_both_implementations_store_identical_batches(tmp_path: Path) -> None:
         for attr in ("first_seqno", "last_seqno", "total_bytes", "segment_count"):
             assert getattr(disk, attr) == getattr(memory, attr), attr
         first = disk.first_seqno
-        assert disk.read_batches(first, max_bytes=10**9) == memory.read_batches(first, max_bytes=10**9)
+        assert disk.read_batches(first, max_bytes=10**9) == memory.read_batches(
+            first, max_bytes=10**9
+        )
     finally:
         disk.close()
