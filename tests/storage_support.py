@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,7 +73,7 @@ def random_entries(rng: random.Random, count: int, *, timestamp_ms: int = 1_000)
 
 
 @contextmanager
-def captured_logs() -> Iterator[list[dict[str, Any]]]:
+def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     """structlog events emitted inside the block (bootcast.logs configures structlog lazily
     on the first event, which would replace the capture: configure it first)."""
     bootcast.logs._apply()

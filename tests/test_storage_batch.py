@@ -135,7 +135,7 @@ def test_every_truncation_is_refused() -> None:
 
 
 def test_trailing_garbage_is_refused() -> None:
-    data = encode_batch([Entry(1, b"x")], base_seqno=1, epoch=1).data
+    data = bytes(encode_batch([Entry(1, b"x")], base_seqno=1, epoch=1).data)
     with pytest.raises(BatchDecodeError, match="length"):
         Batch.from_bytes(data + b"\x00")
     with pytest.raises(BatchDecodeError):
@@ -207,7 +207,7 @@ def test_bad_utf8_channel_is_refused() -> None:
         ([Entry(1, "text")], 1, 0, "bytes"),  # type: ignore[arg-type]
         ([Entry(1, b"", b"bytes-channel")], 1, 0, "Entry"),  # type: ignore[arg-type]
         ([Entry(1, b"", "c" * 65535)], 1, 0, "channel"),
-        ([(1,)], 1, 0, "Entry"),  # type: ignore[list-item]
+        ([(1,)], 1, 0, "Entry"),
     ],
 )
 def test_encode_refuses(entries: list[Entry], base: int, epoch: int, match: str) -> None:
@@ -242,7 +242,7 @@ def test_index_round_trip_and_mismatches() -> None:
     }
     for kwargs in bad_inputs.values():
         with pytest.raises(IndexMismatch):
-            load_index(files, start=32, **kwargs)  # type: ignore[arg-type]
+            load_index(files, start=32, **kwargs)
     flipped = bytearray(files.offsets)
     flipped[-1] ^= 1
     with pytest.raises(IndexMismatch, match="CRC"):

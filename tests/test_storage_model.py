@@ -112,7 +112,9 @@ class Model:
                 epoch = self.epochs.get(records[0].seqno, 0)
         active.batches = kept
         if partial:
-            self.append([Entry(r.timestamp_ms, r.payload, r.channel, r.key) for r in partial], epoch)
+            self.append(
+                [Entry(r.timestamp_ms, r.payload, r.channel, r.key) for r in partial], epoch
+            )
 
 
 class StorageMachine(RuleBasedStateMachine):
@@ -231,7 +233,5 @@ class StorageMachine(RuleBasedStateMachine):
         bootcast.logs.configure()
 
 
-StorageMachine.TestCase.settings = settings(
-    max_examples=600, stateful_step_count=60, deadline=None
-)
+StorageMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestStorageModel = StorageMachine.TestCase

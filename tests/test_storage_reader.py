@@ -93,7 +93,7 @@ def test_never_reads_past_the_notified_size(tmp_path: Path) -> None:
 def test_a_partial_batch_waits_and_a_complete_one_arrives(tmp_path: Path) -> None:
     with SegmentedLog.open(tmp_path, small_config(segment_bytes=10**6)) as log:
         records = write(log, 3)
-        name, size = log.segment_files()[-1]
+        name, _size = log.segment_files()[-1]
         following = encode_batch([Entry(9, b"x" * 100)], base_seqno=log.next_seqno, epoch=1)
     path = tmp_path / name
     with LogReader(tmp_path) as reader:

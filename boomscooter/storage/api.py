@@ -220,7 +220,7 @@ class Log(Protocol):
         """Encode ``entries`` as one batch at ``next_seqno``, store it, return it."""
         ...
 
-    def append_batch(self, data: bytes | Batch) -> Batch:
+    def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
         """Store an encoded batch after validating it and that it continues the log."""
         ...
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, islice, repeat
 from operator import itemgetter
@@ -266,12 +265,16 @@ def validate_batch(data: bytes, header: BatchHeader) -> None:
             pass  # decodes every channel: raises on bad UTF-8
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Batch:
-    """One encoded batch: its parsed header and its bytes, exactly as stored and sent."""
+class Batch(NamedTuple):
+    """One encoded batch: its parsed header and its bytes, exactly as stored and sent.
+
+    ``data`` is ``bytes`` from :func:`encode_batch` and :meth:`from_bytes`; batches read
+    from a log are read-only ``memoryview`` slices of the read buffer, handed out without
+    a copy (``bytes(batch.data)`` makes one; sockets and files take views directly).
+    A NamedTuple (immutable, built in C): reads create one per stored batch."""
 
     header: BatchHeader
-    data: bytes
+    data: bytes | memoryview
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Batch:
@@ -281,7 +284,7 @@ class Batch:
         if header.length != len(raw):
             raise BatchDecodeError(f"batch length {header.length} but {len(raw)} bytes given")
         validate_batch(raw, header)
-        return cls(header=header, data=raw)
+        return cls(header, raw)
 
     @property
     def base_seqno(self) -> int:
@@ -307,7 +310,10 @@ class Batch:
         """The batch's records with ``from_seqno <= seqno <= to_seqno``."""
         base = self.header.base_seqno
         stop = None if to_seqno is None else to_seqno - base + 1
-        return iter_records(self.data, self.header, from_seqno - base, stop)
+        data = self.data
+        if type(data) is not bytes:
+            data = bytes(data)  # payloads are sliced out as bytes, not views
+        return iter_records(data, self.header, from_seqno - base, stop)
 
     def entries(self) -> list[Entry]:
         return [Entry(r.timestamp_ms, r.payload, r.channel, r.key) for r in self.records()]
@@ -376,7 +382,7 @@ def encode_batch(entries: Sequence[Entry], *, base_seqno: int, epoch: int) -> Ba
     crc = crc32c(body, crc32c(memoryview(unsigned)[8:], crc32c(unsigned[:4])))
     fields[1] = crc
     header = BatchHeader._make(fields)
-    return Batch(header=header, data=b"".join((HEADER.pack(*fields), body)))
+    return Batch(header, b"".join((HEADER.pack(*fields), body)))
 
 
 def split_batches(buf: bytes) -> list[Batch]:

@@ -205,7 +205,7 @@ class SegmentedLog:
         self._store(batch)
         return batch
 
-    def append_batch(self, data: bytes | Batch) -> Batch:
+    def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
         self._check_open()
         batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
         if batch.base_seqno != self._next_seqno:

@@ -30,7 +30,6 @@ from boomscooter.storage.batch import (
     HEADER_BYTES,
     Batch,
     batch_crc,
-    check_crc,
     crc32c,
     decode_header,
 )
@@ -193,7 +192,8 @@ def read_batches(
     taken_bytes: int = 0,
     partial_ok: bool = False,
 ) -> tuple[list[Batch], int]:
-    """Complete batches from the batch start ``position`` up to ``end``.
+    """Complete batches from the batch start ``position`` up to ``end``, their data as
+    zero-copy views of the read buffer.
 
     Batches ending before ``from_seqno`` are skipped; the walk stops at ``end``, at a batch
     starting after ``to_seqno``, or before a batch that would take the total over
@@ -207,6 +207,7 @@ def read_batches(
     batches: list[Batch] = []
     total = taken_bytes
     buf = b""
+    view = memoryview(buf)
     buf_pos = position
     pos = position
     chunk = max(max_bytes + HEADER_BYTES, 256 << 10)
@@ -214,6 +215,7 @@ def read_batches(
         off = pos - buf_pos
         if off + HEADER_BYTES > len(buf):
             buf, buf_pos, off = read_at(pos, min(chunk, end - pos)), pos, 0
+            view = memoryview(buf)
             if len(buf) < HEADER_BYTES:
                 if partial_ok:
                     break
@@ -237,16 +239,22 @@ def read_batches(
             raise CorruptLogError(
                 f"{path}: batch at offset {pos} runs past the end", path=path, offset=pos
             )
-        if off + header.length > len(buf):
-            want = min(max(chunk, header.length), end - pos)
+        length = header.length
+        if off + length > len(buf):
+            want = min(max(chunk, length), end - pos)
             buf, buf_pos, off = read_at(pos, want), pos, 0
-        try:
-            check_crc(buf, off, header)
-        except BatchDecodeError as exc:
-            raise CorruptLogError(f"{path}: offset {pos}: {exc}", path=path, offset=pos) from None
-        batches.append(Batch(header=header, data=buf[off : off + header.length]))
-        total += header.length
-        pos += header.length
+            view = memoryview(buf)
+            if len(buf) < length:
+                raise CorruptLogError(
+                    f"{path}: batch at offset {pos} runs past the end", path=path, offset=pos
+                )
+        if crc32c(view[off + 8 : off + length], crc32c(view[off : off + 4])) != header.crc:
+            raise CorruptLogError(
+                f"{path}: offset {pos}: batch CRC32C mismatch", path=path, offset=pos
+            )
+        batches.append(Batch(header, view[off : off + length]))
+        total += length
+        pos += length
     return batches, pos
 
 
@@ -275,7 +283,7 @@ def fd_reader(fd: int) -> ReadAt:
     return read_at
 
 
-def pwrite_all(fd: int, data: bytes, position: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, position)
