@@ -19,7 +19,7 @@ leader stamps both before storing, and a replica stores the very bytes it receiv
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from itertools import accumulate, islice, repeat
 from operator import itemgetter
@@ -31,6 +31,8 @@ from boomscooter.errors import BatchDecodeError, BatchEncodeError
 
 HEADER = struct.Struct("<IIBBHIQQQII")
 HEADER_BYTES = HEADER.size  # 48
+_HEADER_TAIL = struct.Struct("<BBHIQQQII")  # the header after length and CRC
+_U32 = struct.Struct("<I")
 BATCH_MAGIC = 0xB5
 BATCH_VERSION = 1
 HAS_CHANNELS = 0x0001
@@ -46,6 +48,7 @@ U64_MAX = 0xFFFFFFFFFFFFFFFF
 RECORD_OVERHEAD_BYTES = 12
 
 _new_tuple = tuple.__new__
+_crc: Callable[..., int] = _crc32c.crc32c
 
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
@@ -369,9 +372,9 @@ def encode_batch(entries: Sequence[Entry], *, base_seqno: int, epoch: int) -> Ba
         length = HEADER_BYTES + len(body)
         if length > MAX_BATCH_BYTES:
             raise BatchEncodeError(f"batch of {length} bytes exceeds {MAX_BATCH_BYTES}")
-        fields = [length, 0, BATCH_MAGIC, BATCH_VERSION, attributes, count, base_seqno]
-        fields += [first, largest, epoch, 0]
-        unsigned = HEADER.pack(*fields)
+        tail = _HEADER_TAIL.pack(
+            BATCH_MAGIC, BATCH_VERSION, attributes, count, base_seqno, first, largest, epoch, 0
+        )
     except struct.error as exc:
         raise BatchEncodeError(f"entry field out of range: {exc}") from None
     except (TypeError, AttributeError, IndexError) as exc:
@@ -379,10 +382,11 @@ def encode_batch(entries: Sequence[Entry], *, base_seqno: int, epoch: int) -> Ba
             "entries must be Entry(timestamp_ms: int, payload: bytes, channel: str | None, "
             f"key: bytes | None): {exc}"
         ) from None
-    crc = crc32c(body, crc32c(memoryview(unsigned)[8:], crc32c(unsigned[:4])))
-    fields[1] = crc
-    header = BatchHeader._make(fields)
-    return Batch(header, b"".join((HEADER.pack(*fields), body)))
+    length_field = _U32.pack(length)
+    crc: int = _crc(body, _crc(tail, _crc(length_field)))
+    header = (length, crc, BATCH_MAGIC, BATCH_VERSION, attributes, count, base_seqno, first)
+    data = b"".join((length_field, _U32.pack(crc), tail, body))
+    return _new_tuple(Batch, (_new_tuple(BatchHeader, (*header, largest, epoch, 0)), data))
 
 
 def split_batches(buf: bytes) -> list[Batch]:

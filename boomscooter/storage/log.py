@@ -200,51 +200,48 @@ class SegmentedLog:
     # -- appends -----------------------------------------------------------------------
 
     def append(self, entries: Sequence[Entry], *, epoch: int) -> Batch:
-        self._check_open()
-        batch = encode_batch(entries, base_seqno=self._next_seqno, epoch=epoch)
-        self._store(batch)
+        with self._lock:
+            self._check_open()
+            batch = encode_batch(entries, base_seqno=self._next_seqno, epoch=epoch)
+            self._store_locked(batch)
         return batch
 
     def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
-        self._check_open()
         batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
-        if batch.base_seqno != self._next_seqno:
-            raise SeqnoGapError(
-                f"batch starts at seqno {batch.base_seqno}, the log continues at "
-                f"{self._next_seqno}",
-                expected=self._next_seqno,
-                got=batch.base_seqno,
-            )
-        self._store(batch)
-        return batch
-
-    def _store(self, batch: Batch) -> None:
-        header = batch.header
-        if header.length > self.config.max_batch_bytes:
-            raise BatchEncodeError(
-                f"batch of {header.length} bytes exceeds max_batch_bytes "
-                f"{self.config.max_batch_bytes}"
-            )
         with self._lock:
             self._check_open()
+            if batch.base_seqno != self._next_seqno:
+                raise SeqnoGapError(
+                    f"batch starts at seqno {batch.base_seqno}, the log continues at "
+                    f"{self._next_seqno}",
+                    expected=self._next_seqno,
+                    got=batch.base_seqno,
+                )
             self._store_locked(batch)
+        return batch
 
     def _store_locked(self, batch: Batch) -> None:
         header = batch.header
+        config = self.config
+        if header.length > config.max_batch_bytes:
+            raise BatchEncodeError(
+                f"batch of {header.length} bytes exceeds max_batch_bytes {config.max_batch_bytes}"
+            )
         index = self._segments[-1].index
         if index.batch_count and should_roll(
-            self.config,
+            config,
             active_bytes=index.end,
             active_batches=index.batch_count,
             active_first_timestamp_ms=index.first_timestamp_ms,
             batch_bytes=header.length,
-            now_ms=self._clock_ms() if self.config.segment_ms is not None else 0,
+            now_ms=self._clock_ms() if config.segment_ms is not None else 0,
         ):
             self._roll_locked()
             index = self._segments[-1].index
         position = index.end
         try:
-            pwrite_all(self._active_fd, batch.data, position)
+            if os.pwrite(self._active_fd, batch.data, position) != header.length:
+                pwrite_all(self._active_fd, batch.data, position)  # rare: rewrite it whole
         except OSError as exc:
             self._undo_write(position, exc)
         index.add(position, header)
