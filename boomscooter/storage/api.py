@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol
 
 from boomscooter.errors import ConfigError, SeqnoOutOfRangeError
@@ -147,13 +148,23 @@ def iter_records(
     max_bytes: int | None,
 ) -> Iterator[Record]:
     """Records ``from_seqno`` … ``to_seqno`` through a ``read_batches`` function, reading
-    ``max_bytes`` of batches in one go, or everything in 1 MiB steps when None."""
+    ``max_bytes`` of batches in one go, or everything in 1 MiB steps when None. The
+    per-record path is C only (``chain`` over each batch's record iterator)."""
+    return chain.from_iterable(_batch_records(read_batches, from_seqno, to_seqno, max_bytes))
+
+
+def _batch_records(
+    read_batches: Callable[[int, int | None, int], list[Batch]],
+    from_seqno: int,
+    to_seqno: int | None,
+    max_bytes: int | None,
+) -> Iterator[Iterator[Record]]:
     seqno = from_seqno
     while True:
         budget = DEFAULT_READ_BYTES if max_bytes is None else max_bytes
         batches = read_batches(seqno, to_seqno, budget)
         for batch in batches:
-            yield from batch.records(seqno, to_seqno)
+            yield batch.records(seqno, to_seqno)
         if not batches or max_bytes is not None:
             return
         seqno = batches[-1].next_seqno
