@@ -359,3 +359,14 @@ def test_fast_open_rebuilds_a_stale_index(tmp_path: Path) -> None:
     garbage_after_sealed_segment(w)
     with pytest.raises(CorruptLogError):  # the size no longer matches: a full scan
         SegmentedLog.open(w.directory, fast)
+
+
+def test_stray_files_are_left_alone(tmp_path: Path) -> None:
+    w = write_log(tmp_path / "log")
+    stray_files(w)
+    with SegmentedLog.open(w.directory, CONFIG) as log:
+        strays = {os.path.basename(a.path) for a in log.recovery.actions}
+        assert strays == {"notes.txt", "12.log", "backup"}
+    assert (w.directory / "notes.txt").read_text() == "operator notes"
+    assert (w.directory / "12.log").read_bytes() == b"not ours"
+    assert (w.directory / "backup").is_dir()

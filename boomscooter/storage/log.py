@@ -386,7 +386,7 @@ class SegmentedLog:
             os.fdatasync(fd)
             if dropped:
                 fsync_dir(self.directory)
-        log.warning("segment.truncated", path=segment.path, offset=cut, reason="truncate_after")
+        log.info("segment.truncated", path=segment.path, offset=cut, reason="truncate_after")
         if keep:
             self._store_locked(encode_batch(keep, base_seqno=self._next_seqno, epoch=epoch))
 
