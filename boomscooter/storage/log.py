@@ -1,0 +1,575 @@
+"""SegmentedLog: the on-disk :class:`~boomscooter.storage.api.Log`.
+
+Theory of operation. The log is a directory of segment files named by base seqno; the
+last one is *active* (appended to), the others are *sealed* (immutable until retention
+deletes them or ``truncate_after`` cuts into a diverged tail). Each segment's sparse index
+lives in memory; sealed segments also have it on disk (see :mod:`.index`).
+
+Appends encode (or, for ``append_batch``, validate) one batch and write it with a single
+``pwrite`` at the active segment's end; the in-memory end moves only after the write
+completed, so readers in this process never see a partial batch. A failed write is cut
+back off the file (``ftruncate``); a failed fsync poisons the log (the page cache can no
+longer be trusted), and further appends raise :class:`LogClosedError`.
+
+fsync policy: ``always`` fdatasyncs before the append returns; ``interval`` runs a
+background thread that fdatasyncs a duplicate of the active descriptor at most every
+``interval_ms`` while there are unsynced appends (``durable_seqno`` says how far it got);
+``never`` syncs nothing on the append path. Rolling fdatasyncs the sealed segment (except
+under ``never``), saves its index, then creates the next segment atomically (header to a
+temp file, fsync, rename, directory fsync). ``sync()`` and ``close()`` always fsync.
+
+Thread safety: one caller at a time (the asyncio shell's thread); the only other thread is
+the interval syncer, which shares the mutating paths' lock and never touches the segment
+list. Sealed segments are read through a small LRU of read-only descriptors.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
+
+from boomscooter.errors import (
+    BatchEncodeError,
+    LogClosedError,
+    LogLockedError,
+    SeqnoGapError,
+    SeqnoOutOfRangeError,
+    StorageIOError,
+)
+from boomscooter.storage import api
+from boomscooter.storage.api import (
+    DEFAULT_READ_BYTES,
+    FsyncMode,
+    LogConfig,
+    RecoveryReport,
+    should_roll,
+)
+from boomscooter.storage.batch import Batch, Entry, Record, encode_batch
+from boomscooter.storage.index import SegmentIndex
+from boomscooter.storage.recovery import (
+    Recovery,
+    SegmentState,
+    create_segment,
+    remove_index_files,
+    write_index_files,
+)
+from boomscooter.storage.segment import (
+    LOCK_FILE,
+    SEGMENT_HEADER_BYTES,
+    fd_reader,
+    file_name,
+    fsync_dir,
+    pwrite_all,
+    read_batches,
+    scan_segment,
+)
+from bootcast.logs import get_logger
+
+log = get_logger("boomscooter.storage")
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SegmentedLog:
+    """A log stored as segment files in one directory. Create with :meth:`open`."""
+
+    def __init__(
+        self,
+        directory: str,
+        config: LogConfig,
+        segments: list[SegmentState],
+        report: RecoveryReport,
+        lock_fd: int,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.recovery = report
+        self._segments = segments
+        self._bases = [s.base_seqno for s in segments]
+        self._lock_fd = lock_fd
+        self._clock_ms = clock_ms
+        self._lock = threading.Lock()
+        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._active_fd = os.open(segments[-1].path, os.O_RDWR)
+        self._next_seqno = segments[-1].index.next_seqno
+        self._total_bytes = sum(s.index.end for s in segments)
+        self._durable_seqno = self._next_seqno - 1  # recovery fsynced every segment
+        self._generation = 0  # bumped by truncate_after: an in-flight sync is then stale
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if config.fsync.mode is FsyncMode.INTERVAL:
+            self._syncer = threading.Thread(
+                target=self._sync_loop, name="boomscooter-fsync", daemon=True
+            )
+            self._syncer.start()
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        config: LogConfig | None = None,
+        *,
+        repair: bool = False,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> SegmentedLog:
+        """Open (creating if needed) the log in ``directory`` and recover it.
+
+        ``repair=True`` is the operator's explicit option to truncate the log at the first
+        corruption instead of refusing to open. ``clock_ms`` (wall clock, ms) drives roll
+        and retention by age; tests pass a fake one.
+        """
+        config = config or LogConfig()
+        path = os.fspath(directory)
+        os.makedirs(path, exist_ok=True)
+        lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock_fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise LogLockedError(f"{path} is locked by another process") from None
+            raise
+        try:
+            started = time.monotonic()
+            recovery = Recovery(path, config, repair=repair)
+            segments = recovery.run()
+            report = RecoveryReport(actions=tuple(recovery.actions))
+            self = cls(path, config, segments, report, lock_fd, clock_ms or _wall_clock_ms)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        log.info(
+            "log.recovered",
+            path=path,
+            segments=len(segments),
+            first_seqno=self.first_seqno,
+            last_seqno=self.last_seqno,
+            actions=len(report.actions),
+            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return self
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def first_seqno(self) -> int:
+        return self._bases[0]
+
+    @property
+    def last_seqno(self) -> int:
+        return self._next_seqno - 1
+
+    @property
+    def next_seqno(self) -> int:
+        return self._next_seqno
+
+    @property
+    def durable_seqno(self) -> int:
+        return self._durable_seqno
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def segment_files(self) -> list[tuple[str, int]]:
+        """``(file name, size)`` of every segment, oldest first (what notifications carry)."""
+        return [(os.path.basename(s.path), s.index.end) for s in self._segments]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+        if self._failed is not None:
+            raise LogClosedError(f"log {self.directory} failed earlier: {self._failed}")
+
+    # -- appends -----------------------------------------------------------------------
+
+    def append(self, entries: Sequence[Entry], *, epoch: int) -> Batch:
+        with self._lock:
+            self._check_open()
+            batch = encode_batch(entries, base_seqno=self._next_seqno, epoch=epoch)
+            self._store_locked(batch)
+        return batch
+
+    def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
+        batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
+        with self._lock:
+            self._check_open()
+            if batch.base_seqno != self._next_seqno:
+                raise SeqnoGapError(
+                    f"batch starts at seqno {batch.base_seqno}, the log continues at "
+                    f"{self._next_seqno}",
+                    expected=self._next_seqno,
+                    got=batch.base_seqno,
+                )
+            self._store_locked(batch)
+        return batch
+
+    def _store_locked(self, batch: Batch) -> None:
+        header = batch.header
+        config = self.config
+        if header.length > config.max_batch_bytes:
+            raise BatchEncodeError(
+                f"batch of {header.length} bytes exceeds max_batch_bytes {config.max_batch_bytes}"
+            )
+        index = self._segments[-1].index
+        if index.batch_count and should_roll(
+            config,
+            active_bytes=index.end,
+            active_batches=index.batch_count,
+            active_first_timestamp_ms=index.first_timestamp_ms,
+            batch_bytes=header.length,
+            now_ms=self._clock_ms() if config.segment_ms is not None else 0,
+        ):
+            self._roll_locked()
+            index = self._segments[-1].index
+        position = index.end
+        try:
+            if os.pwrite(self._active_fd, batch.data, position) != header.length:
+                pwrite_all(self._active_fd, batch.data, position)  # rare: rewrite it whole
+        except OSError as exc:
+            self._undo_write(position, exc)
+        index.add(position, header)
+        self._total_bytes += header.length
+        self._next_seqno = header.next_seqno
+        if self.config.fsync.mode is FsyncMode.ALWAYS:
+            try:
+                os.fdatasync(self._active_fd)
+            except OSError as exc:
+                self._fail(exc)
+            self._durable_seqno = self._next_seqno - 1
+
+    def _undo_write(self, position: int, exc: OSError) -> NoReturn:
+        """Cut a failed write's partial bytes off so the file ends on a batch boundary."""
+        try:
+            os.ftruncate(self._active_fd, position)
+        except OSError as again:
+            self._fail(again)
+        raise StorageIOError(f"append to {self._segments[-1].path} failed: {exc}") from exc
+
+    def _fail(self, exc: OSError) -> NoReturn:
+        self._failed = exc
+        log.error("log.failed", path=self.directory, error=str(exc))
+        raise StorageIOError(f"log {self.directory}: {exc}") from exc
+
+    # -- rolling, retention, truncation ------------------------------------------------
+
+    def roll(self) -> None:
+        with self._lock:
+            self._check_open()
+            if self._segments[-1].index.batch_count:
+                self._roll_locked()
+
+    def _roll_locked(self) -> None:
+        sealed = self._segments[-1]
+        sync = self.config.fsync.mode is not FsyncMode.NEVER
+        try:
+            if sync:
+                os.fdatasync(self._active_fd)
+                self._durable_seqno = self._next_seqno - 1
+            write_index_files(self.directory, sealed.base_seqno, sealed.index)
+            fd = create_segment(self.directory, self._next_seqno, sync=sync)
+        except OSError as exc:
+            self._fail(exc)
+        self._cache_read_fd(sealed.base_seqno, self._active_fd)
+        self._active_fd = fd
+        path = os.path.join(self.directory, file_name(self._next_seqno))
+        index = SegmentIndex(
+            base_seqno=self._next_seqno,
+            start=SEGMENT_HEADER_BYTES,
+            interval_bytes=self.config.index_interval_bytes,
+        )
+        self._segments.append(SegmentState(base_seqno=self._next_seqno, path=path, index=index))
+        self._bases.append(self._next_seqno)
+        self._total_bytes += SEGMENT_HEADER_BYTES
+        log.info(
+            "segment.rolled",
+            path=sealed.path,
+            size_bytes=sealed.index.end,
+            next_seqno=self._next_seqno,
+        )
+
+    def apply_retention(self, now_ms: int | None = None) -> int:
+        with self._lock:
+            self._check_open()
+            now = self._clock_ms() if now_ms is None else now_ms
+            sealed = [(s.index.end, s.index.max_timestamp_ms) for s in self._segments[:-1]]
+            count = api.retention_count(self.config, sealed, self._total_bytes, now)
+            for _ in range(count):
+                victim = self._segments.pop(0)
+                self._bases.pop(0)
+                self._drop_files(victim)
+                log.info(
+                    "retention.deleted",
+                    path=victim.path,
+                    size_bytes=victim.index.end,
+                    first_seqno=victim.base_seqno,
+                    last_seqno=victim.index.next_seqno - 1,
+                )
+            if count and self.config.fsync.mode is not FsyncMode.NEVER:
+                fsync_dir(self.directory)
+            return count
+
+    def _drop_files(self, segment: SegmentState) -> None:
+        fd = self._read_fds.pop(segment.base_seqno, None)
+        if fd is not None:
+            os.close(fd)
+        remove_index_files(self.directory, segment.base_seqno)
+        os.unlink(segment.path)
+        self._total_bytes -= segment.index.end
+
+    def truncate_after(self, seqno: int) -> None:
+        with self._lock:
+            self._check_open()
+            if seqno >= self.last_seqno:
+                return
+            if seqno < self.first_seqno - 1:
+                raise SeqnoOutOfRangeError(
+                    f"cannot truncate after {seqno}: the log starts at {self.first_seqno}"
+                )
+            try:
+                self._truncate_locked(seqno)
+            except OSError as exc:
+                self._fail(exc)
+
+    def _truncate_locked(self, seqno: int) -> None:
+        dropped = False
+        while len(self._segments) > 1 and self._segments[-1].base_seqno > seqno:
+            os.close(self._active_fd)
+            self._bases.pop()
+            self._drop_files(self._segments.pop())
+            self._active_fd = self._reopen_for_write(self._segments[-1])
+            dropped = True
+        segment = self._segments[-1]
+        cut = SEGMENT_HEADER_BYTES
+        keep: list[Entry] = []
+        epoch = 0
+        if seqno >= segment.base_seqno:
+            batch, start = self._batch_holding(segment, seqno)
+            cut = start + batch.header.length
+            if batch.last_seqno != seqno:
+                # Cut the whole batch first and append its kept prefix afterwards: a crash
+                # in between loses a few records a diverged replica refetches anyway, but
+                # never leaves a short batch followed by the old batch's tail.
+                cut = start
+                keep = batch.entries()[: seqno - batch.base_seqno + 1]
+                epoch = batch.epoch
+        os.ftruncate(self._active_fd, cut)
+        self._total_bytes -= segment.index.end - cut
+        segment.index = SegmentIndex(
+            base_seqno=segment.base_seqno,
+            start=SEGMENT_HEADER_BYTES,
+            interval_bytes=self.config.index_interval_bytes,
+        )
+        fd = self._active_fd
+        damage = scan_segment(fd_reader(fd), size=cut, index=segment.index, verify=False)
+        assert damage is None, damage
+        self._next_seqno = segment.index.next_seqno
+        self._generation += 1
+        self._durable_seqno = min(self._durable_seqno, self._next_seqno - 1)
+        if self.config.fsync.mode is not FsyncMode.NEVER:
+            os.fdatasync(fd)
+            if dropped:
+                fsync_dir(self.directory)
+        log.info("segment.truncated", path=segment.path, offset=cut, reason="truncate_after")
+        if keep:
+            self._store_locked(encode_batch(keep, base_seqno=self._next_seqno, epoch=epoch))
+
+    def _reopen_for_write(self, segment: SegmentState) -> int:
+        fd = self._read_fds.pop(segment.base_seqno, None)
+        if fd is not None:
+            os.close(fd)
+        remove_index_files(self.directory, segment.base_seqno)
+        return os.open(segment.path, os.O_RDWR)
+
+    def _batch_holding(self, segment: SegmentState, seqno: int) -> tuple[Batch, int]:
+        fd = self._fd_for(segment)
+        batches, after = read_batches(
+            fd_reader(fd),
+            path=segment.path,
+            position=segment.index.find_seqno(seqno),
+            end=segment.index.end,
+            from_seqno=seqno,
+            to_seqno=seqno,
+            max_bytes=1,
+        )
+        return batches[0], after - batches[0].header.length
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _cache_read_fd(self, base: int, fd: int) -> None:
+        self._read_fds[base] = fd
+        while len(self._read_fds) > self.config.max_open_segments:
+            _base, old = self._read_fds.popitem(last=False)
+            os.close(old)
+
+    def _fd_for(self, segment: SegmentState) -> int:
+        if segment is self._segments[-1]:
+            return self._active_fd
+        fd = self._read_fds.get(segment.base_seqno)
+        if fd is None:
+            fd = os.open(segment.path, os.O_RDONLY)
+            self._cache_read_fd(segment.base_seqno, fd)
+        else:
+            self._read_fds.move_to_end(segment.base_seqno)
+        return fd
+
+    def read_batches(
+        self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int = DEFAULT_READ_BYTES
+    ) -> list[Batch]:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+        api.check_read_start(from_seqno, self.first_seqno)
+        if from_seqno >= self._next_seqno or (to_seqno is not None and to_seqno < from_seqno):
+            return []
+        out: list[Batch] = []
+        taken = 0
+        seqno = from_seqno
+        i = bisect_right(self._bases, seqno) - 1
+        while i < len(self._segments):
+            segment = self._segments[i]
+            fd = self._fd_for(segment)
+            end = segment.index.end
+            batches, stopped = read_batches(
+                fd_reader(fd),
+                path=segment.path,
+                position=segment.index.find_seqno(seqno),
+                end=end,
+                from_seqno=seqno,
+                to_seqno=to_seqno,
+                max_bytes=max_bytes,
+                taken_bytes=taken,
+            )
+            out += batches
+            taken += sum(b.header.length for b in batches)
+            if stopped < end:
+                break
+            seqno = segment.index.next_seqno
+            i += 1
+        return out
+
+    def read(
+        self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int | None = None
+    ) -> Iterator[Record]:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+        api.check_read_start(from_seqno, self.first_seqno)
+
+        def batches(seqno: int, to: int | None, budget: int) -> list[Batch]:
+            return self.read_batches(seqno, to_seqno=to, max_bytes=budget)
+
+        return api.iter_records(batches, from_seqno, to_seqno, max_bytes)
+
+    def seqno_for_time(self, timestamp_ms: int) -> int | None:
+        if self._closed:
+            raise LogClosedError(f"log {self.directory} is closed")
+        for segment in self._segments:
+            index = segment.index
+            if index.end == SEGMENT_HEADER_BYTES or index.max_timestamp_ms < timestamp_ms:
+                continue
+            fd = self._fd_for(segment)
+            position = index.find_time(timestamp_ms)
+            while position < index.end:
+                batches, position = read_batches(
+                    fd_reader(fd),
+                    path=segment.path,
+                    position=position,
+                    end=index.end,
+                    from_seqno=0,
+                    to_seqno=None,
+                    max_bytes=DEFAULT_READ_BYTES,
+                )
+                for batch in batches:
+                    if batch.header.max_timestamp_ms >= timestamp_ms:
+                        for record in batch.records():
+                            if record.timestamp_ms >= timestamp_ms:
+                                return record.seqno
+        return None
+
+    # -- durability and shutdown -------------------------------------------------------
+
+    def sync(self) -> None:
+        """fdatasync every segment holding unsynced records; advance ``durable_seqno``."""
+        with self._lock:
+            self._check_open()
+            target = self._next_seqno - 1
+            if target <= self._durable_seqno:
+                return
+            generation = self._generation
+            fds = [
+                os.dup(self._fd_for(s))
+                for s in self._segments
+                if s.index.next_seqno - 1 > self._durable_seqno
+            ]
+        try:
+            for fd in fds:
+                os.fdatasync(fd)
+        except OSError as exc:
+            with self._lock:
+                self._fail(exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            if generation == self._generation and target > self._durable_seqno:
+                self._durable_seqno = target
+
+    def _sync_loop(self) -> None:
+        period_s = self.config.fsync.interval_ms / 1000
+        while not self._stop.wait(period_s):
+            if self._next_seqno - 1 <= self._durable_seqno:
+                continue
+            try:
+                self.sync()
+            except (LogClosedError, StorageIOError):
+                return
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            with self._lock:
+                self._closed = True
+                os.close(self._active_fd)
+                for fd in self._read_fds.values():
+                    os.close(fd)
+                self._read_fds.clear()
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> SegmentedLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_log(
+    directory: str | os.PathLike[str],
+    config: LogConfig | None = None,
+    *,
+    repair: bool = False,
+    clock_ms: Callable[[], int] | None = None,
+) -> SegmentedLog:
+    """Open the log in ``directory`` (see :meth:`SegmentedLog.open`)."""
+    return SegmentedLog.open(directory, config, repair=repair, clock_ms=clock_ms)
