@@ -60,6 +60,7 @@ test: $(STAMP) system-deps
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.files_bench --http-loss skip
 	$(BIN)/python -m bench.loopback_bench
+	$(BIN)/python -m bench.storage_bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

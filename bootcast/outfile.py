@@ -90,7 +90,7 @@ class MappedWriter:
     ``posix_fallocate``, so a full disk is a clear error at the start, never a SIGBUS in
     the middle; dirty pages are written back in the background as with :class:`Writer`."""
 
-    SYNC_EVERY = 4 * 1024 * 1024
+    SYNC_EVERY = 1024 * 1024  # the final fdatasync of eight clients at once: ~0.1 s, not 0.4
 
     def __init__(self, fd: int, destination: str, size: int) -> None:
         import mmap
@@ -151,7 +151,7 @@ class Writer:
     order, and a syscall per 1400-byte page costs more than the page)."""
 
     LIMIT = 256 * 1024
-    SYNC_EVERY = 4 * 1024 * 1024
+    SYNC_EVERY = 1024 * 1024  # the final fdatasync of eight clients at once: ~0.1 s, not 0.4
 
     def __init__(self, fd: int, destination: str) -> None:
         self.fd = fd
