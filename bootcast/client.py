@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from .errors import (
@@ -39,9 +39,10 @@ from .joinreply import JoinReply
 from .logs import get_logger
 from .mcast import receiver_socket, socket_drops
 from .nack import NackReport
-from .outfile import MappedWriter, PrefixHash, Writer, finish, temp_for
-from .ranges import format_ranges
-from .receiver import ReceiverCore
+
+if TYPE_CHECKING:
+    from .outfile import MappedWriter, PrefixHash, Writer
+    from .receiver import ReceiverCore
 
 log = get_logger("bootcast.fetch")
 
@@ -339,6 +340,11 @@ def fetch(cfg: FetchConfig) -> FetchResult:
             sock.close()
         _leave(api, cfg, reply.token)
         raise
+    # The rest of the receiving side is imported only now: when a rack starts its fetches
+    # at once, the joins (and the group memberships) come first, and these imports overlap
+    # the cast's start instead of delaying it.
+    from .outfile import finish, temp_for
+
     bound = log.bind(file=destination, cast_id=reply.cast_id)
     bound.info(
         "fetch.joined",
@@ -386,6 +392,9 @@ def _receive(
     bound: Any,
 ) -> tuple[int, str, int, int, int, dict[str, int]]:
     sock, parity_sock = socks
+    from .outfile import MappedWriter, PrefixHash, Writer
+    from .receiver import ReceiverCore
+
     now = time.monotonic()
     core = ReceiverCore(
         pages=reply.pages,
@@ -483,6 +492,8 @@ def _receive_loop(
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
+    from .ranges import format_ranges
+
     sock, parity_sock = socks
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
