@@ -90,6 +90,10 @@ class RateController:
         self._window_start: float | None = None
         # After a cut: (loss before, worst delivered/s before, rate before)
         self._probe: tuple[float, float, float] | None = None
+        # The rate before the first of consecutive probing cuts: an inconclusive window
+        # (delivery is noisy while repairs share the link) cuts again, and random loss
+        # found then restores this, not the rate of the second cut.
+        self._probe_origin: float | None = None
 
     def report(self, client: str, *, received: int, lost: int, overrun: int) -> None:
         w = self._windows.setdefault(client, _Window())
@@ -132,7 +136,7 @@ class RateController:
     def _decide(self, loss: float, overrun: float, delivered: float) -> RateChange | None:
         heavy = loss > self.loss_floor + self.HEAVY_LOSS_MARGIN
         if overrun > self.OVERRUN_FRACTION:
-            self._probe = None
+            self._probe = self._probe_origin = None
             return self._set(self.rate_mbit * self.DECREASE, "receiver_overrun", loss)
         if self._probe is not None:
             _loss_before, delivered_before, rate_before = self._probe
@@ -140,10 +144,15 @@ class RateController:
             if heavy and delivered < delivered_before * self.CONGESTION_DELIVERY_RATIO:
                 # Delivery fell with the rate: the loss is not ours to cure.
                 self.loss_floor = loss
-                return self._set(rate_before, "random_loss", loss)
+                origin = self._probe_origin or rate_before
+                self._probe_origin = None
+                return self._set(max(origin, rate_before), "random_loss", loss)
         if heavy:
+            if self._probe_origin is None:
+                self._probe_origin = self.rate_mbit
             self._probe = (loss, delivered, self.rate_mbit)
             return self._set(self.rate_mbit * self.PROBE_DECREASE, "heavy_loss", loss)
+        self._probe_origin = None
         if loss < self.loss_floor:
             self.loss_floor = 0.8 * self.loss_floor + 0.2 * loss
         if loss <= self.loss_floor + self.CLEAN_LOSS_MARGIN:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bootcast.pacing import Pacer, RateController
+from bootcast.pacing import Pacer, RateChange, RateController
 
 
 def test_pacer_holds_the_rate() -> None:
@@ -111,3 +111,24 @@ def test_cores_import_no_io(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & FORBIDDEN, f"{module} imports {imported & FORBIDDEN}"
+
+
+def test_random_loss_found_after_an_inconclusive_probe_restores_the_original_rate() -> None:
+    """Delivery is noisy while repairs share the link: the first window after a probing
+    cut may not show delivery falling, so the controller cuts again; once it finds the loss
+    random, it must return to the rate before the first cut, not the second."""
+    controller = RateController(100.0, window_s=0.5)
+    controller.poll(0.0)
+
+    def window(t: float, received: int, lost: int) -> RateChange | None:
+        controller.report("a", received=received, lost=lost, overrun=0)
+        return controller.poll(t)
+
+    assert controller.rate_mbit == 100.0
+    first = window(0.5, 4000, 1000)  # 20 % loss: probe
+    assert first is not None and first.reason == "heavy_loss"
+    second = window(1.0, 4000, 1000)  # delivery did not fall: inconclusive, probe again
+    assert second is not None and second.reason == "heavy_loss"
+    third = window(1.5, 3000, 750)  # delivery fell with the rate: random loss
+    assert third is not None and third.reason == "random_loss"
+    assert controller.rate_mbit == 100.0
