@@ -86,12 +86,14 @@ async def _drain(stream: asyncio.StreamReader | None, sent: list[int]) -> None:
                     int(event.get("pages_sent", 0))
                     + int(event.get("pages_resent", 0))
                     + int(event.get("pages_repeated", 0))
+                    + int(event.get("parity_sent", 0))
                 )
             if event.get("event", "").startswith("cast."):
                 fields = {
                     k: v
                     for k, v in event.items()
-                    if k in ("clients", "reason", "pages_sent", "pages_resent", "nacks")
+                    if k
+                    in ("clients", "reason", "pages_sent", "pages_resent", "parity_sent", "nacks")
                 }
                 print(f"  server: {event['event']} {fields}", file=sys.stderr)
 
@@ -162,7 +164,7 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
         copies = f"{sum(sent) / pages:.2f} copies of the file" if sent else "one multicast stream"
         print(
             f"\n{'all' if ok else 'NOT all'} {clients + 1} copies verified against sha256 "
-            f"{expected[:16]}… in {wall:.2f} s; the server sent {copies} ({sum(sent)} pages "
+            f"{expected[:16]}… in {wall:.2f} s; the server sent {copies} ({sum(sent)} datagrams "
             f"of 8 KiB) where HTTP would have sent {clients + 1}.",
             file=sys.stderr,
         )
