@@ -167,7 +167,13 @@ class StorageMachine(RuleBasedStateMachine):
         size = os.path.getsize(path)
         last_size, last_records = active.batches[-1]
         start = size - last_size
-        cut = data.draw(st.integers(start if zeros else start + 1, size - 1))
+        with open(path, "rb") as f:
+            tail = f.read()[start:]
+        # Zeros must change something: a batch's last bytes are often zeros already.
+        last_nonzero = start + max(i for i, byte in enumerate(tail) if byte)
+        cut = data.draw(
+            st.integers(start if zeros else start + 1, last_nonzero if zeros else size - 1)
+        )
         if zeros:
             with open(path, "r+b") as f:
                 f.seek(cut)
