@@ -1,20 +1,24 @@
 """Helpers shared by the storage tests: an encoder written from the format specification
-alone (to check the codec against), entry generators, small-segment configurations, and
-log capture."""
+alone (to check the codec against), entry generators, small-segment configurations, log
+capture, and a recorder of the file system calls the log makes (which can also simulate a
+crash at any one of them)."""
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import struct
-from collections.abc import Iterator, MutableMapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import crc32c
+import pytest
 from structlog.testing import capture_logs
 
 import bootcast.logs
-from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, LogConfig
+from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, LogConfig, SegmentedLog
 
 NEVER = FsyncPolicy(mode=FsyncMode.NEVER)
 
@@ -89,3 +93,69 @@ def quiet_logs() -> Iterator[None]:
         yield
     finally:
         bootcast.logs.configure()
+
+
+class Crash(BaseException):
+    """A simulated crash at a system call: a BaseException, so no ``except OSError``
+    cleanup in the code under test runs, as when the process dies there."""
+
+
+_PATH_CALLS = ("rename", "unlink")
+_FD_CALLS = ("pwrite", "fdatasync", "fsync", "ftruncate", "copy_file_range")
+
+
+class Syscalls:
+    """Record ``(call, file)`` for the file system calls the storage code makes, in order.
+    A directory is named with a trailing ``/``; ``rename`` as ``"old -> new"``;
+    ``copy_file_range`` by its destination.
+
+    ``crash_at=n`` raises :class:`Crash` instead of making call number ``n`` (from 1);
+    with ``torn=True`` a ``pwrite`` or ``copy_file_range`` crashed at writes half its bytes
+    first (a write cut short)."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, *, crash_at: int | None = None, torn: bool = False
+    ) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.crash_at = crash_at
+        self.torn = torn
+        for name in (*_PATH_CALLS, *_FD_CALLS):
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+
+    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if name == "rename":
+                target = f"{os.fspath(args[0])} -> {os.fspath(args[1])}"
+            elif name in _PATH_CALLS:
+                target = os.fspath(args[0])
+            else:
+                fd = args[1] if name == "copy_file_range" else args[0]  # its destination
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    target += "/"
+            self.calls.append((name, target))
+            if len(self.calls) == self.crash_at:
+                if self.torn and name == "pwrite":
+                    data = bytes(args[1])
+                    real(args[0], data[: len(data) // 2], args[2])
+                elif self.torn and name == "copy_file_range":
+                    real(args[0], args[1], args[2] // 2, *args[3:])
+                raise Crash(f"crash at {name} {target}")
+            return real(*args)
+
+        return call
+
+    def names(self, *, of: str | None = None) -> list[str]:
+        """The calls, or those whose file name ends with ``of``."""
+        return [name for name, target in self.calls if of is None or target.endswith(of)]
+
+
+def abandon(log: SegmentedLog) -> None:
+    """Drop a log after a simulated crash: close its descriptors (releasing the directory
+    lock) without syncing or writing anything."""
+    log._stop.set()
+    for fd in (log._active_fd, *log._read_fds.values(), log._lock_fd):
+        with suppress(OSError):
+            os.close(fd)
+    log._read_fds.clear()
+    log._closed = True

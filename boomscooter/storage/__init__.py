@@ -88,8 +88,15 @@ Durability (fsync policy and ordering)
 * ``never``: no fsync on the append or roll path.
 * Roll: fdatasync the segment being sealed (not under ``never``), write its index files
   (temp + rename), write the new segment's header to ``<base>.log.tmp``, fdatasync, rename
-  to ``<base>.log``, fsync the directory. Retention and truncation fsync the directory
-  after deleting files. ``sync()`` and ``close()`` fsync under every policy.
+  to ``<base>.log``, fsync the directory. Retention fsyncs the directory after deleting
+  files. ``sync()`` and ``close()`` fsync under every policy.
+* ``truncate_after`` deletes the later segments newest first, fsyncing the directory
+  after each (a crash never leaves a gap), then cuts the remaining segment: at a batch
+  boundary with ``ftruncate`` and fdatasync; inside a batch by writing the segment's
+  kept prefix and the shortened batch to ``<base>.log.tmp``, fdatasync, rename over
+  ``<base>.log``, fsync the directory. A crash leaves the old log, the new one, or a
+  prefix of the old one that still holds every kept record (repeat the truncation).
+  (Directory fsyncs are skipped under ``never``.)
 
 Recovery on open
 ----------------

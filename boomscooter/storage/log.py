@@ -25,8 +25,6 @@ list. Sealed segments are read through a small LRU of read-only descriptors.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import threading
 import time
@@ -38,7 +36,6 @@ from typing import NoReturn
 from boomscooter.errors import (
     BatchEncodeError,
     LogClosedError,
-    LogLockedError,
     SeqnoGapError,
     SeqnoOutOfRangeError,
     StorageIOError,
@@ -57,11 +54,12 @@ from boomscooter.storage.recovery import (
     Recovery,
     SegmentState,
     create_segment,
+    lock_directory,
     remove_index_files,
+    rewrite_segment,
     write_index_files,
 )
 from boomscooter.storage.segment import (
-    LOCK_FILE,
     SEGMENT_HEADER_BYTES,
     fd_reader,
     file_name,
@@ -69,6 +67,7 @@ from boomscooter.storage.segment import (
     pwrite_all,
     read_batches,
     scan_segment,
+    seqno_at_time,
 )
 from bootcast.logs import get_logger
 
@@ -133,14 +132,7 @@ class SegmentedLog:
         config = config or LogConfig()
         path = os.fspath(directory)
         os.makedirs(path, exist_ok=True)
-        lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(lock_fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise LogLockedError(f"{path} is locked by another process") from None
-            raise
+        lock_fd = lock_directory(path)
         try:
             started = time.monotonic()
             recovery = Recovery(path, config, repair=repair)
@@ -348,47 +340,59 @@ class SegmentedLog:
                 self._fail(exc)
 
     def _truncate_locked(self, seqno: int) -> None:
-        dropped = False
+        """Crash safety: later segments are deleted newest first, the directory fsynced after
+        each (a crash leaves a shorter log, never a gap); then the remaining segment is cut
+        at a batch boundary with ``ftruncate``, or — when the cut falls inside a batch —
+        replaced by a copy ending in the shortened batch (temp file, fdatasync, rename). At
+        every instant the files hold the old log, the new one, or a log in between that
+        still holds every kept record."""
+        sync = self.config.fsync.mode is not FsyncMode.NEVER
         while len(self._segments) > 1 and self._segments[-1].base_seqno > seqno:
             os.close(self._active_fd)
             self._bases.pop()
             self._drop_files(self._segments.pop())
+            if sync:
+                fsync_dir(self.directory)
             self._active_fd = self._reopen_for_write(self._segments[-1])
-            dropped = True
         segment = self._segments[-1]
         cut = SEGMENT_HEADER_BYTES
-        keep: list[Entry] = []
-        epoch = 0
+        shortened: Batch | None = None
         if seqno >= segment.base_seqno:
             batch, start = self._batch_holding(segment, seqno)
             cut = start + batch.header.length
             if batch.last_seqno != seqno:
-                # Cut the whole batch first and append its kept prefix afterwards: a crash
-                # in between loses a few records a diverged replica refetches anyway, but
-                # never leaves a short batch followed by the old batch's tail.
-                cut = start
                 keep = batch.entries()[: seqno - batch.base_seqno + 1]
-                epoch = batch.epoch
-        os.ftruncate(self._active_fd, cut)
-        self._total_bytes -= segment.index.end - cut
+                shortened = encode_batch(keep, base_seqno=batch.base_seqno, epoch=batch.epoch)
+                cut = start
+        if shortened is None:
+            os.ftruncate(self._active_fd, cut)
+            if sync:
+                os.fdatasync(self._active_fd)
+        else:
+            fd = rewrite_segment(
+                self.directory, segment.base_seqno, self._active_fd, cut, shortened.data
+            )
+            os.close(self._active_fd)
+            self._active_fd = fd
+            if sync:
+                fsync_dir(self.directory)
+        end = os.fstat(self._active_fd).st_size
+        self._total_bytes -= segment.index.end - end
         segment.index = SegmentIndex(
             base_seqno=segment.base_seqno,
             start=SEGMENT_HEADER_BYTES,
             interval_bytes=self.config.index_interval_bytes,
         )
-        fd = self._active_fd
-        damage = scan_segment(fd_reader(fd), size=cut, index=segment.index, verify=False)
+        damage = scan_segment(
+            fd_reader(self._active_fd), size=end, index=segment.index, verify=False
+        )
         assert damage is None, damage
         self._next_seqno = segment.index.next_seqno
         self._generation += 1
-        self._durable_seqno = min(self._durable_seqno, self._next_seqno - 1)
-        if self.config.fsync.mode is not FsyncMode.NEVER:
-            os.fdatasync(fd)
-            if dropped:
-                fsync_dir(self.directory)
-        log.info("segment.truncated", path=segment.path, offset=cut, reason="truncate_after")
-        if keep:
-            self._store_locked(encode_batch(keep, base_seqno=self._next_seqno, epoch=epoch))
+        # Synced: everything left is on disk (sealed segments were synced when sealed).
+        durable = self._next_seqno - 1
+        self._durable_seqno = durable if sync else min(self._durable_seqno, durable)
+        log.info("segment.truncated", path=segment.path, offset=end, reason="truncate_after")
 
     def _reopen_for_write(self, segment: SegmentState) -> int:
         fd = self._read_fds.pop(segment.base_seqno, None)
@@ -398,9 +402,10 @@ class SegmentedLog:
         return os.open(segment.path, os.O_RDWR)
 
     def _batch_holding(self, segment: SegmentState, seqno: int) -> tuple[Batch, int]:
-        fd = self._fd_for(segment)
+        """The batch holding ``seqno`` and its position."""
+        read_at = fd_reader(self._fd_for(segment))
         batches, after = read_batches(
-            fd_reader(fd),
+            read_at,
             path=segment.path,
             position=segment.index.find_seqno(seqno),
             end=segment.index.end,
@@ -482,23 +487,12 @@ class SegmentedLog:
             index = segment.index
             if index.end == SEGMENT_HEADER_BYTES or index.max_timestamp_ms < timestamp_ms:
                 continue
-            fd = self._fd_for(segment)
-            position = index.find_time(timestamp_ms)
-            while position < index.end:
-                batches, position = read_batches(
-                    fd_reader(fd),
-                    path=segment.path,
-                    position=position,
-                    end=index.end,
-                    from_seqno=0,
-                    to_seqno=None,
-                    max_bytes=DEFAULT_READ_BYTES,
-                )
-                for batch in batches:
-                    if batch.header.max_timestamp_ms >= timestamp_ms:
-                        for record in batch.records():
-                            if record.timestamp_ms >= timestamp_ms:
-                                return record.seqno
+            read_at = fd_reader(self._fd_for(segment))
+            seqno = seqno_at_time(
+                read_at, path=segment.path, index=index, timestamp_ms=timestamp_ms
+            )
+            if seqno is not None:
+                return seqno
         return None
 
     # -- durability and shutdown -------------------------------------------------------

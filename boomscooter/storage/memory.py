@@ -146,16 +146,12 @@ class MemoryLog:
         old = self._segments[-1]
         segment = _Segment(old.base_seqno)
         self._segments[-1] = segment
-        keep: list[Entry] = []
-        epoch = 0
         for batch in old.batches:
             if batch.last_seqno <= seqno:
                 segment.add(batch)
-            elif batch.base_seqno <= seqno:
+            elif batch.base_seqno <= seqno:  # the cut is inside: keep a shortened copy
                 keep = batch.entries()[: seqno - batch.base_seqno + 1]
-                epoch = batch.epoch
-        if keep:
-            self._store(encode_batch(keep, base_seqno=self.next_seqno, epoch=epoch))
+                segment.add(encode_batch(keep, base_seqno=batch.base_seqno, epoch=batch.epoch))
 
     def read_batches(
         self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int = DEFAULT_READ_BYTES

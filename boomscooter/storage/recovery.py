@@ -18,10 +18,12 @@ The rules (also in the storage specification):
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from dataclasses import dataclass
 
-from boomscooter.errors import CorruptLogError
+from boomscooter.errors import CorruptLogError, LogLockedError
 from boomscooter.storage.api import LogConfig, RecoveryAction, RecoveryKind
 from boomscooter.storage.index import IndexFiles, IndexMismatch, SegmentIndex, load_index
 from boomscooter.storage.segment import (
@@ -32,6 +34,7 @@ from boomscooter.storage.segment import (
     TIME_INDEX_SUFFIX,
     TMP_SUFFIX,
     check_segment_header,
+    copy_range,
     encode_segment_header,
     fd_reader,
     file_name,
@@ -56,6 +59,19 @@ class SegmentState:
     index: SegmentIndex
 
 
+def lock_directory(directory: str) -> int:
+    """Take the writer's ``flock`` on ``boomscooter.lock``; returns its descriptor."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LogLockedError(f"{directory} is locked by another process") from None
+        raise
+    return fd
+
+
 def create_segment(directory: str, base_seqno: int, *, sync: bool) -> int:
     """Create ``<base>.log`` atomically (header to a temp file, fsync, rename, fsync the
     directory) and return a read-write descriptor on it."""
@@ -73,6 +89,28 @@ def create_segment(directory: str, base_seqno: int, *, sync: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def rewrite_segment(
+    directory: str, base_seqno: int, fd: int, keep_bytes: int, tail: bytes | memoryview
+) -> int:
+    """Replace ``<base>.log`` (open as ``fd``) by its first ``keep_bytes`` followed by
+    ``tail``, atomically: the new content goes to ``<base>.log.tmp``, is fdatasynced and
+    renamed over the segment; the caller fsyncs the directory. A crash leaves the old file
+    or the new one, never a mix (a leftover temp file is deleted on open). Returns a
+    read-write descriptor on the new file."""
+    final = os.path.join(directory, file_name(base_seqno))
+    temp = final + TMP_SUFFIX
+    out = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        copy_range(fd, out, keep_bytes)
+        pwrite_all(out, tail, keep_bytes)
+        os.fdatasync(out)  # under every policy: the file it replaces may have been durable
+        os.rename(temp, final)
+    except BaseException:
+        os.close(out)
+        raise
+    return out
 
 
 def index_paths(directory: str, base_seqno: int) -> tuple[str, str]:

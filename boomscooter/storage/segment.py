@@ -17,6 +17,7 @@ either: it truncates a torn tail of the active segment and refuses everything el
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -258,6 +259,30 @@ def read_batches(
     return batches, pos
 
 
+def seqno_at_time(
+    read_at: ReadAt, *, path: str, index: SegmentIndex, timestamp_ms: int
+) -> int | None:
+    """The first seqno in a segment whose record timestamp is at or after ``timestamp_ms``
+    (the walk starts where the time index says no earlier record reaches it)."""
+    position = index.find_time(timestamp_ms)
+    while position < index.end:
+        batches, position = read_batches(
+            read_at,
+            path=path,
+            position=position,
+            end=index.end,
+            from_seqno=0,
+            to_seqno=None,
+            max_bytes=READ_CHUNK_BYTES,
+        )
+        for batch in batches:
+            if batch.header.max_timestamp_ms >= timestamp_ms:
+                for record in batch.records():
+                    if record.timestamp_ms >= timestamp_ms:
+                        return record.seqno
+    return None
+
+
 def pread_all(fd: int, size: int, position: int) -> bytes:
     """``os.pread`` until ``size`` bytes or end of file (short reads are legal)."""
     data = os.pread(fd, size, position)
@@ -297,3 +322,26 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy_range(src: int, dst: int, size: int) -> None:
+    """Copy bytes [0, ``size``) of ``src`` to the same place in ``dst`` (in the kernel with
+    ``copy_file_range`` where the filesystem allows it, else by ``pread``/``pwrite``)."""
+    position = 0
+    try:
+        while position < size:
+            copied = os.copy_file_range(src, dst, size - position, position, position)
+            if copied == 0:
+                break
+            position += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while position < size:
+        data = pread_all(src, min(READ_CHUNK_BYTES, size - position), position)
+        if not data:
+            break
+        pwrite_all(dst, data, position)
+        position += len(data)
+    if position != size:
+        raise OSError(errno.EIO, f"copy stopped at {position} of {size} bytes (short source)")
