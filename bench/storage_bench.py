@@ -84,7 +84,7 @@ def bench_append(
     directory = work / f"append-{record_bytes}-{batch}-{fsync}"
     entries = [Entry(1_700_000_000_000 + i, os.urandom(record_bytes)) for i in range(batch)]
     count = appends_for(batch, fsync, quick)
-    config = LogConfig(segment_ms=None, fsync=policy(fsync))
+    config = LogConfig(fsync=policy(fsync))
     best = ceiling = float("inf")
     for _ in range(repeats):  # best of N, log and plain interleaved: the host is shared
         with SegmentedLog.open(directory, config) as log:
@@ -131,7 +131,7 @@ def bench_reads(work: Path, quick: bool, repeats: int) -> list[Row]:
     batch = 1000
     directory = work / "read"
     entries = [Entry(1_700_000_000_000 + i, os.urandom(100)) for i in range(batch)]
-    config = LogConfig(segment_ms=None, fsync=policy("never"))
+    config = LogConfig(fsync=policy("never"))
     with SegmentedLog.open(directory, config) as log:
         for _ in range(records // batch):
             log.append(entries, epoch=1)

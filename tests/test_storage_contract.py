@@ -20,6 +20,8 @@ from boomscooter.errors import (
 from boomscooter.storage import (
     Batch,
     Entry,
+    FsyncMode,
+    FsyncPolicy,
     Log,
     LogConfig,
     MemoryLog,
@@ -201,6 +203,31 @@ def test_roll_by_age(make_log: MakeLog) -> None:
     clock.now_ms = 11_000  # the segment's first record is now 1 s old
     log.append([Entry(11_000, b"c")], epoch=1)
     assert log.segment_count == 2
+
+
+def test_roll_by_age_ignores_record_timestamps(make_log: MakeLog) -> None:
+    """Age is wall-clock time since the segment's first append: records stamped long ago (a
+    replica catching up, a producer with a slow clock) or in the future roll nothing."""
+    clock = FakeClock(1_800_000_000_000)
+    log = make_log(small_config(segment_ms=60_000, segment_bytes=10**6), clock)
+    for i in range(20):
+        log.append([Entry(1_700_000_000_000 + i, b"2023")], epoch=1)
+        log.append([Entry(1_900_000_000_000 + i, b"2030")], epoch=1)
+        clock.now_ms += 1_000
+    assert log.segment_count == 1
+    clock.now_ms = 1_800_000_060_000  # a minute after the first append
+    log.append([Entry(0, b"x")], epoch=1)
+    assert log.segment_count == 2
+    clock.now_ms += 59_999
+    log.append([Entry(0, b"y")], epoch=1)
+    assert log.segment_count == 2
+
+
+def test_old_timestamps_do_not_roll_under_the_default_config(make_log: MakeLog) -> None:
+    log = make_log(LogConfig(fsync=FsyncPolicy(mode=FsyncMode.NEVER)))  # wall clock, 7 days
+    for i in range(20):
+        log.append([Entry(1_700_000_000_000 + i, b"x" * 100)], epoch=1)
+    assert log.segment_count == 1
 
 
 def test_retention_by_bytes(make_log: MakeLog) -> None:

@@ -161,6 +161,24 @@ def test_a_failed_fsync_poisons_the_log(tmp_path: Path, monkeypatch: pytest.Monk
     log.close()
 
 
+def test_roll_by_age_after_a_reopen_counts_from_the_file_mtime(tmp_path: Path) -> None:
+    now = [1_800_000_000_000]
+    config = small_config(segment_ms=60_000, segment_bytes=10**6)
+    with open_log(tmp_path, config, clock_ms=lambda: now[0]) as log:
+        log.append([Entry(1, b"a")], epoch=1)
+        name = log.segment_files()[-1][0]
+    written_ns = now[0] * 1_000_000
+    os.utime(tmp_path / name, ns=(written_ns, written_ns))
+    now[0] += 50_000
+    with open_log(tmp_path, config, clock_ms=lambda: now[0]) as log:
+        log.append([Entry(2, b"b")], epoch=1)
+        assert log.segment_count == 1  # 50 s since the last write before the restart
+        now[0] += 10_000
+        log.append([Entry(3, b"c")], epoch=1)
+        assert log.segment_count == 2
+        assert log.segment_files()[-1][0] == f"{3:020d}.log"
+
+
 def test_read_handles_on_sealed_segments_are_bounded(tmp_path: Path) -> None:
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))

@@ -52,7 +52,9 @@ The newest segment is *active* (appended to). A segment is *sealed* when the nex
 created; sealed segments are immutable (only retention deletes them, only
 ``truncate_after`` — a replica dropping a diverged tail — cuts into them again). A new
 segment is started (rolled) before a batch that would take the active segment past
-``segment_bytes``, or once the active segment's first record is ``segment_ms`` old.
+``segment_bytes``, or once ``segment_ms`` of wall-clock time have passed since the first
+batch was appended to the active segment (after a restart, counted from the segment
+file's modification time). Record timestamps play no part in rolling.
 
 Index files (derived)
 ---------------------

@@ -71,7 +71,8 @@ class LogConfig:
     """Tuning of a log. Sizes are parameters so tests can roll many small segments."""
 
     segment_bytes: int = 256 << 20  # roll before a segment would exceed this
-    segment_ms: int | None = 7 * 24 * 3600 * 1000  # roll once the first record is this old
+    segment_ms: int | None = 7 * 24 * 3600 * 1000  # roll this long (wall clock) after the
+    # active segment's first append
     index_interval_bytes: int = 32 << 10  # one sparse index entry per this much log
     max_batch_bytes: int = 16 << 20
     retention_bytes: int | None = None  # delete oldest sealed segments above this total
@@ -102,17 +103,26 @@ def should_roll(
     *,
     active_bytes: int,
     active_batches: int,
-    active_first_timestamp_ms: int,
+    active_since_ms: int | None,
     batch_bytes: int,
     now_ms: int,
 ) -> bool:
     """Whether a batch of ``batch_bytes`` goes into a new segment. An empty active segment
-    takes any batch (a batch larger than ``segment_bytes`` gets a segment to itself)."""
+    takes any batch (a batch larger than ``segment_bytes`` gets a segment to itself).
+
+    Age is wall-clock time: ``active_since_ms`` is the clock reading at the active
+    segment's first append (None: unknown, no roll by age), ``now_ms`` the clock now.
+    Record timestamps play no part — they are the producers' clocks, and a replica catching
+    up or a producer with a skewed clock would otherwise roll a segment per append."""
     if active_batches == 0:
         return False
     if active_bytes + batch_bytes > config.segment_bytes:
         return True
-    return config.segment_ms is not None and now_ms - active_first_timestamp_ms >= config.segment_ms
+    return (
+        config.segment_ms is not None
+        and active_since_ms is not None
+        and now_ms - active_since_ms >= config.segment_ms
+    )
 
 
 def retention_count(

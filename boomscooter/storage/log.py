@@ -9,7 +9,9 @@ Appends encode (or, for ``append_batch``, validate) one batch and write it with 
 ``pwrite`` at the active segment's end; the in-memory end moves only after the write
 completed, so readers in this process never see a partial batch. A failed write is cut
 back off the file (``ftruncate``); a failed fsync poisons the log (the page cache can no
-longer be trusted), and further appends raise :class:`LogClosedError`.
+longer be trusted), and further appends raise :class:`LogClosedError`. Roll by age uses
+the injectable wall clock from the active segment's first append (after a restart: the
+file's modification time).
 
 fsync policy: ``always`` fdatasyncs before the append returns; ``interval`` runs a
 background thread that fdatasyncs a duplicate of the active descriptor at most every
@@ -100,6 +102,7 @@ class SegmentedLog:
         self._lock = threading.Lock()
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._active_fd = os.open(segments[-1].path, os.O_RDWR)
+        self._active_since_ms = self._since_from_file(segments[-1], self._active_fd)
         self._next_seqno = segments[-1].index.next_seqno
         self._total_bytes = sum(s.index.end for s in segments)
         self._durable_seqno = self._next_seqno - 1  # recovery fsynced every segment
@@ -189,6 +192,13 @@ class SegmentedLog:
         if self._failed is not None:
             raise LogClosedError(f"log {self.directory} failed earlier: {self._failed}")
 
+    def _since_from_file(self, segment: SegmentState, fd: int) -> int | None:
+        """When a segment holding batches was first appended to, as far as its file tells
+        after a restart: its modification time (the last write, so never too early)."""
+        if segment.index.next_seqno == segment.base_seqno or self.config.segment_ms is None:
+            return None
+        return min(os.fstat(fd).st_mtime_ns // 1_000_000, self._clock_ms())
+
     # -- appends -----------------------------------------------------------------------
 
     def append(self, entries: Sequence[Entry], *, epoch: int) -> Batch:
@@ -220,13 +230,14 @@ class SegmentedLog:
                 f"batch of {header.length} bytes exceeds max_batch_bytes {config.max_batch_bytes}"
             )
         index = self._segments[-1].index
+        now_ms = self._clock_ms() if config.segment_ms is not None else 0
         if index.batch_count and should_roll(
             config,
             active_bytes=index.end,
             active_batches=index.batch_count,
-            active_first_timestamp_ms=index.first_timestamp_ms,
+            active_since_ms=self._active_since_ms,
             batch_bytes=header.length,
-            now_ms=self._clock_ms() if config.segment_ms is not None else 0,
+            now_ms=now_ms,
         ):
             self._roll_locked()
             index = self._segments[-1].index
@@ -236,6 +247,8 @@ class SegmentedLog:
                 pwrite_all(self._active_fd, batch.data, position)  # rare: rewrite it whole
         except OSError as exc:
             self._undo_write(position, exc)
+        if index.batch_count == 0:
+            self._active_since_ms = now_ms if config.segment_ms is not None else None
         index.add(position, header)
         self._total_bytes += header.length
         self._next_seqno = header.next_seqno
@@ -288,6 +301,7 @@ class SegmentedLog:
         )
         self._segments.append(SegmentState(base_seqno=self._next_seqno, path=path, index=index))
         self._bases.append(self._next_seqno)
+        self._active_since_ms = None  # set by the first append
         self._total_bytes += SEGMENT_HEADER_BYTES
         log.info(
             "segment.rolled",
@@ -354,6 +368,7 @@ class SegmentedLog:
             if sync:
                 fsync_dir(self.directory)
             self._active_fd = self._reopen_for_write(self._segments[-1])
+            self._active_since_ms = self._since_from_file(self._segments[-1], self._active_fd)
         segment = self._segments[-1]
         cut = SEGMENT_HEADER_BYTES
         shortened: Batch | None = None
@@ -387,6 +402,8 @@ class SegmentedLog:
             fd_reader(self._active_fd), size=end, index=segment.index, verify=False
         )
         assert damage is None, damage
+        if segment.index.batch_count == 0:
+            self._active_since_ms = None
         self._next_seqno = segment.index.next_seqno
         self._generation += 1
         # Synced: everything left is on disk (sealed segments were synced when sealed).

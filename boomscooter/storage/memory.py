@@ -28,6 +28,7 @@ class _Segment:
     bases: list[int] = field(default_factory=list)
     size: int = SEGMENT_HEADER_BYTES
     max_timestamp_ms: int = 0
+    since_ms: int | None = None  # wall clock at the first append (the age rule)
 
     def add(self, batch: Batch) -> None:
         self.batches.append(batch)
@@ -108,16 +109,19 @@ class MemoryLog:
                 f"{self.config.max_batch_bytes}"
             )
         active = self._segments[-1]
+        now_ms = self._clock_ms() if self.config.segment_ms is not None else 0
         if active.batches and should_roll(
             self.config,
             active_bytes=active.size,
             active_batches=len(active.batches),
-            active_first_timestamp_ms=active.batches[0].header.first_timestamp_ms,
+            active_since_ms=active.since_ms,
             batch_bytes=batch.header.length,
-            now_ms=self._clock_ms() if self.config.segment_ms is not None else 0,
+            now_ms=now_ms,
         ):
             active = _Segment(self.next_seqno)
             self._segments.append(active)
+        if not active.batches:
+            active.since_ms = now_ms
         active.add(batch)
 
     def roll(self) -> None:
@@ -152,6 +156,8 @@ class MemoryLog:
             elif batch.base_seqno <= seqno:  # the cut is inside: keep a shortened copy
                 keep = batch.entries()[: seqno - batch.base_seqno + 1]
                 segment.add(encode_batch(keep, base_seqno=batch.base_seqno, epoch=batch.epoch))
+        if segment.batches:
+            segment.since_ms = old.since_ms
 
     def read_batches(
         self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int = DEFAULT_READ_BYTES
