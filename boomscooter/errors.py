@@ -82,6 +82,15 @@ class SeqnoOutOfRangeError(StorageError):
     grpc_status = "OUT_OF_RANGE"
 
 
+class LogTruncatedError(StorageError):
+    """A :class:`~boomscooter.storage.LogReader` already returned records that the writer
+    has since dropped (``truncate_after``: the file shrank, was replaced by a shortened copy
+    or was deleted, or a notification announced less than was read). Those records were
+    never committed; open a new reader at the committed position."""
+
+    grpc_status = "ABORTED"
+
+
 class LogClosedError(StorageError):
     """The log was closed, or failed on an earlier write and refuses further use."""
 

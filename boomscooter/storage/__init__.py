@@ -124,6 +124,10 @@ Readers
 Batches are written with one ``pwrite`` each, and a file's size grows only after the
 bytes are in the page cache, so a reader that stops at the last *complete* batch below the
 size it was told (or saw) never uses a partial write: :class:`LogReader` does exactly that.
+A notification ``(file, size)`` is the committed end of the log: earlier segments are
+committed whole, later ones not at all, and a reader never reads past it. ``truncate_after``
+may cut, replace or delete files under a reader; one that had already returned dropped
+records gets :class:`~boomscooter.errors.LogTruncatedError` rather than stale bytes.
 """
 
 from __future__ import annotations
