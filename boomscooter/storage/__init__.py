@@ -84,7 +84,9 @@ not take it) and ``*.tmp`` (unfinished atomic writes, deleted on open).
 
 Durability (fsync policy and ordering)
 --------------------------------------
-* ``always``: ``fdatasync`` of the active segment before an append returns.
+* ``always``: ``fdatasync`` of the active segment before an append returns. The batch
+  joins the log only once that succeeded: a failed fsync cuts it back off the file and
+  the log refuses further writes until it is reopened.
 * ``interval``: a background thread ``fdatasync``\\ s at most every ``interval_ms`` while
   appends are unsynced; ``durable_seqno`` reports the highest synced seqno.
 * ``never``: no fsync on the append or roll path.

@@ -6,12 +6,12 @@ deletes them or ``truncate_after`` cuts into a diverged tail). Each segment's sp
 lives in memory; sealed segments also have it on disk (see :mod:`.index`).
 
 Appends encode (or, for ``append_batch``, validate) one batch and write it with a single
-``pwrite`` at the active segment's end; the in-memory end moves only after the write
-completed, so readers in this process never see a partial batch. A failed write is cut
-back off the file (``ftruncate``); a failed fsync poisons the log (the page cache can no
-longer be trusted), and further appends raise :class:`LogClosedError`. Roll by age uses
-the injectable wall clock from the active segment's first append (after a restart: the
-file's modification time).
+``pwrite`` at the active segment's end; the in-memory end moves only after the write (and,
+under ``always``, its fdatasync) succeeded, so readers in this process never see a partial
+or failed batch. A failed write or fsync is cut back off the file (``ftruncate``); a failed
+fsync also poisons the log (the page cache can no longer be trusted): further appends raise
+:class:`LogClosedError` until it is reopened. Roll by age uses the injectable wall clock
+from the active segment's first append (after a restart: the file's modification time).
 
 fsync policy: ``always`` fdatasyncs before the append returns; ``interval`` runs a
 background thread that fdatasyncs a duplicate of the active descriptor at most every
@@ -190,7 +190,10 @@ class SegmentedLog:
         if self._closed:
             raise LogClosedError(f"log {self.directory} is closed")
         if self._failed is not None:
-            raise LogClosedError(f"log {self.directory} failed earlier: {self._failed}")
+            raise LogClosedError(
+                f"log {self.directory} failed earlier ({self._failed}); it refuses writes "
+                "until it is closed and opened again"
+            )
 
     def _since_from_file(self, segment: SegmentState, fd: int) -> int | None:
         """When a segment holding batches was first appended to, as far as its file tells
@@ -247,24 +250,31 @@ class SegmentedLog:
                 pwrite_all(self._active_fd, batch.data, position)  # rare: rewrite it whole
         except OSError as exc:
             self._undo_write(position, exc)
+        always = config.fsync.mode is FsyncMode.ALWAYS
+        if always:
+            try:
+                os.fdatasync(self._active_fd)
+            except OSError as exc:
+                self._undo_write(position, exc, poison=True)
+        # Only now is the batch part of the log (readers, next seqno, reopen after close).
         if index.batch_count == 0:
             self._active_since_ms = now_ms if config.segment_ms is not None else None
         index.add(position, header)
         self._total_bytes += header.length
         self._next_seqno = header.next_seqno
-        if self.config.fsync.mode is FsyncMode.ALWAYS:
-            try:
-                os.fdatasync(self._active_fd)
-            except OSError as exc:
-                self._fail(exc)
-            self._durable_seqno = self._next_seqno - 1
+        if always:
+            self._durable_seqno = header.next_seqno - 1
 
-    def _undo_write(self, position: int, exc: OSError) -> NoReturn:
-        """Cut a failed write's partial bytes off so the file ends on a batch boundary."""
+    def _undo_write(self, position: int, exc: OSError, *, poison: bool = False) -> NoReturn:
+        """Cut a failed write's bytes off so the file ends on a batch boundary. After a
+        failed fsync (``poison``) the log also refuses further writes: the kernel may have
+        dropped dirty pages of earlier appends, so the page cache no longer tells the truth."""
         try:
             os.ftruncate(self._active_fd, position)
         except OSError as again:
             self._fail(again)
+        if poison:
+            self._fail(exc)
         raise StorageIOError(f"append to {self._segments[-1].path} failed: {exc}") from exc
 
     def _fail(self, exc: OSError) -> NoReturn:
