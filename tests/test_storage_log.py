@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage_support import NEVER, quiet_logs, random_entries, small_config
+from storage_support import NEVER, Syscalls, quiet_logs, random_entries, small_config
 
 import boomscooter.storage
 from boomscooter.errors import ConfigError, LogClosedError, LogLockedError, StorageIOError
@@ -82,6 +82,21 @@ def test_one_writer_per_directory(tmp_path: Path) -> None:
             assert [r.payload for r in reader.read()] == [b"a"]
     with open_log(tmp_path, small_config()) as log:  # released on close
         assert log.last_seqno == 1
+
+
+def test_a_new_data_directory_is_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        calls = Syscalls(patch)
+        open_log(tmp_path / "a" / "b", small_config()).close()
+    directory_syncs = [target for name, target in calls.calls if name == "fsync"]
+    # Each created directory's parent, top down, before anything is created inside.
+    assert directory_syncs[:2] == [f"{tmp_path}/", f"{tmp_path}/a/"]
+    with monkeypatch.context() as patch:
+        calls = Syscalls(patch)
+        open_log(tmp_path / "a" / "b", small_config()).close()  # exists: nothing to sync
+    assert f"{tmp_path}/a/" not in [target for _name, target in calls.calls]
 
 
 def test_fsync_always_makes_every_append_durable(tmp_path: Path) -> None:

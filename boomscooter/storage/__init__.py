@@ -93,7 +93,8 @@ Durability (fsync policy and ordering)
 * Roll: fdatasync the segment being sealed (not under ``never``), write its index files
   (temp + rename), write the new segment's header to ``<base>.log.tmp``, fdatasync, rename
   to ``<base>.log``, fsync the directory. Retention fsyncs the directory after deleting
-  files. ``sync()`` and ``close()`` fsync under every policy.
+  files. ``sync()`` and ``close()`` fsync under every policy. A new data directory is made
+  durable by fsyncing its parent.
 * ``truncate_after`` deletes the later segments newest first, fsyncing the directory
   after each (a crash never leaves a gap), then cuts the remaining segment: at a batch
   boundary with ``ftruncate`` and fdatasync; inside a batch by writing the segment's

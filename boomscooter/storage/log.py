@@ -66,6 +66,7 @@ from boomscooter.storage.segment import (
     fd_reader,
     file_name,
     fsync_dir,
+    make_dirs_durable,
     pwrite_all,
     read_batches,
     scan_segment,
@@ -134,7 +135,7 @@ class SegmentedLog:
         """
         config = config or LogConfig()
         path = os.fspath(directory)
-        os.makedirs(path, exist_ok=True)
+        make_dirs_durable(path)
         lock_fd = lock_directory(path)
         try:
             started = time.monotonic()

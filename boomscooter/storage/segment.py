@@ -324,6 +324,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_dirs_durable(path: str) -> None:
+    """``os.makedirs`` whose result survives a power loss: each directory created is made
+    durable by fsyncing its parent (top down), so the new data directory is not lost."""
+    missing: list[str] = []
+    here = os.path.abspath(path)
+    while not os.path.isdir(here):
+        missing.append(here)
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    if not missing:
+        return
+    os.makedirs(path, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(os.path.dirname(created))
+
+
 def copy_range(src: int, dst: int, size: int) -> None:
     """Copy bytes [0, ``size``) of ``src`` to the same place in ``dst`` (in the kernel with
     ``copy_file_range`` where the filesystem allows it, else by ``pread``/``pwrite``)."""
