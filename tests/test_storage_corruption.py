@@ -16,7 +16,8 @@ from storage_support import captured_logs, quiet_logs, random_entries, small_con
 
 from boomscooter.errors import CorruptLogError
 from boomscooter.storage import Entry, LogConfig, RecoveryKind, SegmentedLog
-from boomscooter.storage.batch import Record
+from boomscooter.storage.batch import Record, decode_header
+from boomscooter.storage.index import SegmentIndex
 
 CONFIG = small_config(segment_bytes=2048, index_interval_bytes=300)
 
@@ -222,6 +223,22 @@ def stale_index(w: Written) -> Expect:
     return Expect(last_seqno=w.last_seqno, actions=frozenset({RecoveryKind.INDEX_REBUILT}))
 
 
+def stale_index_of_the_same_segment(w: Written) -> Expect:
+    """The segment's own index from when it held fewer batches (a crash of an old writer
+    between an append and the index rewrite, a restored backup): consistent, but stale."""
+    name = w.files[1]
+    index = SegmentIndex(
+        base_seqno=int(name[:20]), start=32, interval_bytes=CONFIG.index_interval_bytes
+    )
+    data = w.path(name).read_bytes()
+    for extent in w.in_file(name)[:-2]:
+        index.add(extent.offset, decode_header(data, extent.offset))
+    files = index.encode()
+    w.path(name.replace(".log", ".index")).write_bytes(files.offsets)
+    w.path(name.replace(".log", ".timeindex")).write_bytes(files.times)
+    return Expect(last_seqno=w.last_seqno, actions=frozenset({RecoveryKind.INDEX_REBUILT}))
+
+
 def truncated_index(w: Written) -> Expect:
     path = w.path(w.files[2].replace(".log", ".timeindex"))
     path.write_bytes(path.read_bytes()[:-5])
@@ -264,6 +281,7 @@ CORRUPTIONS: list[Callable[[Written], Expect]] = [
     unfinished_segment_header,
     delete_index,
     stale_index,
+    stale_index_of_the_same_segment,
     truncated_index,
     stray_files,
     leftover_temp_files,
@@ -349,10 +367,13 @@ def test_fast_open_trusts_good_indexes_and_reads_still_check_crcs(tmp_path: Path
         SegmentedLog.open(w.directory, CONFIG)  # the full check on open finds it
 
 
-def test_fast_open_rebuilds_a_stale_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stale", [stale_index, stale_index_of_the_same_segment])
+def test_fast_open_rebuilds_a_stale_index(
+    tmp_path: Path, stale: Callable[[Written], Expect]
+) -> None:
     w = write_log(tmp_path / "log")
     fast = small_config(segment_bytes=2048, index_interval_bytes=300, verify_sealed=False)
-    stale_index(w)
+    stale(w)
     with SegmentedLog.open(w.directory, fast) as log:
         assert RecoveryKind.INDEX_REBUILT in log.recovery.kinds()
         assert list(log.read(1)) == w.records

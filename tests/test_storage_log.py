@@ -107,6 +107,50 @@ def test_fsync_always_makes_every_append_durable(tmp_path: Path) -> None:
             assert log.durable_seqno == log.last_seqno
 
 
+def test_fsync_always_writes_then_syncs_before_the_append_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call order of the append path: one pwrite of the batch, then fdatasync of the
+    same file, and only after that does the log show the batch."""
+    config = small_config(segment_bytes=10**6, fsync=FsyncPolicy(mode=FsyncMode.ALWAYS))
+    with open_log(tmp_path, config) as log:
+        segment = f"{tmp_path}/{log.segment_files()[-1][0]}"
+        seen_at_sync: list[int] = []
+        real_fdatasync = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            seen_at_sync.append(log.last_seqno)
+            real_fdatasync(fd)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fdatasync", fdatasync)
+            calls = Syscalls(patch)
+            for i in range(3):
+                log.append([Entry(i, b"x" * 100)], epoch=1)
+                assert log.durable_seqno == log.last_seqno == i + 1
+        assert calls.calls == [("pwrite", segment), ("fdatasync", segment)] * 3
+        assert seen_at_sync == [0, 1, 2]  # not yet advanced while syncing
+
+
+def test_a_roll_syncs_the_sealed_segment_and_makes_the_new_one_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = small_config(segment_bytes=10**6, fsync=FsyncPolicy(mode=FsyncMode.ALWAYS))
+    with open_log(tmp_path, config) as log:
+        log.append([Entry(1, b"a")], epoch=1)
+        with monkeypatch.context() as patch:
+            calls = Syscalls(patch)
+            log.roll()
+        sealed, new = (f"{tmp_path}/{name}" for name, _size in log.segment_files())
+    assert [c for c in calls.calls if not c[1].endswith("index")] == [
+        ("fdatasync", sealed),
+        ("pwrite", f"{new}.tmp"),
+        ("fdatasync", f"{new}.tmp"),
+        ("rename", f"{new}.tmp -> {new}"),
+        ("fsync", f"{tmp_path}/"),
+    ]
+
+
 def test_fsync_interval_catches_up_in_the_background(tmp_path: Path) -> None:
     config = small_config(
         segment_bytes=10**6, fsync=FsyncPolicy(mode=FsyncMode.INTERVAL, interval_ms=20)
