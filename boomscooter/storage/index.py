@@ -63,14 +63,13 @@ class IndexFiles:
 
 class SegmentIndex:
     """Sparse index plus the facts about a segment that recovery and retention need:
-    end position, next seqno, first and largest timestamp, batch count."""
+    end position, next seqno, largest timestamp, batch count."""
 
     __slots__ = (
         "_last_entry_position",
         "base_seqno",
         "batch_count",
         "end",
-        "first_timestamp_ms",
         "interval_bytes",
         "max_timestamp_ms",
         "next_seqno",
@@ -87,7 +86,6 @@ class SegmentIndex:
         self.times = array("Q")
         self.end = start
         self.next_seqno = base_seqno
-        self.first_timestamp_ms = 0
         self.max_timestamp_ms = 0
         self.batch_count = 0
         self._last_entry_position = -interval_bytes
@@ -99,8 +97,6 @@ class SegmentIndex:
             self.positions.append(position)
             self.times.append(self.max_timestamp_ms)
             self._last_entry_position = position
-        if self.batch_count == 0:
-            self.first_timestamp_ms = header.first_timestamp_ms
         self.batch_count += 1
         if header.max_timestamp_ms > self.max_timestamp_ms:
             self.max_timestamp_ms = header.max_timestamp_ms
@@ -200,8 +196,7 @@ def load_index(
     index.next_seqno = next_seqno
     index.max_timestamp_ms = max_ts
     index._last_entry_position = prev_pos
-    # Not saved: the first timestamp (only the active segment's is used, and it is always
-    # scanned) and the batch count (only known to be non-zero).
+    # Not saved: the batch count (only known to be non-zero).
     index.batch_count = 1
     return index
 
