@@ -83,20 +83,58 @@ def finish(fd: int, temp: str, destination: str) -> None:
     os.replace(temp, destination)
 
 
-class MappedWriter:
+class _BackgroundSync:
+    """Writes dirty pages back as the transfer goes (``fdatasync`` in a thread: it blocks),
+    so the final one before the rename has little left to do."""
+
+    SYNC_EVERY = 1024 * 1024  # the final fdatasync of eight clients at once: ~0.1 s, not 0.4
+
+    def __init__(self, fd: int, destination: str) -> None:
+        self.fd = fd
+        self.destination = destination
+        self.unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self.sync_error: OSError | None = None
+
+    def sync_if_due(self) -> None:
+        if self.unsynced >= self.SYNC_EVERY and (
+            self._syncer is None or not self._syncer.is_alive()
+        ):
+            self.unsynced = 0
+            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
+            self._syncer.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)  # writes back pages dirtied through a mapping too
+        except OSError as exc:
+            # Linux reports a writeback error once per file: keep it for the verdict.
+            self.sync_error = exc
+
+    def wait_synced(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+        self._closed()
+        if self.sync_error is not None:
+            raise FetchError(
+                f"cannot write {self.destination}: {self.sync_error.strerror}"
+            ) from None
+
+    def _closed(self) -> None:
+        """Release what the writer holds once the last background sync ended."""
+
+
+class MappedWriter(_BackgroundSync):
     """Writes pages into a shared mapping of the (preallocated) output file: a page is a
     memory copy, not a syscall (at 20 % loss, runs of consecutive pages are short, and a
     ``pwrite`` per run cost more than the pages). Space is reserved up front with
     ``posix_fallocate``, so a full disk is a clear error at the start, never a SIGBUS in
-    the middle; dirty pages are written back in the background as with :class:`Writer`."""
-
-    SYNC_EVERY = 1024 * 1024  # the final fdatasync of eight clients at once: ~0.1 s, not 0.4
+    the middle."""
 
     def __init__(self, fd: int, destination: str, size: int) -> None:
         import mmap
 
-        self.fd = fd
-        self.destination = destination
+        super().__init__(fd, destination)
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
@@ -107,9 +145,6 @@ class MappedWriter:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise FetchError(f"cannot write {destination}: {exc.strerror}") from None
         self.map = mmap.mmap(fd, size)
-        self.unsynced = 0
-        self._syncer: threading.Thread | None = None
-        self.sync_error: OSError | None = None
 
     def write(self, offset: int, payload: memoryview) -> None:
         n = len(payload)
@@ -122,70 +157,21 @@ class MappedWriter:
     def flush(self) -> None:
         """Nothing to do: the mapping is the page cache."""
 
-    def sync_if_due(self) -> None:
-        if self.unsynced >= self.SYNC_EVERY and (
-            self._syncer is None or not self._syncer.is_alive()
-        ):
-            self.unsynced = 0
-            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
-            self._syncer.start()
-
-    def _sync(self) -> None:
-        try:
-            os.fdatasync(self.fd)  # writes back pages dirtied through the mapping too
-        except OSError as exc:
-            self.sync_error = exc
-
-    def wait_synced(self) -> None:
-        if self._syncer is not None:
-            self._syncer.join()
+    def _closed(self) -> None:
         self.map.close()
-        if self.sync_error is not None:
-            raise FetchError(
-                f"cannot write {self.destination}: {self.sync_error.strerror}"
-            ) from None
 
 
-class Writer:
+class Writer(_BackgroundSync):
     """Coalesces runs of consecutive pages into one ``pwrite`` (pages mostly arrive in
-    order, and a syscall per 1400-byte page costs more than the page)."""
+    order, and a syscall per 1400-byte page costs more than the page). For files of unknown
+    size (a spec server sends no SIZE=), which cannot be mapped up front."""
 
     LIMIT = 256 * 1024
-    SYNC_EVERY = 1024 * 1024  # the final fdatasync of eight clients at once: ~0.1 s, not 0.4
 
     def __init__(self, fd: int, destination: str) -> None:
-        self.fd = fd
-        self.destination = destination
+        super().__init__(fd, destination)
         self.start = 0
         self.buffer = bytearray()
-        self.unsynced = 0
-        self._syncer: threading.Thread | None = None
-        self.sync_error: OSError | None = None
-
-    def sync_if_due(self) -> None:
-        """Write dirty pages back as the transfer goes (in a thread: fdatasync blocks), so
-        the final one before the rename has little left to do."""
-        if self.unsynced >= self.SYNC_EVERY and (
-            self._syncer is None or not self._syncer.is_alive()
-        ):
-            self.unsynced = 0
-            self._syncer = threading.Thread(target=self._sync, name="bootcast-sync", daemon=True)
-            self._syncer.start()
-
-    def _sync(self) -> None:
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            # Linux reports a writeback error once per file: keep it for the verdict.
-            self.sync_error = exc
-
-    def wait_synced(self) -> None:
-        if self._syncer is not None:
-            self._syncer.join()
-        if self.sync_error is not None:
-            raise FetchError(
-                f"cannot write {self.destination}: {self.sync_error.strerror}"
-            ) from None
 
     def read(self, offset: int, length: int) -> bytes:
         self.flush()
