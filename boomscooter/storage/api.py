@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Protocol
 
-from boomscooter.errors import ConfigError, SeqnoOutOfRangeError
+from boomscooter.errors import ConfigError, SeqnoGapError, SeqnoOutOfRangeError
 from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Batch, Entry, Record
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
 
@@ -277,3 +277,14 @@ class Log(Protocol):
     def sync(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def check_continues(batch: Batch, next_seqno: int) -> None:
+    """An encoded batch appended as is (a replica storing what it received) must start
+    where the log continues."""
+    if batch.base_seqno != next_seqno:
+        raise SeqnoGapError(
+            f"batch starts at seqno {batch.base_seqno}, the log continues at {next_seqno}",
+            expected=next_seqno,
+            got=batch.base_seqno,
+        )

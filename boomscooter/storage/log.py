@@ -38,7 +38,6 @@ from typing import NoReturn
 from boomscooter.errors import (
     BatchEncodeError,
     LogClosedError,
-    SeqnoGapError,
     SeqnoOutOfRangeError,
     StorageIOError,
 )
@@ -48,6 +47,7 @@ from boomscooter.storage.api import (
     FsyncMode,
     LogConfig,
     RecoveryReport,
+    check_continues,
     should_roll,
 )
 from boomscooter.storage.batch import Batch, Entry, Record, encode_batch
@@ -216,13 +216,7 @@ class SegmentedLog:
         batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
         with self._lock:
             self._check_open()
-            if batch.base_seqno != self._next_seqno:
-                raise SeqnoGapError(
-                    f"batch starts at seqno {batch.base_seqno}, the log continues at "
-                    f"{self._next_seqno}",
-                    expected=self._next_seqno,
-                    got=batch.base_seqno,
-                )
+            check_continues(batch, self._next_seqno)
             self._store_locked(batch)
         return batch
 

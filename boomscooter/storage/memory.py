@@ -14,9 +14,9 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from boomscooter.errors import BatchEncodeError, LogClosedError, SeqnoGapError, SeqnoOutOfRangeError
+from boomscooter.errors import BatchEncodeError, LogClosedError, SeqnoOutOfRangeError
 from boomscooter.storage import api
-from boomscooter.storage.api import DEFAULT_READ_BYTES, LogConfig, should_roll
+from boomscooter.storage.api import DEFAULT_READ_BYTES, LogConfig, check_continues, should_roll
 from boomscooter.storage.batch import Batch, Entry, Record, encode_batch
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
 
@@ -93,12 +93,7 @@ class MemoryLog:
     def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
         self._check_open()
         batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
-        if batch.base_seqno != self.next_seqno:
-            raise SeqnoGapError(
-                f"batch starts at seqno {batch.base_seqno}, the log continues at {self.next_seqno}",
-                expected=self.next_seqno,
-                got=batch.base_seqno,
-            )
+        check_continues(batch, self.next_seqno)
         self._store(batch)
         return batch
 
