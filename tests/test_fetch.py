@@ -218,6 +218,40 @@ async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
 
 
+async def test_a_spec_only_server_is_fetched_exactly(tmp_path: Path) -> None:
+    """A server that follows only the original spec: the four required keys (no SIZE, CAST,
+    SHA256, NACK or PARITY), words 3 and 4 left 0, no trailer. The client learns the size
+    from the last page, checks no CRC, sends no NACK, and still writes an exact copy."""
+    group, port_base = _free_base()
+    data = os.urandom(4 * 1000 + 237)
+    reply = f"CONNECT={group}:{port_base}\nTOKEN=spec\nPAGES=5\nPAGESIZE=1000\n"
+    runner, port, leaves = await fake_join_server(reply)
+    sock = sender_socket(group, interface="127.0.0.1")
+    stop = asyncio.Event()
+
+    async def carousel() -> None:
+        while not stop.is_set():
+            for i in range(5):
+                chunk = data[i * 1000 : (i + 1) * 1000]
+                sock.sendto(page.encode(i + 1, 0, chunk, crc=0, trailer=False), (group, port_base))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(carousel())
+    try:
+        code, _, err = await run_fetch(
+            f"http://127.0.0.1:{port}/join/f", "-O", "f", "--timeout", "10", cwd=tmp_path
+        )
+    finally:
+        stop.set()
+        await task
+        sock.close()
+        await runner.cleanup()
+    assert code == 0, err
+    assert (tmp_path / "f").read_bytes() == data
+    assert leaves == ["spec"]
+    assert leftovers(tmp_path) == []
+
+
 async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
     served: Served, tmp_path: Path
 ) -> None:
