@@ -73,6 +73,7 @@ receiver started inside a batch); every later one begins exactly at the previous
 from __future__ import annotations
 
 import enum
+import heapq
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class Drop(enum.Enum):
     BAD_BATCH = "bad_batch"  # reassembled bytes are not a valid batch matching its pages
     TOO_LARGE = "too_large"  # batch above max_batch_bytes
     BUFFER_FULL = "buffer_full"  # out-of-order data beyond max_buffered_bytes
+    EVICTED = "evicted"  # a buffered batch or partial dropped to make room for an earlier one
 
 
 class StreamEncodeError(LocalProtocolError, ValueError):
@@ -389,6 +391,8 @@ class StreamReceiver:
         self.buffered_bytes = 0
         self._ready: dict[int, Batch] = {}  # complete batches beyond next_seqno, by base
         self._partial: dict[int, _Partial] = {}  # by base seqno
+        self._low: list[int] = []  # min-heap of buffered bases (entries may be gone)
+        self._bases: list[int] = []  # the same as a max-heap (of -base)
         self._newest_epoch = epoch
         self._delivered_any = False
         self._known_end = next_seqno  # one past the highest seqno known to exist
@@ -396,6 +400,8 @@ class StreamReceiver:
         self._marks: deque[tuple[float, int]] = deque()  # (when, known end) not yet overdue
         self._partial_marks: deque[tuple[float, int]] = deque()  # (first seen, base)
         self._requested: list[tuple[int, int, float]] = []  # [start, end) asked for, when
+        self._overflowed = False  # data was refused or evicted for room: repair in order
+        self._recheck = False  # a delivery while overflowed: look for the next hole at once
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -447,6 +453,8 @@ class StreamReceiver:
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` next has something to decide (None: nothing pending)."""
+        if self._recheck:
+            return float("-inf")
         times = []
         if self._marks:
             times.append(self._marks[0][0] + self.reorder_window_s)
@@ -498,11 +506,11 @@ class StreamReceiver:
             if held is not None:
                 self.drops[Drop.DUPLICATE if held == fragment else Drop.INCONSISTENT] += 1
                 return
-        if base > self.next_seqno and self.buffered_bytes + len(fragment) > self.max_buffered_bytes:
-            self.drops[Drop.BUFFER_FULL] += 1
+        if not self._make_room(base, len(fragment)):
             return
         if partial is None:
             partial = self._partial[base] = _Partial(head.record_count, head.total_bytes, now)
+            self._push(base)
             self._partial_marks.append((now, base))
         partial.fragments[head.offset] = bytes(fragment)
         partial.received_bytes += len(fragment)
@@ -546,11 +554,10 @@ class StreamReceiver:
         if base > self.next_seqno:
             if base in self._ready:
                 self.drops[Drop.DUPLICATE] += 1
-            elif self.buffered_bytes + len(batch.data) > self.max_buffered_bytes:
-                self.drops[Drop.BUFFER_FULL] += 1
-            else:
+            elif self._make_room(base, len(batch.data)):
                 self._ready[base] = batch
                 self.buffered_bytes += len(batch.data)
+                self._push(base)
             return
         events.append(BatchReceived(batch, repaired))
         self.next_seqno = batch.next_seqno
@@ -560,17 +567,47 @@ class StreamReceiver:
             events.append(BatchReceived(ready, False))
             self.next_seqno = ready.next_seqno
         self._prune()
+        if self._overflowed:  # the next hole can be asked for now
+            self._recheck = True
+            self._overflowed = self.buffered_bytes > self.max_buffered_bytes // 2
+
+    def _push(self, base: int) -> None:
+        heapq.heappush(self._low, base)
+        heapq.heappush(self._bases, -base)
+
+    def _make_room(self, base: int, size_bytes: int) -> bool:
+        """Evict buffered data beyond ``base`` (furthest first) until ``size_bytes`` fit:
+        the seqnos nearest ``next_seqno`` are the ones delivered next."""
+        if base <= self.next_seqno:
+            return True
+        while self.buffered_bytes + size_bytes > self.max_buffered_bytes:
+            while self._bases and not (
+                -self._bases[0] in self._ready or -self._bases[0] in self._partial
+            ):
+                heapq.heappop(self._bases)
+            if not self._bases or -self._bases[0] <= base:
+                self.drops[Drop.BUFFER_FULL] += 1
+                self._overflowed = True
+                return False
+            self.drops[Drop.EVICTED] += 1
+            self._overflowed = True
+            self._forget(-heapq.heappop(self._bases))
+        return True
 
     def _prune(self) -> None:
-        """Forget what the delivered range made useless (or shows to be inconsistent)."""
-        next_seqno = self.next_seqno
-        for base in [b for b in self._ready if b < next_seqno]:
-            self.buffered_bytes -= len(self._ready.pop(base).data)
-        for base in [b for b in self._partial if b < next_seqno]:
-            self.buffered_bytes -= self._partial.pop(base).received_bytes
-        self._requested = [r for r in self._requested if r[1] > next_seqno]
+        """Forget buffered entries the delivered range made useless (superseded partials,
+        or data inconsistent with what was delivered)."""
+        while self._low and self._low[0] < self.next_seqno:
+            self._forget(heapq.heappop(self._low))
+
+    def _forget(self, base: int) -> None:
+        batch, partial = self._ready.pop(base, None), self._partial.pop(base, None)
+        self.buffered_bytes -= (0 if batch is None else len(batch.data)) + (
+            0 if partial is None else partial.received_bytes
+        )
 
     def _find_gaps(self, now: float, events: list[Event]) -> None:
+        self._recheck = False
         seen_before = now - self.reorder_window_s
         while self._marks and self._marks[0][0] <= seen_before:
             self._overdue_end = max(self._overdue_end, self._marks.popleft()[1])
@@ -588,8 +625,10 @@ class StreamReceiver:
             for b, p in self._partial.items()
             if b < end and p.first_seen > seen_before
         ]
-        covered += [(start, stop) for start, stop, _ in self._requested]
         covered.sort()
-        for start, stop in _subtract([(next_seqno, end)], covered):
+        holes = _subtract([(next_seqno, end)], covered)
+        if self._overflowed:  # what arrives beyond the first hole would not fit: one at a time
+            holes = holes[:1]
+        for start, stop in _subtract(holes, sorted(r[:2] for r in self._requested)):
             events.append(Gap(start, stop - 1))
             self._requested.append((start, stop, now))
