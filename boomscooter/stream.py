@@ -1,22 +1,16 @@
 """The log's multicast stream: wire format, encoder and receiver (sans-I/O).
 
 The leader multicasts every stored batch once, as bootcast pages; replicas and subscribers
-reassemble them, deliver batches strictly in seqno order and ask the shell to repair what
-the network lost with a gRPC ``Fetch``. This docstring is the wire specification.
+reassemble them, deliver batches in seqno order and ask their shell to repair losses with
+a gRPC ``Fetch``. This docstring is the wire specification.
 
-Datagram
---------
-Every datagram is a bootcast page (:mod:`bootcast.page`; big-endian u32 words)::
-
-     0  4  size        bytes of stream payload that follow the page header
-     4  4  index       the stream's own page sequence number: 1, 2, 3 … per encoder
-                       (after 0xFFFFFFFF it wraps to 1); informational only
-     8  4  cast_id     the leader epoch
-    12  4  crc32c      CRC32C of the ``size`` payload bytes
-    16     payload: stream header + fragment bytes
-           then the bootcast trailer ``BC 01 00 00`` (ignored; other trailing bytes too)
-
-The payload starts with a fixed 32-byte stream header (big-endian)::
+Wire format
+-----------
+A datagram is a bootcast page (:mod:`bootcast.page`): four big-endian u32 words — payload
+``size``, page ``index`` (the encoder's own page sequence number from 1, wrapping from
+0xFFFFFFFF to 1; informational), ``cast_id`` = the leader epoch, CRC32C of the payload —
+then the payload, then the bootcast trailer ``BC 01 00 00`` (receivers ignore any bytes
+after the payload). The payload is a 32-byte big-endian stream header and a fragment::
 
      0  1  magic         0xB7
      1  1  version       1
@@ -25,48 +19,41 @@ The payload starts with a fixed 32-byte stream header (big-endian)::
      4  8  seqno         fragment: the batch's base_seqno; heartbeat: the leader's last seqno
     12  8  commit_seqno  the leader's commit point when the page was sent
     20  4  record_count  fragment: records in the batch (>= 1); heartbeat: 0
-    24  4  offset        fragment: offset of these bytes in the batch; heartbeat: 0
+    24  4  offset        fragment: where these bytes start in the batch; heartbeat: 0
     28  4  total_bytes   fragment: the batch's length (>= 48); heartbeat: 0
-    32     fragment bytes (>= 1, within ``total_bytes``); a heartbeat carries none
+    32     fragment bytes (>= 1, within total_bytes); none in a heartbeat
 
-A batch (the storage format of :mod:`boomscooter.storage`, sent byte for byte) of
-``length`` bytes goes out as ``ceil(length / (PAGESIZE - 32))`` consecutive pages with
-ascending offsets. Every fragment names its batch's seqno range, so any one page tells a
-receiver which seqnos exist. A batch is never split across epochs: all its pages carry the
-epoch of the encoder that sent it, and its own ``epoch`` field is never above that.
+A batch (the storage format of :mod:`boomscooter.storage`, byte for byte) goes out as
+``ceil(length / (PAGESIZE - 32))`` consecutive pages with ascending offsets, all of one
+epoch (the batch's own ``epoch`` field is never above it). Every fragment names its
+batch's seqno range, so any one page tells a receiver which seqnos exist.
 
 Theory of operation
 -------------------
-:class:`StreamEncoder` checks each batch's header, cuts it into pages and numbers the
-pages; :meth:`StreamEncoder.heartbeat` makes the page an idle leader sends periodically.
+:class:`StreamEncoder` checks a batch's header, cuts it into pages and numbers them;
+``heartbeat`` makes the page an idle leader sends periodically. :class:`StreamReceiver`
+keeps ``next_seqno`` (first seqno not yet delivered) and reassembles fragments by
+``(base_seqno, offset)``, dropping duplicates. A complete batch is validated in full
+(storage CRC32C and framing, and agreement with its pages), then delivered if it starts
+at ``next_seqno`` — followed by every buffered batch that now continues the log — or
+buffered. Buffered bytes are bounded: data furthest ahead is evicted first (the batch at
+``next_seqno`` always fits) and, once anything was refused, repair goes one hole at a
+time, in order, so fetched batches are delivered rather than refused again.
 
-:class:`StreamReceiver` holds ``next_seqno``, the first seqno not yet delivered. Fragments
-are reassembled by ``(base_seqno, offset)`` (duplicates dropped); a complete batch is
-validated in full (storage CRC32C, framing, and that its header matches the pages) and
-then delivered if it starts at ``next_seqno`` — followed by every buffered batch that now
-continues the log — or buffered if it starts later. Buffered bytes are bounded; a page
-that does not fit is dropped and its seqnos are repaired later (the batch at
-``next_seqno`` is always accepted, so the log can always advance).
+Gaps are decided by evidence and time. Every page moves the *known end* (a fragment's
+batch end, a heartbeat's last seqno + 1, the commit seqno + 1). A seqno known for
+``reorder_window_s`` that is neither delivered, buffered nor in a batch whose first
+fragment came less than ``reorder_window_s`` ago is missing: :class:`Gap` asks the
+shell to Fetch it — a mid-stream discontinuity, tail loss behind a heartbeat and lost
+fragments alike. A range is asked again only after ``repair_timeout_s``. Fetched batches
+enter through ``repaired`` under the same ordering and dedupe rules, so a late multicast
+copy and a fetched one are delivered once. ``next_deadline`` says when to call ``poll``.
 
-Gaps are decided by evidence and time: every page moves the *known end* (one past the
-highest seqno known to exist: a fragment's batch end, a heartbeat's last seqno + 1, the
-commit seqno + 1). A seqno known for at least ``reorder_window_s`` that is neither
-delivered, buffered nor part of a batch whose first fragment arrived less than
-``reorder_window_s`` ago is missing: :class:`Gap` asks the shell to ``Fetch`` it. This
-covers a mid-stream discontinuity, tail loss (a heartbeat beyond what arrived) and a
-batch with lost fragments alike. A range asked for is not asked again until
-``repair_timeout_s`` passes without it arriving. Repaired batches go through
-:meth:`StreamReceiver.repaired` under the same ordering and dedupe rules, so a late
-multicast copy and a fetched copy are delivered once. :meth:`StreamReceiver.next_deadline`
-says when to call :meth:`StreamReceiver.poll`; ``datagram`` also runs due checks.
-
-Epochs: pages of an older epoch are dropped; the first page (or repaired batch) of a
-newer epoch yields :class:`EpochChanged` once and is dropped: the shell re-handshakes and
-starts a new receiver. Malformed, foreign or garbage datagrams never raise: they are
-dropped and counted by :class:`Drop` reason in ``StreamReceiver.drops``.
-
-The first delivered batch may begin before the receiver's starting ``next_seqno`` (a
-receiver started inside a batch); every later one begins exactly at the previous
+Pages of an older epoch are dropped; the first page (or fetched batch) of a newer one
+yields :class:`EpochChanged` and is dropped: the shell re-handshakes and starts a new
+receiver. Malformed or foreign datagrams never raise: they are counted by :class:`Drop`
+reason in ``drops``. A receiver started inside a batch delivers that whole batch first
+(records before its ``next_seqno`` included); each later batch starts at the previous
 ``last_seqno + 1``.
 """
 
@@ -212,6 +199,11 @@ def decode_page(
     return StreamPage(page_index=page.index, epoch=page.cast_id, header=header, fragment=fragment)
 
 
+def _check(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} {value} not in [{low}, {high}]")
+
+
 class StreamEncoder:
     """Cuts batches into numbered pages of one epoch and makes heartbeats."""
 
@@ -223,16 +215,10 @@ class StreamEncoder:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         first_page_index: int = 1,
     ) -> None:
-        if not 0 <= epoch <= U32_MAX:
-            raise ConfigError(f"epoch out of range: {epoch}")
-        if not MIN_PAGE_SIZE <= page_size_bytes <= bpage.MAX_PAGE_SIZE:
-            raise ConfigError(
-                f"page size {page_size_bytes} not in [{MIN_PAGE_SIZE}, {bpage.MAX_PAGE_SIZE}]"
-            )
-        if not BATCH_HEADER_BYTES <= max_batch_bytes <= U32_MAX:
-            raise ConfigError(f"max batch bytes out of range: {max_batch_bytes}")
-        if not 1 <= first_page_index <= U32_MAX:
-            raise ConfigError(f"first page index out of range: {first_page_index}")
+        _check("epoch", epoch, 0, U32_MAX)
+        _check("page_size_bytes", page_size_bytes, MIN_PAGE_SIZE, bpage.MAX_PAGE_SIZE)
+        _check("max_batch_bytes", max_batch_bytes, BATCH_HEADER_BYTES, U32_MAX)
+        _check("first_page_index", first_page_index, 1, U32_MAX)
         self.epoch = epoch
         self.page_size_bytes = page_size_bytes
         self.max_batch_bytes = max_batch_bytes
@@ -266,17 +252,18 @@ class StreamEncoder:
         if not 0 <= commit_seqno <= U64_MAX:
             raise StreamEncodeError(f"commit seqno out of range: {commit_seqno}")
         step = self.page_size_bytes - STREAM_HEADER_BYTES
-        pages = []
-        for offset in range(0, header.length, step):
-            head = StreamHeader(
-                Kind.BATCH_FRAGMENT,
-                header.base_seqno,
-                commit_seqno,
-                header.record_count,
-                offset,
-                header.length,
-            )
-            pages.append(encode_page(self._index(), self.epoch, head, view[offset : offset + step]))
+        head = StreamHeader(
+            Kind.BATCH_FRAGMENT,
+            header.base_seqno,
+            commit_seqno,
+            header.record_count,
+            0,
+            header.length,
+        )
+        pages = [
+            encode_page(self._index(), self.epoch, head._replace(offset=at), view[at : at + step])
+            for at in range(0, header.length, step)
+        ]
         self.next_seqno = header.next_seqno
         return pages
 
@@ -371,14 +358,12 @@ class StreamReceiver:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
-        if not 0 <= epoch <= U32_MAX:
-            raise ConfigError(f"epoch out of range: {epoch}")
-        if not 1 <= next_seqno <= U64_MAX:
-            raise ConfigError(f"next seqno out of range: {next_seqno}")
-        if reorder_window_s < 0 or repair_timeout_s <= 0:
-            raise ConfigError("reorder window must be >= 0 s and repair timeout > 0 s")
-        if max_batch_bytes < BATCH_HEADER_BYTES or max_buffered_bytes < 0:
-            raise ConfigError("max batch bytes must be >= 48 and max buffered bytes >= 0")
+        _check("epoch", epoch, 0, U32_MAX)
+        _check("next_seqno", next_seqno, 1, U64_MAX)
+        _check("reorder_window_s", reorder_window_s, 0, 3600)
+        _check("repair_timeout_s", repair_timeout_s, 1e-3, 3600)
+        _check("max_batch_bytes", max_batch_bytes, BATCH_HEADER_BYTES, U32_MAX)
+        _check("max_buffered_bytes", max_buffered_bytes, 0, U64_MAX)
         self.epoch = epoch
         self.next_seqno = next_seqno
         self.commit_seqno = 0
@@ -521,19 +506,10 @@ class StreamReceiver:
     def _complete(self, base: int, events: list[Event]) -> None:
         partial = self._partial.pop(base)
         self.buffered_bytes -= partial.received_bytes
-        position = 0
-        chunks = []
-        for offset in sorted(partial.fragments):
-            if offset != position:
-                self.drops[Drop.INCONSISTENT] += 1
-                return
-            chunk = partial.fragments[offset]
-            chunks.append(chunk)
-            position += len(chunk)
+        # Overlapping fragments (a sender that cut the batch two ways) fail the batch CRC.
+        data = b"".join([partial.fragments[offset] for offset in sorted(partial.fragments)])
         try:
-            if position != partial.total_bytes:
-                raise BatchDecodeError(f"fragments cover {position} of {partial.total_bytes} bytes")
-            batch = Batch.from_bytes(b"".join(chunks))
+            batch = Batch.from_bytes(data)
         except BatchDecodeError:
             self.drops[Drop.BAD_BATCH] += 1
             return
@@ -601,10 +577,10 @@ class StreamReceiver:
             self._forget(heapq.heappop(self._low))
 
     def _forget(self, base: int) -> None:
-        batch, partial = self._ready.pop(base, None), self._partial.pop(base, None)
-        self.buffered_bytes -= (0 if batch is None else len(batch.data)) + (
-            0 if partial is None else partial.received_bytes
-        )
+        if (batch := self._ready.pop(base, None)) is not None:
+            self.buffered_bytes -= len(batch.data)
+        if (partial := self._partial.pop(base, None)) is not None:
+            self.buffered_bytes -= partial.received_bytes
 
     def _find_gaps(self, now: float, events: list[Event]) -> None:
         self._recheck = False
