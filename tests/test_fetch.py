@@ -183,6 +183,34 @@ async def test_no_pages_arrived_says_so_and_leaves(tmp_path: Path) -> None:
     assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
 
 
+async def fetch_from_fake_cast(
+    tmp_path: Path, reply: str, datagrams: list[bytes], group: str, port: int
+) -> tuple[int, bytes, list[str]]:
+    """Run ``bootcast fetch -O f`` against a fake join server answering ``reply`` while
+    ``datagrams`` loop on (group, port); returns (exit code, stderr, leave tokens)."""
+    runner, http_port, leaves = await fake_join_server(reply)
+    sock = sender_socket(group, interface="127.0.0.1")
+    stop = asyncio.Event()
+
+    async def carousel() -> None:
+        while not stop.is_set():
+            for datagram in datagrams:
+                sock.sendto(datagram, (group, port))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(carousel())
+    try:
+        code, _, err = await run_fetch(
+            f"http://127.0.0.1:{http_port}/join/f", "-O", "f", "--timeout", "10", cwd=tmp_path
+        )
+    finally:
+        stop.set()
+        await task
+        sock.close()
+        await runner.cleanup()
+    return code, err, leaves
+
+
 async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     group, port_base = _free_base()
     data = os.urandom(2500)
@@ -191,28 +219,8 @@ async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
         f"CONNECT={group}:{port_base}\nTOKEN=t\nPAGES=3\nPAGESIZE=1000\nSIZE=2500\n"
         f"SHA256={wrong}\nCAST=5\n"
     )
-    runner, port, leaves = await fake_join_server(reply)
-    sock = sender_socket(group, interface="127.0.0.1")
-    stop = asyncio.Event()
-
-    async def carousel() -> None:
-        while not stop.is_set():
-            for i in range(3):
-                sock.sendto(
-                    page.encode(i + 1, 5, data[i * 1000 : (i + 1) * 1000]), (group, port_base)
-                )
-            await asyncio.sleep(0.02)
-
-    task = asyncio.create_task(carousel())
-    try:
-        code, _, err = await run_fetch(
-            f"http://127.0.0.1:{port}/join/f", "-O", "f", "--timeout", "5", cwd=tmp_path
-        )
-    finally:
-        stop.set()
-        await task
-        sock.close()
-        await runner.cleanup()
+    pages = [page.encode(i + 1, 5, data[i * 1000 : (i + 1) * 1000]) for i in range(3)]
+    code, err, leaves = await fetch_from_fake_cast(tmp_path, reply, pages, group, port_base)
     assert code == 1 and b"SHA-256 mismatch" in err
     assert leaves == ["t"]
     assert not (tmp_path / "f").exists() and leftovers(tmp_path) == []
@@ -225,27 +233,11 @@ async def test_a_spec_only_server_is_fetched_exactly(tmp_path: Path) -> None:
     group, port_base = _free_base()
     data = os.urandom(4 * 1000 + 237)
     reply = f"CONNECT={group}:{port_base}\nTOKEN=spec\nPAGES=5\nPAGESIZE=1000\n"
-    runner, port, leaves = await fake_join_server(reply)
-    sock = sender_socket(group, interface="127.0.0.1")
-    stop = asyncio.Event()
-
-    async def carousel() -> None:
-        while not stop.is_set():
-            for i in range(5):
-                chunk = data[i * 1000 : (i + 1) * 1000]
-                sock.sendto(page.encode(i + 1, 0, chunk, crc=0, trailer=False), (group, port_base))
-            await asyncio.sleep(0.02)
-
-    task = asyncio.create_task(carousel())
-    try:
-        code, _, err = await run_fetch(
-            f"http://127.0.0.1:{port}/join/f", "-O", "f", "--timeout", "10", cwd=tmp_path
-        )
-    finally:
-        stop.set()
-        await task
-        sock.close()
-        await runner.cleanup()
+    pages = [
+        page.encode(i + 1, 0, data[i * 1000 : (i + 1) * 1000], crc=0, trailer=False)
+        for i in range(5)
+    ]
+    code, err, leaves = await fetch_from_fake_cast(tmp_path, reply, pages, group, port_base)
     assert code == 0, err
     assert (tmp_path / "f").read_bytes() == data
     assert leaves == ["spec"]
