@@ -109,3 +109,55 @@ class StorageIOError(StorageError):
     page cache can no longer be trusted, so the log refuses further appends."""
 
     grpc_status = "UNAVAILABLE"
+
+
+class ClientError(BoomscooterError):
+    """Root of the errors the SDK (``Producer``, ``Subscriber``) raises to applications."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server cannot be reached, or the connection was lost and retries ran out."""
+
+    retriable = True
+    grpc_status = "UNAVAILABLE"
+
+
+class NotLeaderError(ClientError):
+    """The node is not the leader; ``leader_address`` names the leader when known."""
+
+    retriable = True
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
+class ExpectedSeqnoError(ClientError):
+    """A batch asserted a first seqno the log would not give it; nothing was appended.
+    ``next_seqno`` is the seqno the log assigns next."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, next_seqno: int) -> None:
+        super().__init__(message)
+        self.next_seqno = next_seqno
+
+
+class RequestError(ClientError):
+    """The server refused a request as malformed or too large (INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED, OUT_OF_RANGE and similar); ``code`` is the gRPC status name."""
+
+    def __init__(self, message: str, *, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code
+        self.grpc_status = code
+
+
+class TrimmedError(ClientError, SeqnoOutOfRangeError):
+    """The records a subscriber asked for were deleted by retention (below the first
+    available seqno); ``first_seqno`` is where the log begins now."""
+
+    def __init__(self, message: str, *, first_seqno: int) -> None:
+        super().__init__(message)
+        self.first_seqno = first_seqno
