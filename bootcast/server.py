@@ -23,6 +23,7 @@ import ipaddress
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,10 @@ class ServeConfig:
     repeat_repairs: bool = True
     parity: bool = True
     prehash_bytes: int = 16 * 1024**3
+    # Embedding (boomscooter casts its sealed segments): join paths must start with
+    # ``path_prefix`` (stripped before resolving under ``root``) and pass ``allow``.
+    path_prefix: str = ""
+    allow: Callable[[str], bool] | None = None
 
     def __post_init__(self) -> None:
         if not self.root.is_dir():
@@ -183,8 +188,13 @@ class BootcastServer:
 
     async def handle_join(self, request: web.Request) -> web.Response:
         path = request.match_info["path"]
+        prefix, allow = self.config.path_prefix, self.config.allow
         try:
-            real, fd = open_confined(self.config.root, path)
+            if not path.startswith(prefix):
+                raise PathRejected(f"not under /join/{prefix}")
+            if allow is not None and not allow(path[len(prefix) :]):
+                raise PathRejected("not offered")
+            real, fd = open_confined(self.config.root, path[len(prefix) :])
         except PathRejected as exc:
             log.info("join.rejected", path=path[:200], reason=str(exc), remote=request.remote)
             raise web.HTTPNotFound(text="not found\n") from None

@@ -87,8 +87,8 @@ Durability (fsync policy and ordering)
 * ``always``: ``fdatasync`` of the active segment before an append returns. The batch
   joins the log only once that succeeded: a failed fsync cuts it back off the file and
   the log refuses further writes until it is reopened.
-* ``interval``: a background thread ``fdatasync``\\ s at most every ``interval_ms`` while
-  appends are unsynced; ``durable_seqno`` reports the highest synced seqno.
+* ``interval``: a background thread ``fdatasync``\\ s soon after an unsynced append, at
+  most once every ``interval_ms``; ``durable_seqno`` reports the highest synced seqno.
 * ``never``: no fsync on the append or roll path.
 * Roll: fdatasync the segment being sealed (not under ``never``), write its index files
   (temp + rename), write the new segment's header to ``<base>.log.tmp``, fdatasync, rename

@@ -26,7 +26,7 @@ _MAX_SEGMENT_BYTES = 1 << 31
 
 class FsyncMode(enum.Enum):
     ALWAYS = "always"  # fdatasync before append returns
-    INTERVAL = "interval"  # a background thread fdatasyncs every interval_ms
+    INTERVAL = "interval"  # a background thread fdatasyncs soon, at most every interval_ms
     NEVER = "never"  # only close() and explicit sync() fsync
 
 
@@ -35,8 +35,8 @@ class FsyncPolicy:
     """When appended bytes are forced to stable storage.
 
     ``always``: each append returns only after ``fdatasync`` (durable seqno = last seqno).
-    ``interval``: a background thread syncs at most every ``interval_ms`` while there are
-    unsynced appends (an acknowledged-on-durable protocol waits for ``durable_seqno``).
+    ``interval``: a background thread syncs soon after an unsynced append, at most once every
+    ``interval_ms`` (an acknowledged-on-durable protocol waits for ``durable_seqno``).
     ``never``: no fsync on the append path; segments are not synced when sealed either.
     Under every policy ``sync()`` and ``close()`` fsync what was written.
     """

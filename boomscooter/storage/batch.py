@@ -322,6 +322,22 @@ class Batch(NamedTuple):
         return [Entry(r.timestamp_ms, r.payload, r.channel, r.key) for r in self.records()]
 
 
+def restamp(batch: Batch, *, base_seqno: int, epoch: int) -> Batch:
+    """The same records with another base seqno and epoch (the leader stamping a producer's
+    pre-encoded batch): two header fields rewritten and the CRC32C recomputed."""
+    if not 1 <= base_seqno <= U64_MAX - batch.header.record_count + 1 or not 0 <= epoch <= U32_MAX:
+        raise BatchEncodeError(f"cannot stamp base seqno {base_seqno} epoch {epoch}")
+    raw = bytearray(batch.data)
+    struct.pack_into("<Q", raw, 16, base_seqno)
+    struct.pack_into("<I", raw, 40, epoch)
+    struct.pack_into("<I", raw, 4, batch_crc(raw, 0, len(raw)))
+    data = bytes(raw)
+    header = batch.header._replace(
+        base_seqno=base_seqno, epoch=epoch, crc=_U32.unpack_from(data, 4)[0]
+    )
+    return Batch(header, data)
+
+
 _get_timestamp = itemgetter(0)
 _get_payload = itemgetter(1)
 _get_channel = itemgetter(2)

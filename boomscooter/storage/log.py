@@ -111,6 +111,10 @@ class SegmentedLog:
         self._closed = False
         self._failed: BaseException | None = None
         self._stop = threading.Event()
+        self._dirty = threading.Event()  # unsynced appends (the interval syncer waits for it)
+        # Called with the new durable seqno whenever the interval syncer (or ``sync``)
+        # advances it, from that thread: a leader wakes its commit rule with it.
+        self.on_durable: Callable[[int], None] | None = None
         self._syncer: threading.Thread | None = None
         if config.fsync.mode is FsyncMode.INTERVAL:
             self._syncer = threading.Thread(
@@ -259,6 +263,8 @@ class SegmentedLog:
         self._next_seqno = header.next_seqno
         if always:
             self._durable_seqno = header.next_seqno - 1
+        elif self._syncer is not None:
+            self._dirty.set()
 
     def _undo_write(self, position: int, exc: OSError, *, poison: bool = False) -> NoReturn:
         """Cut a failed write's bytes off so the file ends on a batch boundary. After a
@@ -542,12 +548,28 @@ class SegmentedLog:
             for fd in fds:
                 os.close(fd)
         with self._lock:
-            if generation == self._generation and target > self._durable_seqno:
+            advanced = generation == self._generation and target > self._durable_seqno
+            if advanced:
                 self._durable_seqno = target
+        listener = self.on_durable
+        if advanced and listener is not None:
+            listener(target)
 
     def _sync_loop(self) -> None:
+        """Sync soon after the first unsynced append, but at most once per interval: a
+        trickle of appends becomes durable within about one fdatasync, a flood costs one
+        fdatasync per interval."""
         period_s = self.config.fsync.interval_ms / 1000
-        while not self._stop.wait(period_s):
+        last_sync = -period_s
+        while True:
+            self._dirty.wait()
+            if self._stop.is_set():
+                return
+            wait_s = last_sync + period_s - time.monotonic()
+            if wait_s > 0 and self._stop.wait(wait_s):
+                return
+            self._dirty.clear()
+            last_sync = time.monotonic()
             if self._next_seqno - 1 <= self._durable_seqno:
                 continue
             try:
@@ -559,6 +581,7 @@ class SegmentedLog:
         if self._closed:
             return
         self._stop.set()
+        self._dirty.set()
         if self._syncer is not None:
             self._syncer.join()
         try:

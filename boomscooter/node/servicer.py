@@ -1,0 +1,403 @@
+"""The rpc edge of a node: protobuf ↔ domain values, errors → gRPC status codes.
+
+Nothing here decides anything about the log; it validates requests (clear INVALID_ARGUMENT
+/ OUT_OF_RANGE messages, nothing stored changes), calls the node and converts. Produce
+reports per-batch failures in-band (``Error``) so one bad batch does not end a pipelined
+stream; the other calls end with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from boomscooter.errors import BoomscooterError, ExpectedSeqnoError, RequestError
+from boomscooter.storage import Batch, Entry
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+from boomscooter.v1.serving import start_server
+
+if TYPE_CHECKING:
+    from boomscooter.node.leader import LeaderNode, ProduceOutcome
+
+log = structlog.get_logger("boomscooter.rpc")
+
+DEFAULT_FETCH_BYTES = 1 << 20
+MAX_FETCH_BYTES = 8 << 20
+SUBSCRIBE_CHUNK_BYTES = 1 << 20
+IDLE_HEARTBEAT_S = 1.0
+QUORUM_TIMEOUT_S = 30.0
+_ACK_LEVELS = {
+    pb.ACK_LEVEL_UNSPECIFIED,
+    pb.ACK_LEVEL_NONE,
+    pb.ACK_LEVEL_LEADER,
+    pb.ACK_LEVEL_QUORUM,
+}
+
+
+def status_code(exc: BoomscooterError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+
+
+def error_message(exc: BaseException) -> pb.Error:
+    if isinstance(exc, BoomscooterError):
+        error = pb.Error(code=status_code(exc).value[0], message=str(exc), retriable=exc.retriable)
+        if isinstance(exc, ExpectedSeqnoError):
+            error.next_seqno = exc.next_seqno
+        return error
+    log.error("rpc.produce.internal_error", error=repr(exc))
+    return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}")
+
+
+def _entries(request: pb.ProduceRequest) -> list[Entry]:
+    return [
+        Entry(
+            r.timestamp_ms,
+            r.payload,
+            r.channel if r.HasField("channel") else None,
+            r.key if r.HasField("key") else None,
+        )
+        for r in request.record_list.records
+    ]
+
+
+def _joined(batches: list[Batch]) -> bytes:
+    return b"".join([b.data for b in batches])
+
+
+class NodeServicer(pb_grpc.BoomscooterServicer):
+    def __init__(self, node: LeaderNode) -> None:
+        self.node = node
+
+    # -- Produce ----------------------------------------------------------------------------
+
+    async def Produce(
+        self, request_iterator: AsyncIterator[pb.ProduceRequest], context: Any
+    ) -> AsyncIterator[pb.ProduceResponse]:
+        out: asyncio.Queue[pb.ProduceResponse | None] = asyncio.Queue()
+        quorum: deque[tuple[int, pb.ProduceResponse]] = deque()
+        quorum_wake = asyncio.Event()
+        reading = True
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for request in request_iterator:
+                    response = await self._produce_one(request)
+                    if response is None:
+                        continue
+                    if request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED) and (
+                        response.HasField("ack")
+                    ):
+                        quorum.append(
+                            (response.ack.base_seqno + response.ack.record_count - 1, response)
+                        )
+                        quorum_wake.set()
+                    else:
+                        out.put_nowait(response)
+            finally:
+                reading = False
+                quorum_wake.set()
+
+        async def commit_acks() -> None:
+            while True:
+                if not quorum:
+                    if not reading:
+                        out.put_nowait(None)
+                        return
+                    quorum_wake.clear()
+                    await quorum_wake.wait()
+                    continue
+                last, response = quorum[0]
+                if not await self.node.wait_commit(last, QUORUM_TIMEOUT_S):
+                    quorum.popleft()
+                    response.ClearField("ack")
+                    response.error.CopyFrom(pb.Error(
+                        code=grpc.StatusCode.UNAVAILABLE.value[0],
+                        message=f"not committed within {QUORUM_TIMEOUT_S:.0f} s "
+                        "(stored on the leader; retry with the same batch_sequence)",
+                        retriable=True,
+                    ))  # fmt: skip
+                    out.put_nowait(response)
+                    continue
+                commit = self.node.commit_seqno
+                while quorum and quorum[0][0] <= commit:
+                    _, done = quorum.popleft()
+                    done.ack.commit_seqno = commit
+                    out.put_nowait(done)
+
+        tasks = [asyncio.create_task(read()), asyncio.create_task(commit_acks())]
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await tasks[0]  # re-raise a failure of the request stream
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _produce_one(self, request: pb.ProduceRequest) -> pb.ProduceResponse | None:
+        from boomscooter.node.leader import ProduceBatch
+
+        node = self.node
+        sequence = request.batch_sequence
+        try:
+            if request.ack_level not in _ACK_LEVELS:
+                raise RequestError(f"unknown ack level {request.ack_level}")
+            which = request.WhichOneof("records")
+            if which is None:
+                raise RequestError("a batch needs records (encoded_batch or record_list)")
+            if request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED):
+                node.check_quorum_possible()
+            batch = ProduceBatch(
+                producer_id=request.producer_id,
+                batch_sequence=sequence,
+                expected_first_seqno=request.expected_first_seqno
+                if request.HasField("expected_first_seqno")
+                else None,
+                encoded=request.encoded_batch if which == "encoded_batch" else None,
+                entries=_entries(request) if which == "record_list" else None,
+            )
+            outcome: ProduceOutcome = await node.append(batch)
+        except Exception as exc:  # every failure is answered in-band, the stream goes on
+            node.counters["rejected"] += 1
+            log.info("rpc.produce.rejected", producer=request.producer_id, sequence=sequence,
+                     error=str(exc))  # fmt: skip
+            return pb.ProduceResponse(batch_sequence=sequence, error=error_message(exc))
+        if request.ack_level == pb.ACK_LEVEL_NONE:
+            return None
+        appended = outcome.appended
+        return pb.ProduceResponse(
+            batch_sequence=sequence,
+            ack=pb.ProduceAck(
+                base_seqno=appended.base_seqno,
+                record_count=appended.record_count,
+                epoch=appended.epoch,
+                commit_seqno=node.commit_seqno,
+                duplicate=outcome.duplicate,
+            ),
+        )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _session(self) -> pb.MulticastSession:
+        node = self.node
+        return pb.MulticastSession(
+            group=node.group,
+            port=node.group_port,
+            cast_id=node.epoch,
+            page_size_bytes=node.config.page_size_bytes,
+            epoch=node.epoch,
+            interface_hint=node.config.interface or "",
+            heartbeat_interval_ms=node.config.heartbeat_ms,
+        )
+
+    async def Handshake(self, request: pb.HandshakeRequest, context: Any) -> pb.HandshakeResponse:
+        node = self.node
+        log.info("rpc.handshake", subscriber=request.subscriber_id[:200], peer=context.peer())
+        return pb.HandshakeResponse(
+            session=self._session(),
+            first_seqno=node.log.first_seqno,
+            last_seqno=node.log.last_seqno,
+            commit_seqno=node.commit_seqno,
+        )
+
+    async def _abort(self, context: Any, exc: BoomscooterError) -> None:
+        await context.abort(status_code(exc), str(exc))
+
+    def _check_start(self, seqno: int) -> None:
+        first = self.node.log.first_seqno
+        if seqno < first:
+            raise RequestError(
+                f"seqno {seqno} is below the first available seqno {first} (deleted by retention)",
+                code="OUT_OF_RANGE",
+            )
+
+    async def Fetch(self, request: pb.FetchRequest, context: Any) -> pb.FetchResponse:
+        node = self.node
+        start = request.from_seqno
+        try:
+            if start < 1:
+                raise RequestError("from_seqno must be at least 1")
+            if request.HasField("to_seqno") and request.to_seqno < start:
+                raise RequestError(f"to_seqno {request.to_seqno} is below from_seqno {start}")
+            self._check_start(start)
+        except RequestError as exc:
+            await self._abort(context, exc)
+        limit = node.log.last_seqno if request.include_uncommitted else node.commit_seqno
+        if request.HasField("to_seqno"):
+            limit = min(limit, request.to_seqno)
+        response = pb.FetchResponse(
+            commit_seqno=node.commit_seqno, log_last_seqno=node.log.last_seqno
+        )
+        if start > limit:
+            return response
+        budget = min(request.max_bytes or DEFAULT_FETCH_BYTES, MAX_FETCH_BYTES)
+        batches = await asyncio.to_thread(
+            node.log.read_batches, start, to_seqno=limit, max_bytes=budget
+        )
+        if batches:
+            response.batches = _joined(batches)
+            response.first_seqno = start
+            response.last_seqno = min(batches[-1].last_seqno, limit)
+        return response
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: Any
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        node = self.node
+        try:
+            position, until, count = self._subscribe_range(request)
+        except RequestError as exc:
+            await self._abort(context, exc)
+            return
+        prefix = request.channel_prefix if request.HasField("channel_prefix") else None
+        log.info("rpc.subscribe", start=position, until=until, count=count, peer=context.peer())
+        last_sent = time.monotonic()
+        while until is None or position <= until:
+            if count is not None and count <= 0:
+                return
+            limit = node.commit_seqno if until is None else min(node.commit_seqno, until)
+            if position > limit:
+                if time.monotonic() - last_sent >= IDLE_HEARTBEAT_S:
+                    yield pb.SubscribeResponse(commit_seqno=node.commit_seqno)
+                    last_sent = time.monotonic()
+                await node.wait_change(IDLE_HEARTBEAT_S)
+                continue
+            try:
+                self._check_start(position)
+            except RequestError as exc:
+                await self._abort(context, exc)
+                return
+            batches = await asyncio.to_thread(
+                node.log.read_batches, position, to_seqno=limit, max_bytes=SUBSCRIBE_CHUNK_BYTES
+            )
+            if not batches:
+                await node.wait_change(IDLE_HEARTBEAT_S)
+                continue
+            last = min(batches[-1].last_seqno, limit)
+            if prefix is not None or count is not None:
+                batches, last, count = _filter(batches, position, last, prefix, count)
+            if batches:
+                yield pb.SubscribeResponse(
+                    batches=_joined(batches),
+                    first_seqno=position,
+                    last_seqno=last,
+                    commit_seqno=node.commit_seqno,
+                )
+                last_sent = time.monotonic()
+            position = last + 1
+
+    def _subscribe_range(self, request: pb.SubscribeRequest) -> tuple[int, int | None, int | None]:
+        node = self.node
+        start = request.WhichOneof("start")
+        if start == "seqno":
+            if request.seqno < 1:
+                raise RequestError("start seqno must be at least 1")
+            position = request.seqno
+            self._check_start(position)
+        elif start == "earliest":
+            position = node.log.first_seqno
+        elif start == "time_ms":
+            found = node.log.seqno_for_time(request.time_ms)
+            position = node.log.next_seqno if found is None else max(found, node.log.first_seqno)
+        else:
+            position = node.commit_seqno + 1
+        end = request.WhichOneof("end")
+        until = count = None
+        if end == "until_seqno":
+            until = request.until_seqno
+            if until < position - 1:
+                raise RequestError(f"until_seqno {until} is before the start {position}")
+        elif end == "count":
+            if request.count < 1:
+                raise RequestError("count must be at least 1")
+            count = request.count
+        return position, until, count
+
+    async def Notifications(
+        self, request: pb.NotificationsRequest, context: Any
+    ) -> AsyncIterator[pb.NotificationsResponse]:
+        node = self.node
+        interval_s = request.min_interval_ms / 1000
+        sent: tuple[Any, ...] | None = None
+        while True:
+            name, size = node.segment_files()[-1]
+            state = (name, size, node.log.last_seqno, node.commit_seqno, node.log.first_seqno)
+            if state != sent:
+                yield pb.NotificationsResponse(
+                    log_dir=str(node.log.directory),
+                    segment_file=name,
+                    file_size_bytes=size,
+                    last_seqno=state[2],
+                    commit_seqno=state[3],
+                    first_seqno=state[4],
+                )
+                sent = state
+                if interval_s:
+                    await asyncio.sleep(interval_s)
+                    continue
+            await node.wait_change(IDLE_HEARTBEAT_S)
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        node = self.node
+        return pb.StatusResponse(
+            role=pb.ROLE_LEADER,
+            node_id=node.config.node_id,
+            epoch=node.epoch,
+            first_seqno=node.log.first_seqno,
+            last_seqno=node.log.last_seqno,
+            commit_seqno=node.commit_seqno,
+            durable_seqno=node.log.durable_seqno,
+            leader_address=node.address,
+            min_insync=node.tracker.min_insync,
+            log_bytes=node.log.total_bytes,
+            segment_count=node.log.segment_count,
+        )
+
+    async def Replicate(
+        self, request_iterator: AsyncIterator[pb.ReplicateRequest], context: Any
+    ) -> AsyncIterator[pb.ReplicateResponse]:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "replicas are not supported by this leader yet"
+        )
+        yield pb.ReplicateResponse()  # pragma: no cover (abort raises)
+
+
+def _filter(
+    batches: list[Batch], first: int, last: int, prefix: str | None, count: int | None
+) -> tuple[list[Batch], int, int | None]:
+    """Keep the batches with a record in ``first..last`` whose channel matches, and stop
+    after ``count`` matching records (``last`` becomes that record's seqno)."""
+    kept = []
+    for batch in batches:
+        matched = False
+        for record in batch.records(first, last):
+            if prefix is not None and (
+                record.channel is None or not record.channel.startswith(prefix)
+            ):
+                continue
+            matched = True
+            if count is not None:
+                count -= 1
+                if count == 0:
+                    kept.append(batch)
+                    return kept, record.seqno, 0
+        if matched:
+            kept.append(batch)
+    return kept, last, count
+
+
+async def serve_node(node: LeaderNode, listen: str) -> tuple[Any, int]:
+    from boomscooter.node.leader import GRPC_MESSAGE_BYTES
+
+    options = [
+        ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
+    ]
+    return await start_server(NodeServicer(node), listen=listen, options=options)
