@@ -1,0 +1,16 @@
+"""The boomscooter SDK: producing to and subscribing to a replicated log.
+
+* :class:`Producer` (asyncio) and :class:`SyncProducer` (blocking, a background thread):
+  batching with linger, a bounded in-flight window with backpressure, futures resolving to
+  seqnos, ``flush()``, idempotent retries (:mod:`boomscooter.client.producer`);
+* :class:`ProduceResult`, :class:`AckLevel`: what ``send_batch`` resolves to, and the ack
+  levels ``none`` / ``leader`` / ``quorum``.
+
+Errors are the client classes of :mod:`boomscooter.errors` (``ServerUnavailableError``,
+``NotLeaderError``, ``ExpectedSeqnoError``, ``RequestError``).
+"""
+
+from boomscooter.client._produce_core import AckLevel, ProduceResult
+from boomscooter.client.producer import Producer, SyncProducer
+
+__all__ = ["AckLevel", "ProduceResult", "Producer", "SyncProducer"]

@@ -1,0 +1,719 @@
+"""The producer SDK: :class:`Producer` (asyncio) and :class:`SyncProducer` (threads).
+
+The bookkeeping is the sans-I/O :class:`~boomscooter.client._produce_core.ProduceCore`;
+this module is its shell: one ``Produce`` stream per connection, a writer loop that hands
+queued batches to gRPC while the window has room, a reader task that feeds responses back,
+a linger timer per open batch, and a supervisor loop that reconnects with backoff after a
+broken stream and resends every unresolved batch with its original ``batch_sequence`` (the
+leader deduplicates: a duplicate is answered with the original seqnos).
+
+Wire use: each batch is one ``ProduceRequest`` with the batch already encoded in the storage
+format (``encoded_batch``, placeholders base seqno 1 and epoch 0: the leader restamps them).
+``producer_id`` is a UUID chosen at construction and kept across reconnects.
+
+What a future resolves to:
+
+* ``send`` → the record's seqno at ack levels ``leader`` and ``quorum``; ``None`` at
+  ``none``, as soon as the batch was handed to gRPC (there is no answer to wait for; a
+  batch the leader rejects later is only logged and raised by the next ``flush``, and a
+  batch lost with a broken stream is not sent again);
+* ``send_batch`` → a :class:`ProduceResult` (``None`` at ``none``).
+
+Failures are :mod:`boomscooter.errors` client errors: :class:`RequestError` (a record too
+large — raised by ``send`` itself, before anything is sent — or a batch the leader refuses),
+:class:`ExpectedSeqnoError` (``send_batch(expected_first_seqno=…)`` did not match; only that
+batch fails), :class:`ServerUnavailableError` (no working stream for ``retry_timeout_s``:
+every pending record fails, the producer stays usable). :class:`NotLeaderError` answers are
+followed (reconnect to the named leader and resend) and surface only if retries run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import grpc
+
+from boomscooter.client import _rpc
+from boomscooter.client._produce_core import (
+    CLOSED,
+    OPENED,
+    Ack,
+    AckLevel,
+    Completion,
+    OutBatch,
+    ProduceCore,
+    ProduceResult,
+    ProducerSettings,
+    Reconnect,
+    check_entry,
+)
+from boomscooter.errors import ClientError, NotLeaderError, RequestError, ServerUnavailableError
+from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Entry
+from boomscooter.v1 import boomscooter_pb2, boomscooter_pb2_grpc
+from bootcast.logs import get_logger
+
+__all__ = ["AckLevel", "ProduceResult", "Producer", "SyncProducer"]
+
+_ACK_PB = {
+    AckLevel.NONE: boomscooter_pb2.ACK_LEVEL_NONE,
+    AckLevel.LEADER: boomscooter_pb2.ACK_LEVEL_LEADER,
+    AckLevel.QUORUM: boomscooter_pb2.ACK_LEVEL_QUORUM,
+}
+_FIXED_RECORD_BYTES = HEADER_BYTES + RECORD_OVERHEAD_BYTES
+
+
+class _Default:
+    """Marker: use the producer's default channel."""
+
+
+DEFAULT = _Default()
+
+
+class _Handle(Protocol):
+    """What the core's handles are: ``asyncio.Future`` or ``concurrent.futures.Future``."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def exception(self) -> BaseException | None: ...
+
+
+class _SessionEnd(Exception):
+    """Why a stream session ended; ``address`` is where to reconnect (a redirect)."""
+
+    def __init__(self, error: ClientError, address: str | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.address = address
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Producer:
+    """An asyncio producer of one log (see the module docstring).
+
+    ``server`` is the leader's gRPC address ("host:port"). ``acks`` is ``"none"``,
+    ``"leader"`` or ``"quorum"``. A batch is sent when it holds ``max_batch_records``
+    records, would exceed ``max_batch_bytes`` encoded, or ``linger_ms`` after its first
+    record; at most ``max_in_flight`` batches are unacknowledged at once, and ``send``
+    waits (backpressure) while one more is waiting. ``channel`` is the default record
+    channel. Use it as ``async with Producer(...) as p:`` (exit flushes and closes).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        acks: str | AckLevel = "leader",
+        producer_id: str | None = None,
+        linger_ms: float = 2.0,
+        max_batch_records: int = 10_000,
+        max_batch_bytes: int = 1 << 20,
+        max_in_flight: int = 16,
+        retry_timeout_s: float = 30.0,
+        channel: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.settings = ProducerSettings(
+            ack_level=AckLevel.parse(acks),
+            linger_s=linger_ms / 1000,
+            max_batch_records=max_batch_records,
+            max_batch_bytes=max_batch_bytes,
+            max_in_flight=max_in_flight,
+            retry_timeout_s=retry_timeout_s,
+        )
+        self.producer_id = producer_id if producer_id is not None else uuid.uuid4().hex
+        self.server = server
+        self.address = server  # where the stream goes now (a redirect changes it)
+        self.default_channel = channel
+        self._channel_options = list(channel_options)
+        self._core: ProduceCore[_Handle] = ProduceCore(self.settings)
+        self._ack_pb = _ACK_PB[self.settings.ack_level]
+        self._max_bytes = self.settings.max_batch_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # the writer or supervisor has something to do
+        self._room = asyncio.Event()  # the core accepts records again
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._closing = False
+        self._closed = False
+        self._session_end: _SessionEnd | None = None
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._rng = random.Random()
+        self._log = get_logger("boomscooter.producer").bind(producer_id=self.producer_id)
+
+    # -- public API --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Producer:
+        self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:  # keep the body's exception; the records' failures are in their futures
+            try:
+                await self.close()
+            except ClientError as error:
+                self._log.warning("producer.close.failed", error=str(error))
+
+    async def send(
+        self,
+        payload: bytes,
+        *,
+        channel: str | _Default | None = DEFAULT,
+        key: bytes | None = None,
+        timestamp_ms: int = 0,
+    ) -> asyncio.Future[int | None]:
+        """Queue one record; the future resolves to its seqno (``None`` at acks=none).
+
+        Awaits only while the window is full (backpressure). ``timestamp_ms`` 0 stamps the
+        producer's clock now. Raises :class:`RequestError` at once for a record that can
+        never be sent (too large, wrong types)."""
+        core = self._core
+        if self._run_task is None or not core.accepting or self._closing:
+            await self._ready()
+        entry = self._entry(payload, channel, key, timestamp_ms)
+        assert self._loop is not None
+        future: asyncio.Future[int | None] = self._loop.create_future()
+        flags = core.append(entry, future, time.monotonic())
+        if flags:
+            self._after_append(flags)
+        return future
+
+    async def send_batch(
+        self,
+        entries: Sequence[Entry],
+        *,
+        expected_first_seqno: int | None = None,
+    ) -> asyncio.Future[ProduceResult | None]:
+        """Queue ``entries`` as one batch of their own (after the records sent before it).
+
+        ``expected_first_seqno`` asserts the seqno its first record gets; on a mismatch
+        nothing is appended and the future fails with ``ExpectedSeqnoError`` (whose
+        ``next_seqno`` is what the log assigns next)."""
+        await self._ready()
+        assert self._loop is not None
+        future: asyncio.Future[ProduceResult | None] = self._loop.create_future()
+        self._add_batch(entries, future, expected_first_seqno)
+        return future
+
+    async def flush(self) -> None:
+        """Send what is batched and wait until everything sent so far is resolved; raises
+        the first failure since the previous flush (the failed records' futures hold
+        theirs)."""
+        self._start()
+        core = self._core
+        target = core.close_open()
+        self._wake.set()
+        while not core.resolved_through(target):
+            assert self._loop is not None
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._flush_waiters.append((target, waiter))
+            await waiter
+        error = core.take_first_error()
+        if error is not None:
+            raise error
+
+    async def close(self) -> None:
+        """Flush, then stop: close the stream and the channel. Records still unresolved
+        (when the flush fails with retries exhausted) fail with ServerUnavailableError."""
+        if self._closed:
+            return
+        self._closing = True
+        try:
+            if self._run_task is not None:
+                await self.flush()
+        finally:
+            self._closed = True
+            self._complete_all(self._core.fail_all(ServerUnavailableError("producer closed")))
+            if self._linger_handle is not None:
+                self._linger_handle.cancel()
+                self._linger_handle = None
+            await self._end_stream()
+            if self._run_task is not None:
+                self._run_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._run_task
+            await self._close_channel()
+            self._room.set()
+            self._log.debug("producer.closed")
+
+    async def _end_stream(self, timeout_s: float = 5.0) -> None:
+        """Half-close the stream and wait for the leader to end it: what was written
+        (acks=none batches above all) reaches the leader before the channel closes."""
+        call, reader = self._call, self._reader
+        if call is None or reader is None or reader.done():
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+        await asyncio.wait([reader], timeout=timeout_s)
+
+    # -- records -----------------------------------------------------------------------
+
+    def _entry(
+        self,
+        payload: bytes,
+        channel: str | _Default | None,
+        key: bytes | None,
+        timestamp_ms: int,
+    ) -> Entry:
+        if isinstance(channel, _Default):
+            channel = self.default_channel
+        if not timestamp_ms:
+            timestamp_ms = _now_ms()
+        entry = Entry(timestamp_ms, payload, channel, key)
+        if (
+            channel is None
+            and key is None
+            and type(payload) is bytes
+            and _FIXED_RECORD_BYTES + len(payload) <= self._max_bytes
+            and type(timestamp_ms) is int
+            and timestamp_ms > 0
+        ):
+            return entry
+        check_entry(entry, self._max_bytes)
+        return entry
+
+    def _append(self, entry: Entry, handle: _Handle) -> None:
+        flags = self._core.append(entry, handle, time.monotonic())
+        if flags:
+            self._after_append(flags)
+
+    def _add_batch(
+        self, entries: Sequence[Entry], handle: _Handle, expected_first_seqno: int | None
+    ) -> None:
+        self._core.add_batch(entries, handle, expected_first_seqno=expected_first_seqno)
+        self._wake.set()
+
+    def _after_append(self, flags: int) -> None:
+        if flags & CLOSED:
+            self._wake.set()
+        if flags & OPENED and self._linger_handle is None:
+            self._arm_linger()
+
+    def _arm_linger(self) -> None:
+        deadline = self._core.open_deadline
+        if deadline is not None and self._loop is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._linger_handle = self._loop.call_later(delay, self._on_linger)
+
+    def _on_linger(self) -> None:
+        self._linger_handle = None
+        if self._core.close_due(time.monotonic()):
+            self._wake.set()
+        self._arm_linger()
+
+    async def _ready(self) -> None:
+        """Started, not closed, and room for a record (the backpressure wait)."""
+        if self._closing:
+            raise RequestError("producer is closed", code="FAILED_PRECONDITION")
+        self._start()
+        while not self._core.accepting:
+            self._room.clear()
+            await self._room.wait()
+            if self._closing:
+                raise RequestError("producer is closed", code="FAILED_PRECONDITION")
+
+    def _start(self) -> None:
+        if self._run_task is None:
+            if self._closed:
+                raise RequestError("producer is closed", code="FAILED_PRECONDITION")
+            self._loop = asyncio.get_running_loop()
+            self._run_task = self._loop.create_task(self._run(), name="producer")
+
+    # -- completions -------------------------------------------------------------------
+
+    def _complete(self, completion: Completion[_Handle]) -> None:
+        batch, result, error = completion
+        handles = batch.handles
+        if error is not None:
+            for handle in handles:
+                if not handle.done():
+                    handle.set_exception(error)
+                    handle.exception()  # flush() reports it: no "never retrieved" noise
+            if handles:
+                self._log.warning(
+                    "producer.batch.failed",
+                    batch_sequence=batch.sequence,
+                    records=batch.record_count,
+                    error=str(error),
+                    error_class=type(error).__name__,
+                )
+        elif result is None:
+            for handle in handles:
+                if not handle.done():
+                    handle.set_result(None)
+        else:
+            seqno = result.base_seqno
+            for handle in handles:
+                if not handle.done():
+                    handle.set_result(seqno)
+                seqno += 1
+        bh = batch.batch_handle
+        if bh is not None and not bh.done():
+            if error is not None:
+                bh.set_exception(error)
+                bh.exception()
+            else:
+                bh.set_result(result)
+
+    def _complete_all(self, completions: list[Completion[_Handle]]) -> None:
+        for completion in completions:
+            self._complete(completion)
+        self._progress()
+
+    def _progress(self) -> None:
+        """After completions: wake flushers whose batches are all resolved, and senders."""
+        if self._flush_waiters:
+            core = self._core
+            waiting = []
+            for target, waiter in self._flush_waiters:
+                if core.resolved_through(target):
+                    if not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    waiting.append((target, waiter))
+            self._flush_waiters = waiting
+        if self._core.queued:
+            self._wake.set()  # the window may have room now
+        else:
+            self._room.set()
+
+    # -- the connection ----------------------------------------------------------------
+
+    def _channel_for(self, address: str) -> grpc.aio.Channel:
+        if self._channel is None:
+            max_message = max(_rpc.DEFAULT_MAX_MESSAGE_BYTES, self._max_bytes + (1 << 16))
+            self._channel = _rpc.create_channel(
+                address, max_message_bytes=max_message, options=self._channel_options
+            )
+        return self._channel
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    async def _run(self) -> None:
+        """The supervisor: a session per stream; after one ends, requeue, back off, retry."""
+        core = self._core
+        while True:
+            if not core.queued and not core.in_flight:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._session()
+                end = _SessionEnd(ServerUnavailableError("stream ended"))
+            except _SessionEnd as exc:
+                end = exc
+            now = time.monotonic()
+            core.on_disconnect(now)
+            error = end.error
+            address = end.address
+            if address is None and isinstance(error, NotLeaderError):
+                address = await self._ask_leader()
+            if address is not None and address != self.address:
+                self._log.info("producer.redirected", address=address, previous=self.address)
+                self.address = address
+                await self._close_channel()
+            elif not error.retriable:
+                # The stream as a whole was refused (e.g. UNIMPLEMENTED): the same request
+                # cannot succeed later; fail what is pending and keep the producer usable.
+                self._log.warning("producer.stream.refused", address=self.address, error=str(error))
+                self._complete_all(core.fail_all(error))
+                continue
+            else:
+                self._log.info("producer.disconnected", address=self.address, error=str(error))
+            self._complete_all(core.expire(now, str(error)))
+            if not core.queued and not core.in_flight:
+                continue
+            delay = core.backoff_s(self._rng.random())
+            deadline = core.retry_deadline
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+            await asyncio.sleep(delay)
+            self._complete_all(core.expire(time.monotonic(), str(error)))
+
+    async def _ask_leader(self) -> str | None:
+        """After a call-level FAILED_PRECONDITION (a replica without in-band answers): the
+        node's Status names the leader, if it knows one."""
+        try:
+            stub = boomscooter_pb2_grpc.BoomscooterStub(self._channel_for(self.address))
+            status = await stub.Status(boomscooter_pb2.StatusRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            return None
+        return status.leader_address or None
+
+    async def _session(self) -> None:
+        """One Produce stream: write queued batches while the window has room; a reader
+        task feeds responses to the core. Ends by raising :class:`_SessionEnd`."""
+        core = self._core
+        stub = boomscooter_pb2_grpc.BoomscooterStub(self._channel_for(self.address))
+        call = stub.Produce()
+        self._call = call
+        self._session_end = None
+        reader = asyncio.get_running_loop().create_task(self._read(call), name="producer.read")
+        self._reader = reader
+        self._log.debug("producer.stream.opened", address=self.address)
+        try:
+            while self._session_end is None:
+                batch = core.next_to_send()
+                if batch is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if core.accepting:
+                    self._room.set()
+                if batch.sends > 1:
+                    self._log.debug("producer.batch.resent", batch_sequence=batch.sequence)
+                try:
+                    await call.write(self._request(batch))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                    # The reader sees the call's status: let it name the error first.
+                    await asyncio.wait([reader], timeout=1.0)
+                    self._end(ServerUnavailableError(f"Produce stream to {self.address} broke"))
+                    break
+                except asyncio.CancelledError:
+                    # grpc raises CancelledError from a write on a call cancelled locally
+                    # (the reader ended the session); a cancellation of this task goes on.
+                    task = asyncio.current_task()
+                    if self._session_end is None or (task is not None and task.cancelling()):
+                        raise
+                    break
+                completion = core.on_written(batch)
+                if completion is not None:
+                    self._complete(completion)
+                    self._progress()
+        finally:
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._call = self._reader = None
+        assert self._session_end is not None
+        raise self._session_end
+
+    def _request(self, batch: OutBatch[_Handle]) -> boomscooter_pb2.ProduceRequest:
+        request = boomscooter_pb2.ProduceRequest(
+            producer_id=self.producer_id,
+            batch_sequence=batch.sequence,
+            ack_level=self._ack_pb,
+            encoded_batch=batch.data,
+        )
+        if batch.expected_first_seqno is not None:
+            request.expected_first_seqno = batch.expected_first_seqno
+        return request
+
+    def _end(self, error: ClientError, address: str | None = None) -> None:
+        if self._session_end is None:
+            self._session_end = _SessionEnd(error, address)
+            self._wake.set()
+
+    async def _read(self, call: Any) -> None:
+        core = self._core
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    self._end(ServerUnavailableError(f"{self.address} ended the Produce stream"))
+                    return
+                sequence = response.batch_sequence
+                if response.WhichOneof("result") == "ack":
+                    a = response.ack
+                    completion = core.on_ack(
+                        Ack(
+                            sequence,
+                            a.base_seqno,
+                            a.record_count,
+                            a.epoch,
+                            a.commit_seqno,
+                            a.duplicate,
+                        )
+                    )
+                    if completion is not None:
+                        self._complete(completion)
+                        self._progress()
+                    continue
+                error = _rpc.error_from_pb(response.error)
+                action = core.on_rejection(sequence, error)
+                if isinstance(action, Reconnect):
+                    self._end(action.error, action.address)
+                    call.cancel()
+                    return
+                if action is None:
+                    self._log.warning(
+                        "producer.batch.rejected", batch_sequence=sequence, error=str(error)
+                    )
+                    continue
+                self._complete(action)
+                self._progress()
+        except grpc.aio.AioRpcError as exc:
+            error = _rpc.error_from_rpc(exc, address=self.address)
+            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                error = NotLeaderError(str(error))
+            self._end(error)
+
+
+class SyncProducer:
+    """The blocking twin of :class:`Producer` (same arguments): runs one in an event loop
+    on a background thread. ``send`` returns a ``concurrent.futures.Future`` and blocks only
+    for backpressure; ``flush``/``close`` block. Records handed to ``send`` are moved to the
+    loop in bulk, so a tight loop of ``send`` calls costs little per record."""
+
+    def __init__(self, server: str, **kwargs: Any) -> None:
+        self._producer = Producer(server, **kwargs)
+        self.producer_id = self._producer.producer_id
+        self._high_water = max(1024, self._producer.settings.max_batch_records)
+        self._pending: deque[tuple[Entry, concurrent.futures.Future[int | None]]] = deque()
+        self._cond = threading.Condition()
+        self._drain_scheduled = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="boomscooter-producer", daemon=True
+        )
+        self._thread.start()
+        self._call(self._start())
+
+    def __enter__(self) -> SyncProducer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(ClientError):
+                self.close()
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _start(self) -> None:
+        self._producer._start()
+
+    def send(
+        self,
+        payload: bytes,
+        *,
+        channel: str | _Default | None = DEFAULT,
+        key: bytes | None = None,
+        timestamp_ms: int = 0,
+    ) -> concurrent.futures.Future[int | None]:
+        """Queue one record (see :meth:`Producer.send`)."""
+        if self._closed:
+            raise RequestError("producer is closed", code="FAILED_PRECONDITION")
+        entry = self._producer._entry(payload, channel, key, timestamp_ms)
+        future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
+        with self._cond:
+            while len(self._pending) >= self._high_water:
+                self._cond.wait()
+            self._pending.append((entry, future))
+            schedule = not self._drain_scheduled
+            self._drain_scheduled = True
+        if schedule:
+            self._loop.call_soon_threadsafe(self._start_drain)
+        return future
+
+    def send_batch(
+        self, entries: Sequence[Entry], *, expected_first_seqno: int | None = None
+    ) -> concurrent.futures.Future[ProduceResult | None]:
+        """Queue one explicit batch (see :meth:`Producer.send_batch`)."""
+        future: concurrent.futures.Future[ProduceResult | None] = concurrent.futures.Future()
+        self._call(self._send_batch(list(entries), future, expected_first_seqno))
+        return future
+
+    async def _send_batch(
+        self,
+        entries: list[Entry],
+        future: concurrent.futures.Future[ProduceResult | None],
+        expected_first_seqno: int | None,
+    ) -> None:
+        await self._drained()
+        await self._producer._ready()
+        self._producer._add_batch(entries, future, expected_first_seqno)
+
+    def flush(self) -> None:
+        """Block until everything sent so far is resolved (see :meth:`Producer.flush`)."""
+        self._call(self._flush())
+
+    async def _flush(self) -> None:
+        await self._drained()
+        await self._producer.flush()
+
+    def close(self) -> None:
+        """Flush, close the producer and stop the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    async def _close(self) -> None:
+        try:
+            await self._drained()
+        finally:
+            await self._producer.close()
+
+    async def _drained(self) -> None:
+        while self._drain_task is not None and not self._drain_task.done():
+            await self._drain_task
+        if self._pending:  # scheduled but not started yet
+            self._start_drain()
+            await self._drained()
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        producer = self._producer
+        core = producer._core
+        while True:
+            with self._cond:
+                if not self._pending:
+                    self._drain_scheduled = False
+                    return
+                items = list(self._pending)
+                self._pending.clear()
+                self._cond.notify_all()
+            for entry, future in items:
+                if not core.accepting:
+                    try:
+                        await producer._ready()
+                    except ClientError as error:
+                        if not future.done():
+                            future.set_exception(error)
+                        continue
+                producer._append(entry, future)
