@@ -1,0 +1,291 @@
+"""Multicast mode: the page stream, repaired and caught up with ``Fetch``.
+
+The socket is drained in the event loop's reader callback straight into a
+:class:`~boomscooter.stream.StreamReceiver`; its events feed the :class:`Delivery` (batches,
+commit) and a fetch queue (gaps: mid-stream loss, tail loss behind a heartbeat, and the
+backlog between the start seqno and the live stream, which the receiver reports as one
+gap). One fetch worker reads the gaps in order, in chunks, through the receiver's
+``repaired`` door, so a batch fetched and the same batch multicast are delivered once.
+Fetch returns committed records only; a gap past the commit point waits for the commit.
+
+No valid page within ``multicast_timeout_s`` of joining (multicast not routed, a firewall)
+raises :class:`NoMulticast`, and the subscriber falls back to unicast. A new epoch
+(failover) restarts the receiver from where delivery stands after a new handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from boomscooter.client._rpc import error_from_rpc
+from boomscooter.client.delivery import Delivery
+from boomscooter.errors import ServerUnavailableError, TrimmedError
+from boomscooter.storage.batch import Record, split_batches
+from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
+from boomscooter.v1 import boomscooter_pb2 as pb
+from bootcast import mcast
+
+log = structlog.get_logger("boomscooter.subscriber")
+
+FETCH_BYTES = 4 << 20
+_DRAIN_MAX = 256
+_RECV_BYTES = 65536
+_MAX_PENDING_RECORDS = 1_000_000
+
+
+class NoMulticast(Exception):
+    """No page arrived: multicast does not reach this host."""
+
+
+class MulticastEngine:
+    def __init__(
+        self,
+        stub: Any,
+        delivery: Delivery,
+        handshake: pb.HandshakeResponse,
+        *,
+        interface: str | None,
+        emit: Callable[[list[Record]], Awaitable[None]],
+        rehandshake: Callable[[], Awaitable[pb.HandshakeResponse]],
+        multicast_timeout_s: float,
+        server_timeout_s: float,
+    ) -> None:
+        self.stub = stub
+        self.delivery = delivery
+        self.session = handshake.session
+        self.interface = interface or self.session.interface_hint or None
+        self.emit = emit
+        self.rehandshake = rehandshake
+        self.multicast_timeout_s = multicast_timeout_s
+        self.server_timeout_s = server_timeout_s
+        self.stats = {"pages": 0, "fetches": 0, "fetched_batches": 0, "gaps": 0, "epochs": 0}
+        self._loop = asyncio.get_running_loop()
+        self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._commit_moved = asyncio.Event()
+        self._new_epoch: int | None = None
+        self._pages_seen = False
+        self._last_page_at = self._loop.time()
+        self._ready: list[Record] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sock: socket.socket | None = None
+        self._receiver: StreamReceiver | None = None
+        self.drops: dict[str, int] = {}
+        self.delivery.commit(handshake.commit_seqno)
+
+    # -- socket side ---------------------------------------------------------------------
+
+    def _join(self) -> None:
+        session = self.session
+        self._sock = mcast.receiver_socket(session.group, session.port, interface=self.interface)
+        self._receiver = StreamReceiver(
+            session.epoch,
+            self.delivery.received_end,
+            page_size_bytes=session.page_size_bytes,
+        )
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+        log.info(
+            "subscriber.joined",
+            group=f"{session.group}:{session.port}",
+            epoch=session.epoch,
+            interface=self.interface or "default",
+            next_seqno=self.delivery.received_end,
+        )
+
+    def _leave(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._receiver is not None:
+            for reason, n in self._receiver.drops.items():
+                self.drops[reason.value] = self.drops.get(reason.value, 0) + n
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _readable(self) -> None:
+        sock, receiver = self._sock, self._receiver
+        assert sock is not None and receiver is not None
+        now = self._loop.time()
+        events = []
+        drops_before = receiver.drops.total()
+        pages = 0
+        for _ in range(_DRAIN_MAX):
+            try:
+                data = sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            pages += 1
+            events.extend(receiver.datagram(data, now))
+        self.stats["pages"] += pages
+        if pages > receiver.drops.total() - drops_before:  # some page was valid
+            self._pages_seen = True
+            self._last_page_at = now
+        self._handle(events)
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self._receiver is not None:
+            self._handle(self._receiver.poll(self._loop.time()))
+
+    def _handle(self, events: list[Any]) -> None:
+        delivery = self.delivery
+        for event in events:
+            if isinstance(event, BatchReceived):
+                delivery.add(event.batch)
+            elif isinstance(event, CommitAdvanced):
+                delivery.commit(event.commit_seqno)
+                self._commit_moved.set()
+            elif isinstance(event, Gap):
+                self.stats["gaps"] += 1
+                self._gaps.put_nowait((event.from_seqno, event.to_seqno))
+            elif isinstance(event, EpochChanged):
+                self._new_epoch = event.epoch
+        self._ready.extend(delivery.release())
+        if self._ready or self._new_epoch is not None or delivery.done:
+            self._wake.set()
+        if self._sock is not None and len(self._ready) > _MAX_PENDING_RECORDS:
+            self._loop.remove_reader(self._sock.fileno())  # the application is behind
+        self._arm()
+
+    def _arm(self) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            return
+        deadline = receiver.next_deadline()
+        if deadline is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(max(deadline, self._loop.time()), self._poll)
+
+    # -- fetch side ----------------------------------------------------------------------
+
+    async def _fetch_worker(self) -> None:
+        while True:
+            start, end = await self._gaps.get()
+            await self._fetch_range(start, end)
+
+    async def _fetch_range(self, start: int, end: int) -> None:
+        receiver = self._receiver
+        while receiver is not None and receiver is self._receiver:
+            start = max(start, receiver.next_seqno)
+            if start > end:
+                return
+            if start > self.delivery.commit_seqno:  # not committed yet: Fetch has nothing
+                self._commit_moved.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._commit_moved.wait(), 1.0)
+                if start > self.delivery.commit_seqno:
+                    continue
+            response = await self._call_fetch(start, end)
+            self.stats["fetches"] += 1
+            self.delivery.commit(response.commit_seqno)
+            if not response.batches:
+                return
+            events = []
+            for batch in split_batches(response.batches):
+                self.stats["fetched_batches"] += 1
+                events.extend(receiver.repaired(batch.data))
+            self._handle(events)
+            start = response.last_seqno + 1
+
+    async def _call_fetch(self, start: int, end: int) -> pb.FetchResponse:
+        deadline = self._loop.time() + self.server_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                request = pb.FetchRequest(from_seqno=start, to_seqno=end, max_bytes=FETCH_BYTES)
+                response: pb.FetchResponse = await self.stub.Fetch(request, timeout=10)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc)
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    raise TrimmedError(str(error), first_seqno=0) from exc
+                if not error.retriable or self._loop.time() > deadline:
+                    if isinstance(error, ServerUnavailableError):
+                        raise ServerUnavailableError(
+                            f"lost the server: no answer for {self.server_timeout_s:.0f} s "
+                            f"({error})"
+                        ) from exc
+                    raise error from exc
+                log.info("subscriber.fetch_retry", error=str(error), seqno=start)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._join()
+        worker = asyncio.create_task(self._fetch_worker(), name="subscriber-fetch")
+        joined_at = self._loop.time()
+        try:
+            while not self.delivery.done or self._ready:
+                if worker.done():
+                    worker.result()  # re-raise its failure
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.25)
+                self._wake.clear()
+                if self._ready:
+                    ready, self._ready = self._ready, []
+                    await self.emit(ready)
+                    if self._sock is not None:
+                        self._loop.add_reader(self._sock.fileno(), self._readable)
+                    continue
+                if self._new_epoch is not None:
+                    await self._restart_epoch()
+                    continue
+                now = self._loop.time()
+                if not self._pages_seen and now - joined_at > self.multicast_timeout_s:
+                    raise NoMulticast(
+                        f"no page from {self.session.group}:{self.session.port} within "
+                        f"{self.multicast_timeout_s:.1f} s"
+                    )
+                if self._pages_seen and now - self._last_page_at > self.multicast_timeout_s:
+                    await self._check_server()
+        finally:
+            worker.cancel()
+            self._leave()
+
+    async def _check_server(self) -> None:
+        """Pages stopped: the leader is gone (wait for it, up to server_timeout_s), or
+        multicast stopped reaching us while it lives (fall back to unicast)."""
+        try:
+            await self.stub.Status(pb.StatusRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            if self._loop.time() - self._last_page_at > self.server_timeout_s:
+                raise ServerUnavailableError(
+                    f"lost the server: no page and no answer for {self.server_timeout_s:.0f} s "
+                    f"({exc.code().name})"
+                ) from exc
+            return
+        response = await self.rehandshake()
+        if response.session.epoch != self.session.epoch:
+            self._new_epoch = response.session.epoch
+            return
+        raise NoMulticast("the server answers but its pages stopped arriving")
+
+    async def _restart_epoch(self) -> None:
+        self._new_epoch = None
+        self.stats["epochs"] += 1
+        self._leave()
+        self.delivery.drop_uncommitted()
+        response = await self.rehandshake()
+        self.session = response.session
+        self.delivery.commit(response.commit_seqno)
+        log.info("subscriber.new_epoch", epoch=self.session.epoch)
+        self._pages_seen = False
+        self._join()

@@ -1,0 +1,355 @@
+"""``boomscooter.Subscriber``: committed records, in order, exactly once.
+
+::
+
+    async with Subscriber("leader:7700", start="earliest") as sub:
+        async for record in sub:             # Record(seqno, timestamp_ms, channel, key, payload)
+            ...
+
+    with Subscriber("leader:7700", count=10) as sub:   # the same, blocking
+        for record in sub:
+            ...
+
+Modes: ``multicast`` (the default: the leader's page stream, loss repaired and backlog
+caught up with Fetch; falls back to ``unicast`` when no page arrives within
+``multicast_timeout_s``), ``unicast`` (the Subscribe stream) and ``notifications`` (read
+the segment files directly; for readers on the server's host). ``start`` is a seqno,
+``"earliest"``, ``"latest"`` (records committed from now on) or — with ``start_time_ms`` —
+the first record at or after a time. ``until`` (inclusive seqno) or ``count`` end the
+subscription; ``channel`` keeps records whose channel starts with the prefix.
+
+Errors are explicit, never a silent gap: :class:`~boomscooter.errors.TrimmedError` when
+the start (or the catch-up) is below what retention kept, and
+:class:`~boomscooter.errors.ServerUnavailableError` when the server stays unreachable for
+``server_timeout_s``. ``batches()`` yields lists of records (one list per stored batch or
+more) for speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import structlog
+
+from boomscooter.client._multicast import MulticastEngine, NoMulticast
+from boomscooter.client._notifications import NotificationsEngine
+from boomscooter.client._rpc import create_channel, error_from_rpc
+from boomscooter.client._unicast import UnicastEngine
+from boomscooter.client.delivery import Delivery
+from boomscooter.errors import ConfigError, ServerUnavailableError, TrimmedError
+from boomscooter.storage.batch import Record
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("boomscooter.subscriber")
+
+MODES = ("multicast", "unicast", "notifications")
+_END = object()
+
+
+class Subscriber:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        start: int | str = "latest",
+        start_time_ms: int | None = None,
+        until: int | None = None,
+        count: int | None = None,
+        channel: str | None = None,
+        mode: str = "multicast",
+        interface: str | None = None,
+        data_dir: str | None = None,
+        min_interval_ms: int = 10,
+        multicast_timeout_s: float = 2.0,
+        server_timeout_s: float = 30.0,
+        subscriber_id: str = "",
+        max_queued_batches: int = 256,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if isinstance(start, str) and start not in ("earliest", "latest"):
+            raise ConfigError(f"start must be a seqno, 'earliest' or 'latest', got {start!r}")
+        if isinstance(start, int) and start < 1:
+            raise ConfigError(f"start seqno must be at least 1, got {start}")
+        if until is not None and count is not None:
+            raise ConfigError("give until or count, not both")
+        if count is not None and count < 1:
+            raise ConfigError("count must be at least 1")
+        if until is not None and until < 1:
+            raise ConfigError("until must be at least 1")
+        self.server = server
+        self.start = start
+        self.start_time_ms = start_time_ms
+        self.until = until
+        self.count = count
+        self.channel = channel
+        self.mode = mode
+        self.interface = interface
+        self.data_dir = data_dir
+        self.min_interval_ms = min_interval_ms
+        self.multicast_timeout_s = multicast_timeout_s
+        self.server_timeout_s = server_timeout_s
+        self.subscriber_id = subscriber_id
+        self.active_mode = ""
+        self.delivery: Delivery | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(max_queued_batches)
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._engine: Any = None
+        self._sync: _SyncRunner | None = None
+
+    # -- async API --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Subscriber:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self._channel = create_channel(self.server)
+        self._task = asyncio.create_task(self._run(), name="subscriber")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return self._records()
+
+    async def _records(self) -> AsyncIterator[Record]:
+        async for records in self.batches():
+            for record in records:
+                yield record
+
+    async def batches(self) -> AsyncIterator[list[Record]]:
+        """Records in lists as they arrive (the fast path: no per-record await)."""
+        if self._task is None:
+            await self.open()
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                self._queue.put_nowait(_END)
+                return
+            if isinstance(item, BaseException):
+                self._queue.put_nowait(item)
+                raise item
+            yield item
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.active_mode}
+        if self.delivery is not None:
+            out.update(
+                delivered=self.delivery.stats.records,
+                next_seqno=self.delivery.next_seqno,
+                commit_seqno=self.delivery.commit_seqno,
+            )
+        if self._engine is not None:
+            out.update(self._engine.stats)
+            out.update({f"drop_{k}": v for k, v in getattr(self._engine, "drops", {}).items()})
+        return out
+
+    # -- the subscription -------------------------------------------------------------------
+
+    async def _emit(self, records: list[Record]) -> None:
+        await self._queue.put(records)
+
+    async def _run(self) -> None:
+        try:
+            await self._subscribe()
+            await self._queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("subscriber.failed", error=str(exc), kind=type(exc).__name__)
+            await self._queue.put(exc)
+
+    async def _handshake(self, stub: Any) -> pb.HandshakeResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.server_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                request = pb.HandshakeRequest(subscriber_id=self.subscriber_id)
+                response: pb.HandshakeResponse = await stub.Handshake(request, timeout=5)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc, address=self.server)
+                if not error.retriable or loop.time() > deadline:
+                    if isinstance(error, ServerUnavailableError):
+                        raise ServerUnavailableError(
+                            f"cannot reach {self.server} for {self.server_timeout_s:.0f} s: {error}"
+                        ) from exc
+                    raise error from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _start_seqno(self, stub: Any, hello: pb.HandshakeResponse) -> int:
+        if self.start_time_ms is not None:
+            request = pb.SubscribeRequest(time_ms=self.start_time_ms, count=1)
+            async for response in stub.Subscribe(request, timeout=10):
+                if response.batches:
+                    return int(response.first_seqno)
+            return hello.commit_seqno + 1
+        if self.start == "earliest":
+            return hello.first_seqno
+        if self.start == "latest":
+            return hello.commit_seqno + 1
+        assert isinstance(self.start, int)
+        if self.start < hello.first_seqno:
+            raise TrimmedError(
+                f"seqno {self.start} is below the first available seqno {hello.first_seqno}",
+                first_seqno=hello.first_seqno,
+            )
+        return self.start
+
+    async def _subscribe(self) -> None:
+        assert self._channel is not None
+        stub = pb_grpc.BoomscooterStub(self._channel)
+        hello = await self._handshake(stub)
+        start = await self._start_seqno(stub, hello)
+        count = self.count
+        self.delivery = delivery = Delivery(
+            start, until=self.until, count=count, channel=self.channel
+        )
+        log.info("subscriber.started", server=self.server, mode=self.mode, start=start)
+        mode = self.mode
+        if mode == "multicast" and not hello.session.group:
+            log.warning("subscriber.no_multicast", reason="the server does not multicast")
+            mode = "unicast"
+        if mode == "multicast":
+            self.active_mode = "multicast"
+            self._engine = MulticastEngine(
+                stub,
+                delivery,
+                hello,
+                interface=self.interface,
+                emit=self._emit,
+                rehandshake=lambda: self._handshake(stub),
+                multicast_timeout_s=self.multicast_timeout_s,
+                server_timeout_s=self.server_timeout_s,
+            )
+            try:
+                await self._engine.run()
+                return
+            except NoMulticast as exc:
+                log.warning("subscriber.fallback_unicast", reason=str(exc))
+                delivery.drop_uncommitted()
+                ready = delivery.release()
+                if ready:
+                    await self._emit(ready)
+                mode = "unicast"
+        if mode == "unicast":
+            self.active_mode = "unicast"
+            self._engine = UnicastEngine(
+                stub, delivery, emit=self._emit, server_timeout_s=self.server_timeout_s
+            )
+        else:
+            self.active_mode = "notifications"
+            self._engine = NotificationsEngine(
+                stub,
+                delivery,
+                emit=self._emit,
+                data_dir=self.data_dir,
+                min_interval_ms=self.min_interval_ms,
+                server_timeout_s=self.server_timeout_s,
+            )
+        await self._engine.run()
+
+    # -- sync API ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Subscriber:
+        self._sync = _SyncRunner(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sync is not None:
+            self._sync.stop()
+            self._sync = None
+
+    def __iter__(self) -> Iterator[Record]:
+        for records in self.iter_batches():
+            yield from records
+
+    def iter_batches(self) -> Iterator[list[Record]]:
+        """Blocking ``batches()`` (inside ``with Subscriber(...)``)."""
+        if self._sync is None:
+            raise RuntimeError("use 'with Subscriber(...) as sub:' for blocking iteration")
+        return self._sync.batches()
+
+
+class _SyncRunner:
+    """Runs the async subscriber on an event loop in a background thread."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.subscriber = subscriber
+        self._out: queue.Queue[Any] = queue.Queue(64)
+        self._loop = asyncio.new_event_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="subscriber-sync", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._pump())
+        finally:
+            self._loop.close()
+
+    async def _pump(self) -> None:
+        sub = self.subscriber
+        sub._queue = asyncio.Queue(sub._queue.maxsize)
+        try:
+            async with sub:
+                async for records in sub.batches():
+                    await self._put(records)
+            await self._put(_END)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            await self._put(exc)
+
+    async def _put(self, item: Any) -> None:
+        while not self._stopping:
+            try:
+                self._out.put_nowait(item)
+                return
+            except queue.Full:
+                await asyncio.sleep(0.005)
+
+    def batches(self) -> Iterator[list[Record]]:
+        while True:
+            item = self._out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(RuntimeError):  # the loop may have finished already
+            self._loop.call_soon_threadsafe(self._cancel_all)
+        self._thread.join(timeout=10)
+
+    def _cancel_all(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
