@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
