@@ -50,6 +50,7 @@ bench-deps: system-deps
 	fi
 
 demo: $(STAMP)
+	$(BIN)/boomscooter demo
 	$(BIN)/bootcast demo
 
 # pytest's exit code 5 (no tests collected) is a failure, never a pass.

@@ -1,17 +1,212 @@
-"""The ``boomscooter`` command (the log arrives with later issues)."""
+"""The ``boomscooter`` command: ``leader``, ``produce``, ``subscribe``, ``status``, ``demo``.
+
+``main()`` parses arguments, configures logging (structlog: human on a TTY, JSON with
+``--log-json``, always on stderr) and runs the command (:mod:`boomscooter.commands`).
+Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+
+from boomscooter.errors import BoomscooterError, ConfigError
+from bootcast import logs
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _start(text: str) -> int | str:
+    if text in ("earliest", "latest"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--from takes a seqno, earliest or latest, not {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("a seqno is at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from boomscooter.node.leader import DEFAULT_GROUP
+    from boomscooter.stream import DEFAULT_PAGE_SIZE
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-json", action="store_true", default=argparse.SUPPRESS, help="JSON log lines"
+    )
+    common.add_argument(
+        "--log-level", choices=sorted(logs.LEVELS), default=argparse.SUPPRESS, help="default: info"
+    )
+    parser = argparse.ArgumentParser(
+        prog="boomscooter",
+        description="A replicated append-only log: the leader multicasts each batch once.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    leader = sub.add_parser(
+        "leader",
+        parents=[common],
+        help="run a leader: sequence, store and multicast producers' batches",
+        description="Run the leader of a log stored in --data-dir (created if missing, "
+        "recovered if it exists). Serves the gRPC API on --listen and multicasts every "
+        "batch once on --group. Stops cleanly on SIGTERM or Ctrl-C.",
+    )
+    leader.add_argument("--data-dir", required=True, help="the log's directory")
+    leader.add_argument(
+        "--listen",
+        default="127.0.0.1:7700",
+        help="gRPC HOST:PORT (port 0: any; default %(default)s)",
+    )
+    leader.add_argument(
+        "--group",
+        default=DEFAULT_GROUP,
+        help="multicast ADDR:PORT of the stream (default %(default)s)",
+    )
+    leader.add_argument("--interface", help="interface (address or name) to multicast on")
+    leader.add_argument(
+        "--cast-listen",
+        help="HOST:PORT of a bootcast server casting sealed segments (/join/segments/<file>)",
+    )
+    leader.add_argument(
+        "--min-insync", type=_positive_int, default=1, help="copies that commit (default 1)"
+    )
+    leader.add_argument(
+        "--fsync",
+        default="interval",
+        help="always | interval[:MS] | never (default interval, 100 ms)",
+    )
+    leader.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=DEFAULT_PAGE_SIZE,
+        help="bytes per multicast page (default %(default)s: one Ethernet frame; up to "
+        "65000 on loopback or jumbo frames)",
+    )
+    leader.add_argument(
+        "--rate", type=float, default=0.0, help="multicast rate limit in Mbit/s (0: unpaced)"
+    )
+    leader.add_argument("--ttl", type=int, default=1, help="multicast TTL (default 1)")
+    leader.add_argument("--heartbeat-ms", type=int, default=100, help="idle heartbeat period")
+    leader.add_argument(
+        "--segment-bytes", type=_positive_int, default=256 << 20, help="roll segments at this size"
+    )
+    leader.add_argument("--advertise", help="gRPC address clients should use (default: bound)")
+
+    produce = sub.add_parser(
+        "produce",
+        parents=[common],
+        help="append stdin lines as records",
+        description="Read lines from stdin; each line (without its newline) becomes one "
+        "record's payload. Prints a summary on stderr; exits 0 once every record is "
+        "acknowledged at --acks.",
+    )
+    produce.add_argument("--server", required=True, help="the leader's HOST:PORT")
+    produce.add_argument("--acks", choices=("none", "leader", "quorum"), default="leader")
+    produce.add_argument("--channel", help="channel of every record")
+    produce.add_argument("--linger-ms", type=float, default=5.0, help="batching delay")
+    produce.add_argument(
+        "--batch-records", type=_positive_int, default=10_000, help="records per batch at most"
+    )
+    produce.add_argument("--quiet", action="store_true", help="no summary")
+
+    subscribe = sub.add_parser(
+        "subscribe",
+        parents=[common],
+        help="print committed records",
+        description="Print committed records in seqno order, exactly once: the payload as a "
+        "line (raw bytes), or with --json one object per line with seqno, timestamp, "
+        "channel, key_b64, payload (UTF-8 text or null) and payload_b64.",
+    )
+    subscribe.add_argument("--server", required=True, help="a node's HOST:PORT")
+    subscribe.add_argument(
+        "--from", dest="start", type=_start, default="latest", help="SEQNO | earliest | latest"
+    )
+    subscribe.add_argument(
+        "--from-time", type=int, metavar="MS", help="start at the first record at or after "
+        "this time (ms since the Unix epoch)"
+    )  # fmt: skip
+    end = subscribe.add_mutually_exclusive_group()
+    end.add_argument("--count", type=_positive_int, help="stop after N records")
+    end.add_argument("--until", type=_positive_int, help="stop after this seqno")
+    subscribe.add_argument("--channel", help="only channels starting with this prefix")
+    subscribe.add_argument(
+        "--mode", choices=("multicast", "unicast", "notifications"), default="multicast"
+    )
+    subscribe.add_argument("--interface", help="interface (address or name) to join on")
+    subscribe.add_argument(
+        "--data-dir", help="notifications mode: the log directory as mounted here"
+    )
+    subscribe.add_argument("--json", action="store_true", help="one JSON object per record")
+    subscribe.add_argument(
+        "--timeout", type=float, default=30.0, help="give up on a lost server after S seconds"
+    )
+
+    status = sub.add_parser("status", parents=[common], help="a node's role, seqnos, replicas")
+    status.add_argument("--server", required=True, help="a node's HOST:PORT")
+    status.add_argument("--json", action="store_true", help="as one JSON object")
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="an embedded leader on loopback with producers and subscribers (finite)",
+        description="Starts a leader on loopback with a temporary data directory, two "
+        "producers, and subscribers in all three modes plus the direct-file reader; checks "
+        "that every record arrived exactly once, in order; prints a summary; exits 0 only "
+        "if every check passed.",
+    )
+    demo.add_argument("--records", type=_positive_int, default=100_000, help="records in all")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="boomscooter",
-        description="Replicated append-only log over multicast. Not yet implemented: "
-        "this release ships the bootcast transport (see `bootcast --help`).",
-    )
-    parser.parse_args(argv)
-    print("boomscooter: the log is not implemented yet; see `bootcast --help`", file=sys.stderr)
-    return 1
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The demo prints its own summary: only warnings unless asked for more.
+    default_level = "warning" if args.command == "demo" else "info"
+    level = getattr(args, "log_level", default_level)
+    logs.configure_now(json=getattr(args, "log_json", False), level=level)
+    from boomscooter import commands
+
+    runners = {
+        "leader": commands.run_leader,
+        "produce": commands.run_produce,
+        "subscribe": commands.run_subscribe,
+        "status": commands.run_status,
+        "demo": commands.run_demo,
+    }
+    try:
+        return asyncio.run(runners[args.command](args))
+    except KeyboardInterrupt:
+        print(f"boomscooter {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ConfigError as exc:
+        print(f"boomscooter {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BoomscooterError as exc:
+        print(f"boomscooter {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"boomscooter {args.command}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,6 +32,12 @@ def configure(*, json: bool = False, level: str = "info") -> None:
     _settings.update(json=json, level=LEVELS[level], applied=False)
 
 
+def configure_now(*, json: bool = False, level: str = "info") -> None:
+    """``configure`` and apply at once (for programs that log through structlog directly)."""
+    configure(json=json, level=level)
+    _apply()
+
+
 def quiet_aiohttp() -> None:
     """aiohttp reports malformed requests through stdlib logging; the server counts and logs
     them itself (``http.rejected``), so keep its tracebacks out of the operator's way."""

@@ -1,0 +1,222 @@
+"""What the ``boomscooter`` sub-commands do (the CLI parses, this runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import signal
+import sys
+import time
+from typing import Any, BinaryIO
+
+import grpc
+import structlog
+
+from boomscooter.errors import ConfigError
+
+log = structlog.get_logger("boomscooter.cli")
+
+
+async def run_leader(args: argparse.Namespace) -> int:
+    from boomscooter.node.leader import LeaderConfig, start_leader
+    from boomscooter.storage import FsyncPolicy
+
+    config = LeaderConfig(
+        data_dir=args.data_dir,
+        listen=args.listen,
+        group=args.group,
+        interface=args.interface,
+        cast_listen=args.cast_listen,
+        min_insync=args.min_insync,
+        fsync=FsyncPolicy.parse(args.fsync),
+        page_size_bytes=args.page_size,
+        rate_mbit=args.rate,
+        ttl=args.ttl,
+        heartbeat_ms=args.heartbeat_ms,
+        segment_bytes=args.segment_bytes,
+        advertise=args.advertise,
+    )
+    node = await start_leader(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("leader.stopping")
+    await node.stop()
+    return 0
+
+
+class LineReader:
+    """Complete lines from a binary stream, a chunk at a time (runs in a thread)."""
+
+    def __init__(self, stream: BinaryIO, chunk_bytes: int = 1 << 20) -> None:
+        self.stream = stream
+        self.chunk_bytes = chunk_bytes
+        self._tail = b""
+
+    def next_lines(self) -> list[bytes] | None:
+        """The complete lines of the next chunk (the last line needs no newline); None at
+        the end of the stream."""
+        data: bytes = self.stream.read1(self.chunk_bytes)  # type: ignore[attr-defined]
+        if not data:
+            tail, self._tail = self._tail, b""
+            return [tail] if tail else None
+        lines = (self._tail + data).split(b"\n")
+        self._tail = lines.pop()
+        return lines
+
+
+async def run_produce(args: argparse.Namespace) -> int:
+    from boomscooter.client.producer import Producer
+
+    loop = asyncio.get_running_loop()
+    count = 0
+    first: asyncio.Future[int | None] | None = None
+    last: asyncio.Future[int | None] | None = None
+    started = time.monotonic()
+    async with Producer(
+        args.server,
+        acks=args.acks,
+        channel=args.channel,
+        linger_ms=args.linger_ms,
+        max_batch_records=args.batch_records,
+    ) as producer:
+        reader = LineReader(sys.stdin.buffer)
+        while (lines := await loop.run_in_executor(None, reader.next_lines)) is not None:
+            for line in lines:
+                last = await producer.send(line.removesuffix(b"\r"))
+                first = first or last
+                count += 1
+        await producer.flush()
+    seconds = time.monotonic() - started
+    if not args.quiet:
+        first_seqno = first.result() if first is not None else None
+        last_seqno = last.result() if last is not None else None
+        log.info(
+            "produce.done",
+            records=count,
+            first_seqno=first_seqno,
+            last_seqno=last_seqno,
+            acks=args.acks,
+            seconds=round(seconds, 3),
+            records_per_s=round(count / seconds) if seconds > 0 else None,
+        )
+    return 0
+
+
+def record_json(record: Any) -> str:
+    payload: bytes = record.payload
+    try:
+        text: str | None = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return json.dumps(
+        {
+            "seqno": record.seqno,
+            "timestamp": record.timestamp_ms,
+            "channel": record.channel,
+            "key_b64": None if record.key is None else base64.b64encode(record.key).decode(),
+            "payload": text,
+            "payload_b64": base64.b64encode(payload).decode(),
+        },
+        ensure_ascii=False,
+    )
+
+
+async def run_subscribe(args: argparse.Namespace) -> int:
+    from boomscooter.client.subscriber import Subscriber
+
+    if args.mode != "notifications" and args.data_dir:
+        raise ConfigError("--data-dir is for --mode notifications")
+    out = sys.stdout.buffer
+    delivered = 0
+    subscriber = Subscriber(
+        args.server,
+        start=args.start,
+        start_time_ms=args.from_time,
+        until=args.until,
+        count=args.count,
+        channel=args.channel,
+        mode=args.mode,
+        interface=args.interface,
+        data_dir=args.data_dir,
+        server_timeout_s=args.timeout,
+    )
+    try:
+        async with subscriber:
+            async for records in subscriber.batches():
+                if args.json:
+                    text = "".join(record_json(r) + "\n" for r in records)
+                    out.write(text.encode("utf-8"))
+                else:
+                    out.write(b"".join(r.payload + b"\n" for r in records))
+                out.flush()
+                delivered += len(records)
+    except BrokenPipeError:  # `boomscooter subscribe | head`: the reader had enough
+        return 0
+    log.info("subscribe.done", records=delivered, **subscriber.stats)
+    return 0
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    from boomscooter.client._rpc import create_channel, error_from_rpc
+    from boomscooter.v1 import boomscooter_pb2 as pb
+    from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+    channel = create_channel(args.server)
+    try:
+        stub = pb_grpc.BoomscooterStub(channel)
+        try:
+            status = await stub.Status(pb.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, address=args.server) from None
+    finally:
+        await channel.close()
+    replicas = [
+        {
+            "replica_id": r.replica_id,
+            "address": r.address,
+            "connected": r.connected,
+            "durable_seqno": r.durable_seqno,
+            "lag_records": r.lag_records,
+            "last_ack_age_ms": r.last_ack_age_ms,
+        }
+        for r in status.replicas
+    ]
+    fields: dict[str, Any] = {
+        "role": pb.Role.Name(status.role).removeprefix("ROLE_").lower(),
+        "node_id": status.node_id,
+        "epoch": status.epoch,
+        "first_seqno": status.first_seqno,
+        "last_seqno": status.last_seqno,
+        "commit_seqno": status.commit_seqno,
+        "durable_seqno": status.durable_seqno,
+        "leader_address": status.leader_address,
+        "min_insync": status.min_insync,
+        "log_bytes": status.log_bytes,
+        "segment_count": status.segment_count,
+        "replicas": replicas,
+    }
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        width = max(len(k) for k in fields)
+        for key, value in fields.items():
+            if key != "replicas":
+                print(f"{key:<{width}}  {value}")
+        print(f"{'replicas':<{width}}  {len(replicas) or 'none'}")
+        for r in replicas:
+            print(
+                f"  {r['replica_id']} {r['address']} connected={r['connected']} "
+                f"durable={r['durable_seqno']} lag={r['lag_records']}"
+            )
+    return 0
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    from boomscooter.demo import run_demo as demo
+
+    return await demo(records=args.records)
