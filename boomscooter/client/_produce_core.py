@@ -194,13 +194,23 @@ class Reconnect(NamedTuple):
 class _Open(Generic[H]):
     """The batch being filled; sizes are of its encoded form."""
 
-    __slots__ = ("count", "deadline", "entries", "handles", "has_channels", "has_keys", "var")
+    __slots__ = (
+        "count",
+        "deadline",
+        "entries",
+        "handles",
+        "has_channels",
+        "has_keys",
+        "per_record",
+        "size",
+    )
 
     def __init__(self, deadline: float) -> None:
         self.entries: list[Entry] = []
         self.handles: list[H] = []
         self.count = 0
-        self.var = 0  # payload, channel and key bytes
+        self.size = HEADER_BYTES  # of the batch encoded now
+        self.per_record = RECORD_OVERHEAD_BYTES  # fixed column bytes per record now
         self.has_channels = False
         self.has_keys = False
         self.deadline = deadline
@@ -257,6 +267,9 @@ class ProduceCore(Generic[H]):
         self._ack_none = settings.ack_level is AckLevel.NONE
         self._open: _Open[H] | None = None
         self._queue: deque[OutBatch[H]] = deque()
+        # False while a closed batch waits for room in the window (backpressure): a plain
+        # attribute, read once per record.
+        self.accepting = True
         self._inflight: dict[int, OutBatch[H]] = {}  # insertion order = sequence order
         self._last_sequence = 0
         self._retry_deadline: float | None = None
@@ -264,11 +277,6 @@ class ProduceCore(Generic[H]):
         self._first_error: ClientError | None = None
 
     # -- state -------------------------------------------------------------------------
-
-    @property
-    def accepting(self) -> bool:
-        """False while a closed batch waits for room in the window (backpressure)."""
-        return not self._queue
 
     @property
     def last_sequence(self) -> int:
@@ -318,51 +326,77 @@ class ProduceCore(Generic[H]):
 
     def append(self, entry: Entry, handle: H, now: float) -> int:
         """Add a record (already passed :func:`check_entry`); returns :data:`OPENED` and/or
-        :data:`CLOSED` flags. Per-record work is kept to a few additions."""
+        :data:`CLOSED` flags. Per-record work is a few additions on the common path (no
+        channel, no key, the batch not full)."""
         flags = 0
         ob = self._open
         if ob is None:
             ob = self._open = _Open(now + self._linger_s)
             flags = OPENED
+        if entry[2] is None and entry[3] is None:
+            size = ob.size + ob.per_record + len(entry[1])
+            if size <= self._max_bytes:
+                ob.entries.append(entry)
+                ob.handles.append(handle)
+                ob.size = size
+                ob.count += 1
+                if ob.count >= self._max_records:
+                    self._close_open()
+                    flags |= CLOSED
+                return flags
+            if ob.count == 0:  # check_entry was skipped: refuse rather than send
+                self._open = None
+                raise RequestError("record exceeds max_batch_bytes", code="RESOURCE_EXHAUSTED")
+        elif not self._fits(ob, entry):
+            if ob.count == 0:
+                self._open = None
+                raise RequestError("record exceeds max_batch_bytes", code="RESOURCE_EXHAUSTED")
+        else:
+            self._add_slow(ob, entry, handle)
+            if ob.count >= self._max_records:
+                self._close_open()
+                flags |= CLOSED
+            return flags
+        # The open batch is full: close it, and start the next one with this record.
+        self._close_open()
+        ob = self._open = _Open(now + self._linger_s)
+        if not self._fits(ob, entry):
+            self._open = None
+            raise RequestError("record exceeds max_batch_bytes", code="RESOURCE_EXHAUSTED")
+        self._add_slow(ob, entry, handle)
+        flags |= CLOSED | OPENED
+        if ob.count >= self._max_records:
+            self._close_open()
+        return flags
+
+    @staticmethod
+    def _grown(ob: _Open[H], entry: Entry) -> tuple[int, int, bool, bool]:
+        """Size and column bytes of ``ob`` with ``entry`` added (a channel or key column
+        appearing costs its bytes for every record already in the batch)."""
         channel, key = entry[2], entry[3]
-        var = len(entry[1])
-        has_channels, has_keys = ob.has_channels, ob.has_keys
-        if channel is not None:
-            var += _channel_bytes(channel)
-            has_channels = True
-        if key is not None:
-            var += len(key)
-            has_keys = True
+        has_channels = ob.has_channels or channel is not None
+        has_keys = ob.has_keys or key is not None
         per_record = RECORD_OVERHEAD_BYTES
         if has_channels:
             per_record += CHANNEL_COLUMN_BYTES
         if has_keys:
             per_record += KEY_COLUMN_BYTES
-        count = ob.count + 1
-        if HEADER_BYTES + count * per_record + ob.var + var > self._max_bytes:
-            if ob.count == 0:  # check_entry was skipped: refuse rather than send
-                self._open = None
-                raise RequestError("record exceeds max_batch_bytes", code="RESOURCE_EXHAUSTED")
-            self._close_open()
-            flags |= CLOSED
-            ob = self._open = _Open(now + self._linger_s)
-            flags |= OPENED
-            count = 1
-            has_channels = channel is not None
-            has_keys = key is not None
-            if HEADER_BYTES + entry_size(entry) > self._max_bytes:
-                self._open = None
-                raise RequestError("record exceeds max_batch_bytes", code="RESOURCE_EXHAUSTED")
+        var = len(entry[1])
+        if channel is not None:
+            var += _channel_bytes(channel)
+        if key is not None:
+            var += len(key)
+        size = ob.size + (per_record - ob.per_record) * ob.count + per_record + var
+        return size, per_record, has_channels, has_keys
+
+    def _fits(self, ob: _Open[H], entry: Entry) -> bool:
+        return self._grown(ob, entry)[0] <= self._max_bytes
+
+    def _add_slow(self, ob: _Open[H], entry: Entry, handle: H) -> None:
+        ob.size, ob.per_record, ob.has_channels, ob.has_keys = self._grown(ob, entry)
         ob.entries.append(entry)
         ob.handles.append(handle)
-        ob.count = count
-        ob.var += var
-        ob.has_channels = has_channels
-        ob.has_keys = has_keys
-        if count >= self._max_records:
-            self._close_open()
-            flags |= CLOSED
-        return flags
+        ob.count += 1
 
     def add_batch(
         self,
@@ -397,6 +431,7 @@ class ProduceCore(Generic[H]):
         self._queue.append(
             OutBatch(self._last_sequence, data, len(entries), [], handle, expected_first_seqno)
         )
+        self.accepting = False
 
     def close_due(self, now: float) -> bool:
         """Close the open batch if its linger deadline has passed; True if one closed."""
@@ -427,6 +462,7 @@ class ProduceCore(Generic[H]):
         data = self._encode(ob.entries)
         self._last_sequence += 1
         self._queue.append(OutBatch(self._last_sequence, data, ob.count, ob.handles, None, None))
+        self.accepting = False
 
     # -- sending -----------------------------------------------------------------------
 
@@ -435,6 +471,7 @@ class ProduceCore(Generic[H]):
         if not self._queue or len(self._inflight) >= self.settings.max_in_flight:
             return None
         batch = self._queue.popleft()
+        self.accepting = not self._queue
         batch.sends += 1
         self._inflight[batch.sequence] = batch
         return batch
@@ -453,6 +490,7 @@ class ProduceCore(Generic[H]):
             for i, queued in enumerate(self._queue):
                 if queued.sequence == sequence:
                     del self._queue[i]
+                    self.accepting = not self._queue
                     return queued
         return batch
 
@@ -502,6 +540,7 @@ class ProduceCore(Generic[H]):
         if self._inflight:
             self._queue.extendleft(reversed(self._inflight.values()))
             self._inflight.clear()
+            self.accepting = not self._queue
         if self._retry_deadline is None:
             self._retry_deadline = now + self.settings.retry_timeout_s
 
@@ -532,6 +571,7 @@ class ProduceCore(Generic[H]):
         batches = [*self._inflight.values(), *self._queue]
         self._inflight.clear()
         self._queue.clear()
+        self.accepting = True
         self._retry_deadline = None
         if batches:
             self._note_error(error)

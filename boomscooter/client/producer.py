@@ -97,8 +97,10 @@ class _SessionEnd(Exception):
         self.address = address
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+_new_tuple = tuple.__new__
+_time_ns = time.time_ns
+_monotonic = time.monotonic
+_Future = asyncio.Future
 
 
 class Producer:
@@ -142,6 +144,7 @@ class Producer:
         self._core: ProduceCore[_Handle] = ProduceCore(self.settings)
         self._ack_pb = _ACK_PB[self.settings.ack_level]
         self._max_bytes = self.settings.max_batch_bytes
+        self._max_plain_payload = self._max_bytes - _FIXED_RECORD_BYTES
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # the writer or supervisor has something to do
@@ -191,12 +194,22 @@ class Producer:
         producer's clock now. Raises :class:`RequestError` at once for a record that can
         never be sent (too large, wrong types)."""
         core = self._core
-        if self._run_task is None or not core.accepting or self._closing:
+        if not core.accepting or self._run_task is None or self._closing:
             await self._ready()
-        entry = self._entry(payload, channel, key, timestamp_ms)
-        assert self._loop is not None
-        future: asyncio.Future[int | None] = self._loop.create_future()
-        flags = core.append(entry, future, time.monotonic())
+        if channel is DEFAULT:
+            channel = self.default_channel
+        if (
+            channel is None
+            and key is None
+            and not timestamp_ms
+            and type(payload) is bytes
+            and len(payload) <= self._max_plain_payload
+        ):  # the common case, checked inline: this runs once per record
+            entry = _new_tuple(Entry, (_time_ns() // 1_000_000, payload, None, None))
+        else:
+            entry = self._entry(payload, channel, key, timestamp_ms)
+        future: asyncio.Future[int | None] = _Future(loop=self._loop)
+        flags = core.append(entry, future, _monotonic())
         if flags:
             self._after_append(flags)
         return future
@@ -281,22 +294,13 @@ class Producer:
         if isinstance(channel, _Default):
             channel = self.default_channel
         if not timestamp_ms:
-            timestamp_ms = _now_ms()
+            timestamp_ms = _time_ns() // 1_000_000
         entry = Entry(timestamp_ms, payload, channel, key)
-        if (
-            channel is None
-            and key is None
-            and type(payload) is bytes
-            and _FIXED_RECORD_BYTES + len(payload) <= self._max_bytes
-            and type(timestamp_ms) is int
-            and timestamp_ms > 0
-        ):
-            return entry
         check_entry(entry, self._max_bytes)
         return entry
 
     def _append(self, entry: Entry, handle: _Handle) -> None:
-        flags = self._core.append(entry, handle, time.monotonic())
+        flags = self._core.append(entry, handle, _monotonic())
         if flags:
             self._after_append(flags)
 
