@@ -3,6 +3,8 @@
 * :class:`Producer` (asyncio) and :class:`SyncProducer` (blocking, a background thread):
   batching with linger, a bounded in-flight window with backpressure, futures resolving to
   seqnos, ``flush()``, idempotent retries (:mod:`boomscooter.client.producer`);
+* :class:`Subscriber`: committed records in order, exactly once, in multicast, unicast
+  or notifications mode, async or blocking (:mod:`boomscooter.client.subscriber`);
 * :class:`ProduceResult`, :class:`AckLevel`: what ``send_batch`` resolves to, and the ack
   levels ``none`` / ``leader`` / ``quorum``.
 
@@ -12,5 +14,6 @@ Errors are the client classes of :mod:`boomscooter.errors` (``ServerUnavailableE
 
 from boomscooter.client._produce_core import AckLevel, ProduceResult
 from boomscooter.client.producer import Producer, SyncProducer
+from boomscooter.client.subscriber import Subscriber
 
-__all__ = ["AckLevel", "ProduceResult", "Producer", "SyncProducer"]
+__all__ = ["AckLevel", "ProduceResult", "Producer", "Subscriber", "SyncProducer"]

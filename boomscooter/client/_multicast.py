@@ -56,8 +56,10 @@ class MulticastEngine:
         rehandshake: Callable[[], Awaitable[pb.HandshakeResponse]],
         multicast_timeout_s: float,
         server_timeout_s: float,
+        page_filter: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.stub = stub
+        self.page_filter = page_filter
         self.delivery = delivery
         self.session = handshake.session
         self.interface = interface or self.session.interface_hint or None
@@ -125,6 +127,8 @@ class MulticastEngine:
                 break
             except OSError:
                 break
+            if self.page_filter is not None and not self.page_filter(data):
+                continue  # a test's simulated loss
             pages += 1
             events.extend(receiver.datagram(data, now))
         self.stats["pages"] += pages

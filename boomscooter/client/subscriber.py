@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -73,6 +73,7 @@ class Subscriber:
         server_timeout_s: float = 30.0,
         subscriber_id: str = "",
         max_queued_batches: int = 256,
+        page_filter: Callable[[bytes], bool] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -99,6 +100,8 @@ class Subscriber:
         self.multicast_timeout_s = multicast_timeout_s
         self.server_timeout_s = server_timeout_s
         self.subscriber_id = subscriber_id
+        # For tests: multicast datagrams for which it returns False are dropped (as lost).
+        self.page_filter = page_filter
         self.active_mode = ""
         self.delivery: Delivery | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(max_queued_batches)
@@ -245,6 +248,7 @@ class Subscriber:
                 rehandshake=lambda: self._handshake(stub),
                 multicast_timeout_s=self.multicast_timeout_s,
                 server_timeout_s=self.server_timeout_s,
+                page_filter=self.page_filter,
             )
             try:
                 await self._engine.run()
