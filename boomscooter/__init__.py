@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from boomscooter.client import AckLevel, ProduceResult, Producer, Subscriber, SyncProducer
+    from boomscooter.client import AckLevel, Producer, ProduceResult, Subscriber, SyncProducer
     from boomscooter.storage import Entry, Record
 
 __all__ = [
