@@ -524,6 +524,8 @@ class ProduceCore(Generic[H]):
             return Reconnect(None, error)
         batch = self._take(sequence)
         if batch is None:
+            if self._ack_none:  # resolved when written: the next flush reports it
+                self._note_error(error)
             return None
         self._note_error(error)
         return Completion(batch, None, error)
