@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     leader.add_argument(
         "--segment-bytes", type=_positive_int, default=256 << 20, help="roll segments at this size"
     )
+    leader.add_argument(
+        "--retention-bytes", type=_positive_int, help="keep at most this much log (whole segments)"
+    )
+    leader.add_argument(
+        "--retention-hours", type=float, help="delete segments whose records are older"
+    )
     leader.add_argument("--advertise", help="gRPC address clients should use (default: bound)")
 
     produce = sub.add_parser(

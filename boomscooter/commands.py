@@ -36,6 +36,8 @@ async def run_leader(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         heartbeat_ms=args.heartbeat_ms,
         segment_bytes=args.segment_bytes,
+        retention_bytes=args.retention_bytes,
+        retention_ms=None if args.retention_hours is None else int(args.retention_hours * 3.6e6),
         advertise=args.advertise,
     )
     node = await start_leader(config)

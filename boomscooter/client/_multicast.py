@@ -284,10 +284,15 @@ class MulticastEngine:
 
     async def _restart_epoch(self) -> None:
         self._new_epoch = None
+        response = await self.rehandshake()
+        if response.session.epoch == self.session.epoch:
+            # A page with a newer cast id, but the server has not moved on: a stray or
+            # forged datagram. The receiver counted and dropped it; carry on.
+            self.stats["foreign_epochs"] = self.stats.get("foreign_epochs", 0) + 1
+            return
         self.stats["epochs"] += 1
         self._leave()
         self.delivery.drop_uncommitted()
-        response = await self.rehandshake()
         self.session = response.session
         self.delivery.commit(response.commit_seqno)
         log.info("subscriber.new_epoch", epoch=self.session.epoch)

@@ -66,6 +66,9 @@ class LeaderConfig:
     ttl: int = 1
     heartbeat_ms: int = 100
     segment_bytes: int = 256 << 20
+    retention_bytes: int | None = None  # delete the oldest sealed segments above this
+    retention_ms: int | None = None  # delete sealed segments whose newest record is older
+    retention_check_s: float = 10.0
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     node_id: str = field(default_factory=socket.gethostname)
     advertise: str | None = None  # the gRPC address others should use (default: bound)
@@ -143,6 +146,7 @@ class LeaderNode:
         self.cast_port: int | None = None
         self._cast_runner: Any = None
         self._cast_server: bserver.BootcastServer | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
 
     def _last_epoch(self) -> int:
@@ -278,6 +282,8 @@ class LeaderNode:
         )
         self.log.on_durable = self._durable_from_thread
         self.sender.start()
+        if self.config.retention_bytes is not None or self.config.retention_ms is not None:
+            self._retention = self._loop.create_task(self._retention_loop())
         self.grpc_server, self.port = await serve_node(self, self.config.listen)
         host, _ = split_hostport(self.config.listen)
         self.address = self.config.advertise or f"{host}:{self.port}"
@@ -297,6 +303,23 @@ class LeaderNode:
             if self.config.cast_listen
             else None,
         )
+
+    async def apply_retention(self) -> int:
+        """Apply the retention rules now (also done every ``retention_check_s``)."""
+        async with self._append_lock:
+            deleted = await self._loop.run_in_executor(self._io, self.log.apply_retention)
+        if deleted:
+            log.info("leader.retention", segments=deleted, first_seqno=self.log.first_seqno)
+            self._notify()
+        return deleted
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.retention_check_s)
+            try:
+                await self.apply_retention()
+            except Exception as exc:  # a failed deletion must not stop the leader
+                log.warning("leader.retention_failed", error=str(exc))
 
     def sealed_segment(self, name: str) -> bool:
         files = self.log.segment_files()
@@ -319,6 +342,8 @@ class LeaderNode:
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving, let the sender drain, close the log (fsyncing it)."""
+        if self._retention is not None:
+            self._retention.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace_s)
         if self._cast_runner is not None:
@@ -343,6 +368,8 @@ async def start_leader(config: LeaderConfig) -> LeaderNode:
         fsync=config.fsync,
         segment_bytes=config.segment_bytes,
         max_batch_bytes=config.max_batch_bytes,
+        retention_bytes=config.retention_bytes,
+        retention_ms=config.retention_ms,
     )
     storage = await asyncio.to_thread(SegmentedLog.open, config.data_dir, log_config)
     node = LeaderNode(config, storage)

@@ -1,0 +1,65 @@
+"""Helpers for the log's tests: an in-process leader on a loopback group of its own,
+records with checkable payloads, and the checks every subscriber view must pass."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.storage.batch import Record
+
+
+def random_group() -> str:
+    """A loopback multicast group and port unlikely to collide with another test's."""
+    rng = random.Random()
+    third = rng.choice([n for n in range(1, 255) if n != 66])
+    return f"239.255.{third}.{rng.randrange(2, 254)}:{rng.randrange(20000, 60000)}"
+
+
+@asynccontextmanager
+async def running_leader(data_dir: Path, **options: Any) -> AsyncIterator[LeaderNode]:
+    """A leader on 127.0.0.1 (any port), multicasting on its own group via 127.0.0.1."""
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "group": random_group(),
+        "interface": "127.0.0.1",
+        "heartbeat_ms": 50,
+    }
+    settings.update(options)
+    node = await start_leader(LeaderConfig(data_dir=str(data_dir), **settings))
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+def payload(producer: str, index: int) -> bytes:
+    return b"%s-%08d" % (producer.encode(), index)
+
+
+def check_exactly_once(records: Iterable[Record], total: int, *, first: int = 1) -> None:
+    """Seqnos ``first`` … ``total`` strictly increasing and contiguous, each once."""
+    seqnos = [r.seqno for r in records]
+    assert len(seqnos) == total - first + 1, f"{len(seqnos)} records, wanted {total - first + 1}"
+    assert seqnos == list(range(first, total + 1)), "seqnos not contiguous and increasing"
+
+
+def check_payloads(records: Iterable[Record], log_records: dict[int, bytes]) -> None:
+    """Every record's payload is the one the log holds at its seqno."""
+    for record in records:
+        assert record.payload == log_records[record.seqno], f"payload differs at {record.seqno}"
+
+
+def check_producer_order(records: Iterable[Record], producers: dict[str, int]) -> None:
+    """Each producer's records appear exactly once, in the order it sent them."""
+    seen: dict[str, int] = {name: 0 for name in producers}
+    for record in records:
+        name, _, index = record.payload.partition(b"-")
+        key = name.decode()
+        assert int(index) == seen[key], f"{key}: record {int(index)} where {seen[key]} was due"
+        seen[key] += 1
+    assert seen == producers, f"per-producer counts {seen}, wanted {producers}"
