@@ -140,13 +140,6 @@ def test_out_of_order_within_the_window_keeps_every_entry() -> None:
         assert table.lookup("p", sequence) == appended(sequence)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: DedupeTable.add evicts by insertion order, not by sequence: a sequence still "
-    "inside the window is dropped when older sequences arrived after it, so a retry of it "
-    "is appended twice",
-)
 def test_out_of_order_eviction_keeps_sequences_inside_the_window() -> None:
     table = DedupeTable(window=3)
     table.add("p", 10, appended(10))

@@ -16,6 +16,7 @@ seqno). It never goes backwards.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,11 +49,12 @@ class Appended:
 
 
 class _Producer:
-    __slots__ = ("highest", "stored")
+    __slots__ = ("highest", "order", "stored")
 
     def __init__(self) -> None:
         self.highest = 0
-        self.stored: OrderedDict[int, Appended] = OrderedDict()
+        self.stored: dict[int, Appended] = {}
+        self.order: list[int] = []  # min-heap of the stored sequences (may hold stale ones)
 
 
 class DedupeTable:
@@ -100,20 +102,22 @@ class DedupeTable:
                 self._producers.popitem(last=False)
         else:
             self._producers.move_to_end(producer_id)
+        if batch_sequence not in producer.stored:
+            heapq.heappush(producer.order, batch_sequence)
         producer.stored[batch_sequence] = appended
         producer.highest = max(producer.highest, batch_sequence)
         floor = producer.highest - self.window
-        while producer.stored:
-            oldest = next(iter(producer.stored))
-            if oldest > floor and len(producer.stored) <= self.window:
-                break
-            del producer.stored[oldest]
+        stored, order = producer.stored, producer.order
+        # Evict by sequence, lowest first (not by arrival: retries arrive out of order).
+        while order and (order[0] <= floor or len(stored) > self.window):
+            stored.pop(heapq.heappop(order), None)
 
     def forget_after(self, seqno: int) -> None:
         """Drop every entry for records after ``seqno`` (the log was truncated there)."""
         for producer in self._producers.values():
             for sequence in [s for s, a in producer.stored.items() if a.last_seqno > seqno]:
                 del producer.stored[sequence]
+            producer.order = sorted(producer.stored)
 
     def items(self) -> Iterator[tuple[str, int, Appended]]:
         for producer_id, producer in self._producers.items():
