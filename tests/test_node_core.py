@@ -373,11 +373,6 @@ OUT_OF_ORDER_OPS = st.lists(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: DedupeTable.add evicts by insertion order (see the out-of-order eviction test)",
-)
 @settings(max_examples=200, deadline=None)
 @example(
     window=3,
