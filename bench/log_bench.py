@@ -274,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.records:,} records of {args.payload_bytes} B, 1 producer -> "
         f"{args.subscribers} subscribers (separate processes), 127.0.0.1; latency at "
         f"{args.latency_rate:,.0f} records/s for {args.latency_seconds:g} s; medians of "
-        f"{args.repeats}; servers at nice {SERVER_NICE}; {os.cpu_count()} cores"
+        f"{args.repeats}; servers at nice {SERVER_NICE}; {os.cpu_count()} cores, load "
+        f"average {os.getloadavg()[0]:.2f} (other work on the host skews every figure)"
     )
+    load_start = os.getloadavg()[0]
     for runner in runners:
         print(f"  {runner.describe()}")
     for name, reason in skipped.items():
@@ -299,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     medians = {name: median_metrics(ms) for name, ms in runs.items() if ms}
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     print_table(
         f"medians of {args.repeats}; B sent/B: TCP/UDP payload bytes the server sent per "
         "delivered payload byte (+IP/TCP hdr: with the headers of the packets nft counted)",
@@ -314,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         payload: dict[str, Any] = {
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "host": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "loadavg_1min_start": load_start,
+                "loadavg_1min_end": os.getloadavg()[0],
+            },
             "systems": {r.name: r.describe() for r in runners},
             "bytes_counting": "nft counter, output hook, oifname lo, the server's ports; "
             "bytes_per_byte = TCP/UDP payload / (records * payload_bytes * subscribers); "
