@@ -306,6 +306,11 @@ class DedupeModel:
         producer.stored[sequence] = outcome
         producer.highest = max(producer.highest, sequence)
 
+    def forget_after(self, seqno: int) -> None:
+        for producer in self.producers.values():
+            for sequence in [s for s, a in producer.stored.items() if a.last_seqno > seqno]:
+                del producer.stored[sequence]
+
     def check(self, table: DedupeTable, producer_id: str, sequence: int) -> None:
         producer = self.producers.get(producer_id)
         if producer is None:
@@ -351,10 +356,22 @@ def run_model(window: int, max_producers: int, ops: list[tuple[str, str, int]]) 
         if op == "add":
             table.add(producer, sequence, appended(sequence))
             model.add(producer, sequence, appended(sequence))
+        elif op == "forget":
+            table.forget_after(sequence * 10)  # appended(s) ends above s * 10
+            model.forget_after(sequence * 10)
         else:
             model.check(table, producer, sequence)
         assert len(table) == len(model.producers)
         assert len(table) <= max_producers
+    items = set(table.items())
+    for producer_id, state in model.producers.items():
+        floor = state.highest - window
+        remembered = {(producer_id, s, a) for s, a in state.stored.items() if s > floor}
+        everything = {(producer_id, s, a) for s, a in state.stored.items()}
+        mine = {item for item in items if item[0] == producer_id}
+        assert remembered <= mine <= everything
+        assert len(mine) <= window
+    assert {item[0] for item in items} <= set(model.producers)
     for producer_id, state in list(model.producers.items()):
         for sequence in range(0, state.highest + 2):
             model.check(table, producer_id, sequence)
@@ -369,7 +386,8 @@ def test_dedupe_table_matches_the_model_in_order(
 
 
 OUT_OF_ORDER_OPS = st.lists(
-    st.tuples(st.sampled_from(["add", "lookup"]), PRODUCERS, st.integers(1, 30)), max_size=60
+    st.tuples(st.sampled_from(["add", "add", "lookup", "forget"]), PRODUCERS, st.integers(1, 30)),
+    max_size=60,
 )
 
 
