@@ -480,7 +480,7 @@ def play(delivery: Delivery, schedule: list[Batch | int]) -> list[Record]:
     return released
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(run=runs())
 def test_random_splits_commits_and_overlaps_release_the_range_once(run: Run) -> None:
     start, total, schedule = run
@@ -492,7 +492,7 @@ def test_random_splits_commits_and_overlaps_release_the_range_once(run: Run) -> 
     assert delivery.stats.records == total - start + 1
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     run=runs(),
     prefix=st.sampled_from([None, "", "a/", "b/", "a/1", "zzz"]),

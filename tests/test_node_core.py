@@ -377,7 +377,7 @@ def run_model(window: int, max_producers: int, ops: list[tuple[str, str, int]]) 
             model.check(table, producer_id, sequence)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(window=st.integers(1, 6), max_producers=st.integers(1, 4), ops=in_order_ops())
 def test_dedupe_table_matches_the_model_in_order(
     window: int, max_producers: int, ops: list[tuple[str, str, int]]
@@ -391,7 +391,7 @@ OUT_OF_ORDER_OPS = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @example(
     window=3,
     max_producers=1,
@@ -488,7 +488,7 @@ def test_commit_min_insync_must_be_positive(min_insync: int) -> None:
         CommitTracker(min_insync)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     min_insync=st.integers(1, 3),
     acks=st.lists(
@@ -593,7 +593,7 @@ def test_restamp_out_of_range_raises(base: int, epoch: int) -> None:
         restamp(original, base_seqno=base, epoch=epoch)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     entries=st.lists(
         st.builds(
