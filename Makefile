@@ -43,6 +43,8 @@ bench-deps: system-deps
 	  command -v uftp >/dev/null || missing="$$missing uftp"; \
 	  command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	  command -v curl >/dev/null || missing="$$missing curl"; \
+	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v nats-server >/dev/null || missing="$$missing nats-server"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -62,6 +64,7 @@ bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.files_bench --http-loss skip
 	$(BIN)/python -m bench.loopback_bench
 	$(BIN)/python -m bench.storage_bench
+	$(BIN)/python -m bench.log_bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,11 +47,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.log_boomscooter import BoomscooterRunner
 from bench.log_peers import NatsRunner, RedisRunner
 from bench.log_support import Runner, TrafficCounter, Workload, percentile, run_workload
 from bench.peers import SERVER_NICE
 
-RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (RedisRunner, NatsRunner)}
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (RedisRunner, NatsRunner, BoomscooterRunner)}
 """Every system the bench knows, in table order."""
 
 GOAL_E2E_VS_PEER = 2.0

@@ -3,8 +3,9 @@
 ``await start_leader(config)`` opens (recovering) the log in ``data_dir``, loads the
 producer journal, starts the stream sender, the gRPC server (:mod:`boomscooter.node.servicer`)
 and, with ``cast_listen``, a bootcast server offering the sealed segments as
-``/join/segments/<file>``. Appends run one at a time on a dedicated thread (an
-``fsync=always`` append blocks for an fdatasync; the event loop must not).
+``/join/segments/<file>``. Appends run one at a time; under ``fsync=always`` on a
+dedicated thread (the append blocks for an fdatasync; the event loop must not), otherwise
+inline (a pwrite into the page cache costs less than the thread hop).
 
 What the leader *holds* (its vote in the commit rule) is its durable seqno — fsynced under
 ``always`` and ``interval``; under ``never`` every appended record counts, since that
@@ -216,7 +217,10 @@ class LeaderNode:
             if request.producer_id:
                 self.journal.append(request.producer_id, request.batch_sequence, appended)
             try:
-                await self._loop.run_in_executor(self._io, self.log.append_batch, batch)
+                if self.config.fsync.mode is FsyncMode.ALWAYS:  # blocks for an fdatasync
+                    await self._loop.run_in_executor(self._io, self.log.append_batch, batch)
+                else:  # a pwrite into the page cache: cheaper than a thread hop
+                    self.log.append_batch(batch)
             except BaseException:
                 if request.producer_id:
                     self.journal.undo(request.producer_id, request.batch_sequence, appended)
