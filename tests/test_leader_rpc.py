@@ -894,12 +894,6 @@ async def test_bad_input_changes_nothing(leader: Leader) -> None:
     assert Batch.from_bytes(split_batches(after.batches)[-1].data).last_seqno == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: Notifications.log_dir is str(node.log.directory), which stays relative when "
-    "the leader's data_dir is relative; the proto promises the absolute path",
-)
 async def test_notifications_log_dir_is_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

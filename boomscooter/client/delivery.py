@@ -111,17 +111,17 @@ class Delivery:
             if self.next_seqno > limit:
                 break
             stop = min(limit, batch.last_seqno)
-            records = list(batch.records(self.next_seqno, stop))
+            start = self.next_seqno
+            records = list(batch.records(start, stop))
             if self.channel is not None:
                 prefix = self.channel
-                kept = [
+                records = [
                     r for r in records if r.channel is not None and r.channel.startswith(prefix)
                 ]
-                self.stats.filtered += len(records) - len(kept)
-                records = kept
             if self.remaining is not None and len(records) >= self.remaining:
                 records = records[: self.remaining]
                 stop = records[-1].seqno if records else stop
+            self.stats.filtered += stop - start + 1 - len(records)
             if self.remaining is not None:
                 self.remaining -= len(records)
             out.extend(records)

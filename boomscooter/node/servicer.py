@@ -9,6 +9,7 @@ stream; the other calls end with a status.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -331,7 +332,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             state = (name, size, node.log.last_seqno, node.commit_seqno, node.log.first_seqno)
             if state != sent:
                 yield pb.NotificationsResponse(
-                    log_dir=str(node.log.directory),
+                    log_dir=os.path.abspath(node.log.directory),
                     segment_file=name,
                     file_size_bytes=size,
                     last_seqno=state[2],
