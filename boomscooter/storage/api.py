@@ -242,7 +242,9 @@ class Log(Protocol):
         ...
 
     def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
-        """Store an encoded batch after validating it and that it continues the log."""
+        """Store an encoded batch that continues the log. Bytes are validated first (CRC32C,
+        framing); a :class:`Batch` is trusted as already validated — every way of making one
+        (``Batch.from_bytes``, ``encode_batch``, ``restamp``, a log read) validates."""
         ...
 
     def read_batches(

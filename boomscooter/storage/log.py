@@ -217,7 +217,7 @@ class SegmentedLog:
         return batch
 
     def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
-        batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
+        batch = data if isinstance(data, Batch) else Batch.from_bytes(data)
         with self._lock:
             self._check_open()
             check_continues(batch, self._next_seqno)

@@ -92,7 +92,7 @@ class MemoryLog:
 
     def append_batch(self, data: bytes | bytearray | memoryview | Batch) -> Batch:
         self._check_open()
-        batch = Batch.from_bytes(data.data if isinstance(data, Batch) else data)
+        batch = data if isinstance(data, Batch) else Batch.from_bytes(data)
         check_continues(batch, self.next_seqno)
         self._store(batch)
         return batch
