@@ -290,7 +290,7 @@ async def test_a_stream_killed_mid_window_stores_each_batch_once(serve: Serve) -
         futures = [await producer.send(p) for p in payloads(200)]
         await producer.flush()
         assert [f.result() for f in futures] == list(range(1, 201))
-    assert fake.streams == 2
+    assert fake.streams == 2 and producer.reconnects == 1 and producer.resent_batches > 0
     assert [r.payload for r in fake.records] == payloads(200)
     # The killed stream's appended-but-unanswered batches came again and were deduplicated.
     assert len(fake.requests) > 20
@@ -542,5 +542,48 @@ async def test_real_leader_contiguous_seqnos(tmp_path: Path) -> None:
             batch = await (await producer.send_batch([Entry(5, b"z")], expected_first_seqno=1001))
         assert [f.result() for f in futures] == list(range(1, 1001))
         assert batch is not None and batch.base_seqno == 1001 and not batch.duplicate
+    finally:
+        await node.stop()
+
+
+def _stored(node: Any) -> list[Record]:
+    records: list[Record] = []
+    while len(records) < node.log.last_seqno:
+        for batch in node.log.read_batches(len(records) + 1, max_bytes=1 << 24):
+            records += batch.records(len(records) + 1)
+    return records
+
+
+@needs_leader
+async def test_real_leader_restart_mid_stream_stores_every_record_once(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    from boomscooter.node.leader import LeaderConfig, start_leader
+
+    config = LeaderConfig(data_dir=str(tmp_path / "d"), listen=f"127.0.0.1:{unused_tcp_port}")
+    node = await start_leader(config)
+    sent = payloads(3000)
+    producer = Producer(node.address, max_batch_records=50, linger_ms=1, max_in_flight=8)
+
+    async def produce() -> list[asyncio.Future[int | None]]:
+        futures = []
+        for i, p in enumerate(sent):
+            futures.append(await producer.send(p))
+            if i % 100 == 0:
+                await asyncio.sleep(0.002)  # let the restart land mid-stream
+        await producer.flush()
+        return futures
+
+    task = asyncio.ensure_future(produce())
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    await asyncio.wait_for(node.stop(grace_s=0), 10.0)
+    node = await asyncio.wait_for(start_leader(config), 10.0)
+    try:
+        futures = await asyncio.wait_for(task, 30.0)
+        await producer.close()
+        assert [f.result() for f in futures] == list(range(1, 3001))
+        assert [r.payload for r in _stored(node)] == sent
+        assert producer.reconnects >= 1
     finally:
         await node.stop()

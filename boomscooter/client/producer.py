@@ -158,6 +158,9 @@ class Producer:
         self._reader: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._rng = random.Random()
+        # Counters for applications' metrics and for tests.
+        self.reconnects = 0  # Produce streams that ended other than by close()
+        self.resent_batches = 0  # batches written again after a broken stream
         self._log = get_logger("boomscooter.producer").bind(producer_id=self.producer_id)
 
     # -- public API --------------------------------------------------------------------
@@ -434,6 +437,9 @@ class Producer:
                 end = exc
             now = time.monotonic()
             core.on_disconnect(now)
+            if self._closing and not core.queued:
+                continue  # close() ended the stream; it cancels this task next
+            self.reconnects += 1
             error = end.error
             address = end.address
             if address is None and isinstance(error, NotLeaderError):
@@ -491,6 +497,7 @@ class Producer:
                 if core.accepting:
                     self._room.set()
                 if batch.sends > 1:
+                    self.resent_batches += 1
                     self._log.debug("producer.batch.resent", batch_sequence=batch.sequence)
                 try:
                     await call.write(self._request(batch))
