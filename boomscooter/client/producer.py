@@ -296,6 +296,14 @@ class Producer:
     ) -> Entry:
         if isinstance(channel, _Default):
             channel = self.default_channel
+        if (
+            channel is None
+            and key is None
+            and not timestamp_ms
+            and type(payload) is bytes
+            and len(payload) <= self._max_plain_payload
+        ):
+            return _new_tuple(Entry, (_time_ns() // 1_000_000, payload, None, None))
         if not timestamp_ms:
             timestamp_ms = _time_ns() // 1_000_000
         entry = Entry(timestamp_ms, payload, channel, key)
@@ -596,7 +604,7 @@ class SyncProducer:
     def __init__(self, server: str, **kwargs: Any) -> None:
         self._producer = Producer(server, **kwargs)
         self.producer_id = self._producer.producer_id
-        self._high_water = max(1024, self._producer.settings.max_batch_records)
+        self._high_water = max(1024, 4 * self._producer.settings.max_batch_records)
         self._pending: deque[tuple[Entry, concurrent.futures.Future[int | None]]] = deque()
         self._cond = threading.Condition()
         self._drain_scheduled = False
@@ -643,14 +651,18 @@ class SyncProducer:
             raise RequestError("producer is closed", code="FAILED_PRECONDITION")
         entry = self._producer._entry(payload, channel, key, timestamp_ms)
         future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
-        with self._cond:
-            while len(self._pending) >= self._high_water:
-                self._cond.wait()
-            self._pending.append((entry, future))
-            schedule = not self._drain_scheduled
-            self._drain_scheduled = True
-        if schedule:
-            self._loop.call_soon_threadsafe(self._start_drain)
+        pending = self._pending
+        if len(pending) >= self._high_water:
+            with self._cond:
+                while len(pending) >= self._high_water:
+                    self._cond.wait()
+        pending.append((entry, future))  # deque.append is atomic: no lock per record
+        if not self._drain_scheduled:
+            with self._cond:
+                schedule = not self._drain_scheduled
+                self._drain_scheduled = True
+            if schedule:
+                self._loop.call_soon_threadsafe(self._start_drain)
         return future
 
     def send_batch(
@@ -711,14 +723,29 @@ class SyncProducer:
     async def _drain(self) -> None:
         producer = self._producer
         core = producer._core
+        idle_rounds = 0
         while True:
+            items = []
+            pending = self._pending
             with self._cond:
-                if not self._pending:
-                    self._drain_scheduled = False
-                    return
-                items = list(self._pending)
-                self._pending.clear()
+                while pending:
+                    items.append(pending.popleft())
                 self._cond.notify_all()
+                if not items and idle_rounds >= 2:
+                    self._drain_scheduled = False
+            if not self._drain_scheduled:
+                if not pending:
+                    return
+                # A send appended after the last pop and saw the flag still set.
+                self._drain_scheduled = True
+                continue
+            if not items:
+                # Linger a moment before going idle: a caller in a tight loop then never
+                # pays for waking this thread (a pipe write) per record.
+                idle_rounds += 1
+                await asyncio.sleep(0.0005)
+                continue
+            idle_rounds = 0
             for entry, future in items:
                 if not core.accepting:
                     try:
