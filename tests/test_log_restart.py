@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from log_support import check_exactly_once, payload, random_group, running_leader
 
 from boomscooter.client._rpc import create_channel
 from boomscooter.client.producer import Producer
@@ -41,7 +42,6 @@ from boomscooter.storage import Entry, FsyncPolicy, LogReader, encode_batch
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
-from tests.log_support import check_exactly_once, payload, random_group, running_leader
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -191,21 +191,11 @@ async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-SIGTERM_BUGS = (
-    "BUG (intermittent, hence not strict; the strict xfails below pin each cause): a SIGTERM'd "
-    "leader sometimes never exits (StreamSender.close hangs), and a Produce append cancelled by "
-    "the shutdown undoes its journal entry although the batch is stored, so the producer's "
-    "retry is stored a second time"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum",
     [
-        pytest.param(
-            signal.SIGTERM, id="sigterm", marks=pytest.mark.xfail(strict=False, reason=SIGTERM_BUGS)
-        ),
+        pytest.param(signal.SIGTERM, id="sigterm"),
         pytest.param(signal.SIGKILL, id="sigkill"),
     ],
 )
@@ -374,13 +364,6 @@ async def test_a_batch_retried_after_a_restart_is_stored_once(tmp_path: Path, si
     assert [r.payload for r in records] == [b"a1", b"b1", b"a2", b"b2", b"other", b"c3"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StreamSender.close (boomscooter/node/multicast.py) cancels _run and awaits "
-    "it, but on Python 3.11 asyncio.wait_for(self._wake.wait(), heartbeat) swallows a "
-    "cancellation that arrives as the wait finishes (or times out), so _run loops on and "
-    "close() never returns: LeaderNode.stop hangs and a SIGTERM'd leader never exits",
-)
 async def test_stream_sender_close_always_returns() -> None:
     hangs = 0
     for attempt in range(40):
@@ -403,14 +386,6 @@ async def test_stream_sender_close_always_returns() -> None:
     assert hangs == 0, f"close() hung {hangs} times in 40"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LeaderNode.append (boomscooter/node/leader.py, fsync=always path, 'except "
-    "BaseException: journal.undo') treats a cancelled await of run_in_executor as a failed "
-    "append, but the executor thread still stores the batch: the journal entry is undone "
-    "and dedupe.add skipped, so the producer's retry (same producer_id/batch_sequence) "
-    "is stored twice. gRPC cancels the Produce handler when a stream breaks or the server stops.",
-)
 async def test_an_append_cancelled_mid_write_still_deduplicates_its_retry(
     tmp_path: Path,
 ) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from log_support import check_exactly_once, payload, running_leader
 
 from boomscooter.client.producer import Producer
 from boomscooter.node.leader import LeaderNode
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
-from tests.log_support import check_exactly_once, payload, running_leader
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = 3000

@@ -191,7 +191,8 @@ class MulticastEngine:
             if start > self.delivery.commit_seqno:  # not committed yet: Fetch has nothing
                 self._commit_moved.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._commit_moved.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._commit_moved.wait()
                 if start > self.delivery.commit_seqno:
                     continue
             response = await self._call_fetch(start, end)
@@ -241,7 +242,8 @@ class MulticastEngine:
                     worker.result()  # re-raise its failure
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.25)
+                    async with asyncio.timeout(0.25):
+                        await self._wake.wait()
                 self._wake.clear()
                 if self._ready:
                     ready, self._ready = self._ready, []

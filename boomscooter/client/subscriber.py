@@ -201,7 +201,7 @@ class Subscriber:
                             f"cannot reach {self.server} for {self.server_timeout_s:.0f} s: {error}"
                         ) from exc
                     raise error from exc
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
                 delay = min(delay * 2, 2.0)
 
     async def _start_seqno(self, stub: Any, hello: pb.HandshakeResponse) -> int:

@@ -87,6 +87,9 @@ class LeaderConfig:
             split_group(self.group, 7600)
         except ValueError as exc:
             raise ConfigError(f"--group: {exc}") from None
+        split_hostport(self.listen, "--listen")
+        if self.cast_listen is not None:
+            split_hostport(self.cast_listen, "--cast-listen")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,10 +109,10 @@ class ProduceOutcome:
     duplicate: bool
 
 
-def split_hostport(text: str) -> tuple[str, int]:
+def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"not HOST:PORT: {text!r}")
+        raise ConfigError(f"{what}: not HOST:PORT: {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -119,6 +122,7 @@ class LeaderNode:
     def __init__(self, config: LeaderConfig, log_: SegmentedLog) -> None:
         self.config = config
         self.log = log_
+        self.log_dir = os.path.abspath(config.data_dir)  # what Notifications announce
         self.role = "leader"
         self.started_at = time.time()
         self.epoch = max(1, self._last_epoch())
@@ -180,7 +184,8 @@ class LeaderNode:
         """Return when anything was appended or committed, or after ``timeout_s``."""
         event = self._changed
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
 
     async def wait_commit(self, seqno: int, timeout_s: float) -> bool:
         deadline = self._loop.time() + timeout_s
@@ -197,7 +202,15 @@ class LeaderNode:
     # -- appends ----------------------------------------------------------------------------
 
     async def append(self, request: ProduceBatch) -> ProduceOutcome:
-        """Sequence, store and queue one producer batch (one at a time, in order)."""
+        """Sequence, store and queue one producer batch (one at a time, in order).
+
+        Shielded: a caller cancelled mid-append (a broken Produce stream, a stopping
+        server) must not leave a batch stored without its dedupe entry, or the
+        producer's retry would be stored a second time. The append completes; only
+        the caller stops waiting for it."""
+        return await asyncio.shield(self._append(request))
+
+    async def _append(self, request: ProduceBatch) -> ProduceOutcome:
         async with self._append_lock:
             if request.producer_id:
                 DedupeTable.check_id(request.producer_id)

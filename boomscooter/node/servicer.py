@@ -9,7 +9,6 @@ stream; the other calls end with a status.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -332,7 +331,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             state = (name, size, node.log.last_seqno, node.commit_seqno, node.log.first_seqno)
             if state != sent:
                 yield pb.NotificationsResponse(
-                    log_dir=os.path.abspath(node.log.directory),
+                    log_dir=node.log_dir,
                     segment_file=name,
                     file_size_bytes=size,
                     last_seqno=state[2],
