@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -42,7 +43,7 @@ from bench.log_support import (
 )
 
 PAGE_SIZE = 8192
-FSYNC = "interval:1"
+FSYNC = os.environ.get("BS_FSYNC", "interval:1")
 BATCH_RECORDS = 2000
 
 
@@ -115,7 +116,7 @@ async def _produce(endpoint: Endpoint, work: Workload, ready: Callable[[], None]
     async with Producer(
         endpoint["address"],
         acks="leader",
-        linger_ms=0 if latency else 2,
+        linger_ms=float(os.environ.get("BS_LINGER", "0")) if latency else 2,
         max_batch_records=BATCH_RECORDS,
         max_in_flight=64,
     ) as producer:
