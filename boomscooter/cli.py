@@ -8,9 +8,9 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 interr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
+from boomscooter import loops
 from boomscooter.errors import BoomscooterError, ConfigError
 from bootcast import logs
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.run_demo,
     }
     try:
-        return asyncio.run(runners[args.command](args))
+        return loops.run(runners[args.command](args))
     except KeyboardInterrupt:
         print(f"boomscooter {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from boomscooter import loops
 from boomscooter.client import _rpc
 from boomscooter.client._produce_core import (
     CLOSED,
@@ -142,6 +143,7 @@ class Producer:
         self.default_channel = channel
         self._channel_options = list(channel_options)
         self._core: ProduceCore[_Handle] = ProduceCore(self.settings)
+        self._nagle = self.settings.linger_s == 0
         self._ack_pb = _ACK_PB[self.settings.ack_level]
         self._max_bytes = self.settings.max_batch_bytes
         self._max_plain_payload = self._max_bytes - _FIXED_RECORD_BYTES
@@ -324,8 +326,22 @@ class Producer:
     def _after_append(self, flags: int) -> None:
         if flags & CLOSED:
             self._wake.set()
-        if flags & OPENED and self._linger_handle is None:
-            self._arm_linger()
+        if flags & OPENED:
+            if self._nagle:
+                self._wake.set()  # an idle writer takes the new batch at once
+            elif self._linger_handle is None:
+                self._arm_linger()
+
+    def _open_to_send(self) -> bool:
+        """With ``linger_ms=0``, an open batch goes as soon as the writer is free and the
+        window has room: records that arrive while a write is under way form the next
+        batch (batching that adapts to the load, with no timer)."""
+        core = self._core
+        return (
+            self._nagle
+            and core.open_deadline is not None
+            and core.in_flight < self.settings.max_in_flight
+        )
 
     def _arm_linger(self) -> None:
         deadline = self._core.open_deadline
@@ -410,7 +426,7 @@ class Producer:
                 else:
                     waiting.append((target, waiter))
             self._flush_waiters = waiting
-        if self._core.queued:
+        if self._core.queued or self._open_to_send():
             self._wake.set()  # the window may have room now
         else:
             self._room.set()
@@ -434,7 +450,7 @@ class Producer:
         """The supervisor: a session per stream; after one ends, requeue, back off, retry."""
         core = self._core
         while True:
-            if not core.queued and not core.in_flight:
+            if not core.queued and not core.in_flight and not self._open_to_send():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -498,6 +514,9 @@ class Producer:
         try:
             while self._session_end is None:
                 batch = core.next_to_send()
+                if batch is None and self._open_to_send():
+                    core.close_open()  # linger 0: the writer is free, send what is open
+                    batch = core.next_to_send()
                 if batch is None:
                     self._wake.clear()
                     await self._wake.wait()
@@ -610,7 +629,7 @@ class SyncProducer:
         self._drain_scheduled = False
         self._drain_task: asyncio.Task[None] | None = None
         self._closed = False
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="boomscooter-producer", daemon=True
         )

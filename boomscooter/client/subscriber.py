@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 import structlog
 
+from boomscooter import loops
 from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
 from boomscooter.client._rpc import create_channel, error_from_rpc
@@ -305,7 +306,7 @@ class _SyncRunner:
     def __init__(self, subscriber: Subscriber) -> None:
         self.subscriber = subscriber
         self._out: queue.Queue[Any] = queue.Queue(64)
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="subscriber-sync", daemon=True)
         self._thread.start()
