@@ -24,9 +24,9 @@ from typing import Any
 import grpc
 import structlog
 
-from boomscooter.client._rpc import error_from_rpc
+from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
-from boomscooter.errors import ServerUnavailableError, TrimmedError
+from boomscooter.errors import ServerUnavailableError
 from boomscooter.storage.batch import Record, split_batches
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -76,7 +76,8 @@ class MulticastEngine:
         self._pages_seen = False
         self._last_page_at = self._loop.time()
         self._ready: list[Record] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when the timer fires (uvloop's handles do not say)
         self._sock: socket.socket | None = None
         self._receiver: StreamReceiver | None = None
         self.drops: dict[str, int] = {}
@@ -170,10 +171,11 @@ class MulticastEngine:
         if deadline is None:
             return
         if self._timer is not None:
-            if self._timer.when() <= deadline:
+            if self._timer_at <= deadline:
                 return
             self._timer.cancel()
-        self._timer = self._loop.call_at(max(deadline, self._loop.time()), self._poll)
+        self._timer_at = max(deadline, self._loop.time())
+        self._timer = self._loop.call_at(self._timer_at, self._poll)
 
     # -- fetch side ----------------------------------------------------------------------
 
@@ -208,27 +210,15 @@ class MulticastEngine:
             start = response.last_seqno + 1
 
     async def _call_fetch(self, start: int, end: int) -> pb.FetchResponse:
-        deadline = self._loop.time() + self.server_timeout_s
-        delay = 0.1
+        retry = Retry(self.server_timeout_s)
         while True:
             try:
                 request = pb.FetchRequest(from_seqno=start, to_seqno=end, max_bytes=FETCH_BYTES)
                 response: pb.FetchResponse = await self.stub.Fetch(request, timeout=10)
                 return response
             except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                    raise TrimmedError(str(error), first_seqno=0) from exc
-                if not error.retriable or self._loop.time() > deadline:
-                    if isinstance(error, ServerUnavailableError):
-                        raise ServerUnavailableError(
-                            f"lost the server: no answer for {self.server_timeout_s:.0f} s "
-                            f"({error})"
-                        ) from exc
-                    raise error from exc
-                log.info("subscriber.fetch_retry", error=str(error), seqno=start)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.info("subscriber.fetch_retry", error=exc.code().name, seqno=start)
+                await retry.failed(exc)
 
     # -- main loop -----------------------------------------------------------------------
 

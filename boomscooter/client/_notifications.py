@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import structlog
 
-from boomscooter.client._rpc import error_from_rpc
+from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
-from boomscooter.errors import ServerUnavailableError, TrimmedError
+from boomscooter.errors import SeqnoOutOfRangeError, TrimmedError
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -49,32 +49,19 @@ class NotificationsEngine:
         self.stats = {"notifications": 0, "read_batches": 0, "reconnects": 0}
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.1
-        failing_since: float | None = None
+        retry = Retry(self.server_timeout_s)
         try:
             while not self.delivery.done:
                 request = pb.NotificationsRequest(min_interval_ms=self.min_interval_ms)
                 try:
                     async for note in self.stub.Notifications(request):
-                        failing_since, delay = None, 0.1
+                        retry.succeeded()
                         await self._handle(note)
                         if self.delivery.done:
                             return
                 except grpc.aio.AioRpcError as exc:
-                    error = error_from_rpc(exc)
-                    if not error.retriable:
-                        raise error from exc
-                    now = loop.time()
-                    failing_since = failing_since or now
-                    if now - failing_since > self.server_timeout_s:
-                        raise ServerUnavailableError(
-                            f"lost the server: no answer for {self.server_timeout_s:.0f} s "
-                            f"({error})"
-                        ) from exc
+                    await retry.failed(exc)
                     self.stats["reconnects"] += 1
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
         finally:
             if self.reader is not None:
                 self.reader.close()
@@ -96,7 +83,10 @@ class NotificationsEngine:
         reader.notify(note.segment_file, note.file_size_bytes)
         delivery.commit(note.commit_seqno)
         while not delivery.done:
-            batches = await asyncio.to_thread(reader.read_batches, max_bytes=READ_BYTES)
+            try:
+                batches = await asyncio.to_thread(reader.read_batches, max_bytes=READ_BYTES)
+            except SeqnoOutOfRangeError as exc:  # retention deleted what comes next
+                raise TrimmedError(str(exc), first_seqno=note.first_seqno) from exc
             if not batches:
                 break
             self.stats["read_batches"] += len(batches)

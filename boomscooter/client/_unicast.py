@@ -8,16 +8,14 @@ stands, with backoff, for up to ``server_timeout_s``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import structlog
 
-from boomscooter.client._rpc import error_from_rpc
+from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
-from boomscooter.errors import ServerUnavailableError, TrimmedError
 from boomscooter.storage.batch import Record, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
 
@@ -49,36 +47,24 @@ class UnicastEngine:
         return request
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.1
-        failing_since: float | None = None
+        retry = Retry(self.server_timeout_s)
         while not self.delivery.done:
             try:
                 async for response in self.stub.Subscribe(self._request()):
-                    failing_since, delay = None, 0.1
+                    retry.succeeded()
                     await self._handle(response)
                     if self.delivery.done:
                         return
                 if self.delivery.until is not None:
                     return  # the server ended the range
             except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                    raise TrimmedError(str(error), first_seqno=0) from exc
-                if not error.retriable:
-                    raise error from exc
-                now = loop.time()
-                failing_since = failing_since or now
-                if now - failing_since > self.server_timeout_s:
-                    raise ServerUnavailableError(
-                        f"lost the server: no answer for {self.server_timeout_s:.0f} s ({error})"
-                    ) from exc
-                self.stats["reconnects"] += 1
                 log.info(
-                    "subscriber.resubscribe", error=str(error), seqno=self.delivery.received_end
+                    "subscriber.resubscribe",
+                    error=exc.code().name,
+                    seqno=self.delivery.received_end,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await retry.failed(exc)
+                self.stats["reconnects"] += 1
 
     async def _handle(self, response: pb.SubscribeResponse) -> None:
         self.stats["responses"] += 1

@@ -40,10 +40,11 @@ import structlog
 from boomscooter import loops
 from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
-from boomscooter.client._rpc import create_channel, error_from_rpc
+from boomscooter.client._retry import Retry
+from boomscooter.client._rpc import create_channel
 from boomscooter.client._unicast import UnicastEngine
 from boomscooter.client.delivery import Delivery
-from boomscooter.errors import ConfigError, ServerUnavailableError, TrimmedError
+from boomscooter.errors import ConfigError, TrimmedError
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -186,24 +187,14 @@ class Subscriber:
             await self._queue.put(exc)
 
     async def _handshake(self, stub: Any) -> pb.HandshakeResponse:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.server_timeout_s
-        delay = 0.1
+        retry = Retry(self.server_timeout_s, address=self.server, connecting=True)
         while True:
             try:
                 request = pb.HandshakeRequest(subscriber_id=self.subscriber_id)
                 response: pb.HandshakeResponse = await stub.Handshake(request, timeout=5)
                 return response
             except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc, address=self.server)
-                if not error.retriable or loop.time() > deadline:
-                    if isinstance(error, ServerUnavailableError):
-                        raise ServerUnavailableError(
-                            f"cannot reach {self.server} for {self.server_timeout_s:.0f} s: {error}"
-                        ) from exc
-                    raise error from exc
-                await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
-                delay = min(delay * 2, 2.0)
+                await retry.failed(exc)
 
     async def _start_seqno(self, stub: Any, hello: pb.HandshakeResponse) -> int:
         if self.start_time_ms is not None:
