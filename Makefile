@@ -65,6 +65,7 @@ bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.loopback_bench
 	$(BIN)/python -m bench.storage_bench
 	$(BIN)/python -m bench.log_bench
+	$(BIN)/python -m bench.log_producer
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

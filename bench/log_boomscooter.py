@@ -12,6 +12,9 @@
   iteration (``batches()``).
 * Bytes the server sent: its gRPC port (acks, Fetch repairs, handshakes) plus every
   datagram to the stream's group port.
+
+For experiments, ``BS_FSYNC`` (e.g. ``never``, ``always``) and ``BS_LINGER`` (the latency
+run's linger in ms) override the two settings; the README's figures use the defaults.
 """
 
 from __future__ import annotations
