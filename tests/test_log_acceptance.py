@@ -256,3 +256,27 @@ async def test_loss_repair_on_uvloop(tmp_path: Path) -> None:
     check_exactly_once(records, 5000)
     check_payloads(records, log_records)
     assert stats["gaps"] > 0 and stats["fetches"] > 0
+
+
+async def test_two_logs_on_one_group_never_mix(tmp_path: Path) -> None:
+    """Two leaders, both at epoch 1, multicast on the same group and port: a subscriber
+    of one delivers only its own log (pages are filtered by the source port the
+    handshake names)."""
+    from log_support import random_group
+
+    group = random_group()
+    async with (
+        running_leader(tmp_path / "a", group=group) as a,
+        running_leader(tmp_path / "b", group=group) as b,
+    ):
+        assert (a.epoch, a.group_port) == (b.epoch, b.group_port)
+        records: list[Record] = []
+        follower = asyncio.create_task(collect(Subscriber(a.address, start=1, count=300), records))
+        await asyncio.sleep(0.2)
+        await produce(b.address, "B", 500)  # B first: its heartbeats commit further than A
+        await produce(a.address, "A", 300)
+        stats = await asyncio.wait_for(follower, 20)
+    check_exactly_once(records, 300)
+    assert [r.payload for r in records] == [payload("A", i) for i in range(300)]
+    assert stats["mode"] == "multicast"
+    assert stats["drop_foreign_source"] > 0

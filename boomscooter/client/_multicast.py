@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,6 +39,15 @@ FETCH_BYTES = 4 << 20
 _DRAIN_MAX = 256
 _RECV_BYTES = 65536
 _MAX_PENDING_RECORDS = 1_000_000
+
+
+def _ipv4(text: str) -> str | None:
+    """An IPv4 interface address as the expected source of pages (names and IPv6 hints,
+    whose recvfrom form varies, are left to the port check)."""
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
 
 
 class NoMulticast(Exception):
@@ -72,9 +82,12 @@ class MulticastEngine:
         self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._commit_moved = asyncio.Event()
+        self._drained = asyncio.Event()  # _ready was handed to the application
         self._new_epoch: int | None = None
         self._pages_seen = False
         self._last_page_at = self._loop.time()
+        self._joined_at = self._last_page_at
+        self._source: tuple[str | None, int | None] = (None, None)
         self._ready: list[Record] = []
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # when the timer fires (uvloop's handles do not say)
@@ -94,6 +107,8 @@ class MulticastEngine:
             page_size_bytes=session.page_size_bytes,
         )
         self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._joined_at = self._loop.time()
+        self._source = (_ipv4(self.session.interface_hint), self.session.source_port or None)
         log.info(
             "subscriber.joined",
             group=f"{session.group}:{session.port}",
@@ -121,13 +136,19 @@ class MulticastEngine:
         events = []
         drops_before = receiver.drops.total()
         pages = 0
+        source_host, source_port = self._source
         for _ in range(_DRAIN_MAX):
             try:
-                data = sock.recv(_RECV_BYTES)
+                data, sender = sock.recvfrom(_RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break
+            if (source_port is not None and sender[1] != source_port) or (
+                source_host is not None and sender[0] != source_host
+            ):  # another node's stream on the same group and port (or a forger)
+                self.drops["foreign_source"] = self.drops.get("foreign_source", 0) + 1
+                continue
             if self.page_filter is not None and not self.page_filter(data):
                 continue  # a test's simulated loss
             pages += 1
@@ -197,6 +218,9 @@ class MulticastEngine:
                         await self._commit_moved.wait()
                 if start > self.delivery.commit_seqno:
                     continue
+            while len(self._ready) > _MAX_PENDING_RECORDS:  # the application is behind
+                self._drained.clear()
+                await self._drained.wait()
             response = await self._call_fetch(start, end)
             self.stats["fetches"] += 1
             self.delivery.commit(response.commit_seqno)
@@ -222,10 +246,15 @@ class MulticastEngine:
 
     # -- main loop -----------------------------------------------------------------------
 
+    def take_ready(self) -> list[Record]:
+        """Records released but not yet emitted (the subscriber emits them on fallback)."""
+        ready, self._ready = self._ready, []
+        self._drained.set()
+        return ready
+
     async def run(self) -> None:
         self._join()
         worker = asyncio.create_task(self._fetch_worker(), name="subscriber-fetch")
-        joined_at = self._loop.time()
         try:
             while not self.delivery.done or self._ready:
                 if worker.done():
@@ -236,8 +265,7 @@ class MulticastEngine:
                         await self._wake.wait()
                 self._wake.clear()
                 if self._ready:
-                    ready, self._ready = self._ready, []
-                    await self.emit(ready)
+                    await self.emit(self.take_ready())
                     if self._sock is not None:
                         self._loop.add_reader(self._sock.fileno(), self._readable)
                     continue
@@ -245,7 +273,7 @@ class MulticastEngine:
                     await self._restart_epoch()
                     continue
                 now = self._loop.time()
-                if not self._pages_seen and now - joined_at > self.multicast_timeout_s:
+                if not self._pages_seen and now - self._joined_at > self.multicast_timeout_s:
                     raise NoMulticast(
                         f"no page from {self.session.group}:{self.session.port} within "
                         f"{self.multicast_timeout_s:.1f} s"
@@ -269,24 +297,39 @@ class MulticastEngine:
                 ) from exc
             return
         response = await self.rehandshake()
-        if response.session.epoch != self.session.epoch:
-            self._new_epoch = response.session.epoch
+        if not self._same_stream(response.session):
+            self._restart_session(response)
             return
         raise NoMulticast("the server answers but its pages stopped arriving")
 
     async def _restart_epoch(self) -> None:
         self._new_epoch = None
         response = await self.rehandshake()
-        if response.session.epoch == self.session.epoch:
+        if self._same_stream(response.session):
             # A page with a newer cast id, but the server has not moved on: a stray or
             # forged datagram. The receiver counted and dropped it; carry on.
             self.stats["foreign_epochs"] = self.stats.get("foreign_epochs", 0) + 1
             return
-        self.stats["epochs"] += 1
+        self._restart_session(response)
+
+    def _same_stream(self, session: pb.MulticastSession) -> bool:
+        current = self.session
+        return (session.epoch, session.source_port) == (current.epoch, current.source_port)
+
+    def _restart_session(self, response: pb.HandshakeResponse) -> None:
+        """A new epoch (failover) or a restarted leader (a new source port): what was
+        received but not committed may be replaced, so it is dropped and fetched again."""
+        self.stats["sessions"] = self.stats.get("sessions", 0) + 1
+        if response.session.epoch != self.session.epoch:
+            self.stats["epochs"] += 1
         self._leave()
         self.delivery.drop_uncommitted()
         self.session = response.session
         self.delivery.commit(response.commit_seqno)
-        log.info("subscriber.new_epoch", epoch=self.session.epoch)
+        log.info(
+            "subscriber.new_session",
+            epoch=self.session.epoch,
+            source_port=self.session.source_port,
+        )
         self._pages_seen = False
         self._join()

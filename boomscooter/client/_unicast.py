@@ -15,7 +15,7 @@ import grpc
 import structlog
 
 from boomscooter.client._retry import Retry
-from boomscooter.client.delivery import Delivery
+from boomscooter.client.delivery import Delivery, GapError
 from boomscooter.storage.batch import Record, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
 
@@ -75,12 +75,21 @@ class UnicastEngine:
         delivery.commit(response.last_seqno)  # the server sends committed records only
         records: list[Record] = []
         for batch in split_batches(response.batches):
-            if batch.base_seqno > delivery.received_end:  # filtered out by the server
+            if batch.base_seqno > delivery.received_end:  # filtered out by the server?
+                if delivery.channel is None:  # nothing is filtered: seqnos went missing
+                    raise GapError(
+                        f"the server skipped seqnos {delivery.received_end}.."
+                        f"{batch.base_seqno - 1} of an unfiltered subscription"
+                    )
                 records.extend(delivery.release())
                 delivery.skip_to(batch.base_seqno)
             delivery.add(batch)
         records.extend(delivery.release())
-        if response.last_seqno + 1 > delivery.received_end and not delivery.done:
+        if (
+            response.last_seqno + 1 > delivery.received_end
+            and not delivery.done
+            and delivery.channel is not None
+        ):
             delivery.skip_to(response.last_seqno + 1)
         if records:
             await self.emit(records)

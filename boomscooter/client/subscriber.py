@@ -248,7 +248,7 @@ class Subscriber:
             except NoMulticast as exc:
                 log.warning("subscriber.fallback_unicast", reason=str(exc))
                 delivery.drop_uncommitted()
-                ready = delivery.release()
+                ready = self._engine.take_ready() + delivery.release()
                 if ready:
                     await self._emit(ready)
                 mode = "unicast"
@@ -316,11 +316,12 @@ class _SyncRunner:
             async with sub:
                 async for records in sub.batches():
                     await self._put(records)
-            await self._put(_END)
         except asyncio.CancelledError:
             pass
         except Exception as exc:
             await self._put(exc)
+        finally:
+            self._end()
 
     async def _put(self, item: Any) -> None:
         while not self._stopping:
@@ -329,6 +330,16 @@ class _SyncRunner:
                 return
             except queue.Full:
                 await asyncio.sleep(0.005)
+
+    def _end(self) -> None:
+        """The consumer must wake up and stop, even when the queue is full."""
+        while True:
+            try:
+                self._out.put_nowait(_END)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._out.get_nowait()
 
     def batches(self) -> Iterator[list[Record]]:
         while True:

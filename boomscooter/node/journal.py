@@ -22,6 +22,7 @@ past ``compact_bytes``.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -81,6 +82,7 @@ class ProducerJournal:
         self.compact_bytes = compact_bytes
         self._fd = -1
         self._size = 0
+        self._compact_size = 0
         self._synced_at = 0.0
 
     def load(self, table: DedupeTable, *, last_seqno: int) -> int:
@@ -125,11 +127,17 @@ class ProducerJournal:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._size = len(data)
+        self._size = self._compact_size = len(data)
 
     def append(self, producer_id: str, batch_sequence: int, appended: Appended) -> None:
         entry = encode_entry(producer_id, batch_sequence, appended)
-        os.write(self._fd, entry)
+        try:
+            written = os.write(self._fd, entry)
+            if written != len(entry):
+                raise OSError(errno.ENOSPC, f"short write to {self.path}")
+        except OSError:
+            os.ftruncate(self._fd, self._size)  # no torn entry in the middle of the file
+            raise
         self._size += len(entry)
         now = time.monotonic()
         if now - self._synced_at >= _SYNC_EVERY_S:
@@ -142,7 +150,9 @@ class ProducerJournal:
         os.ftruncate(self._fd, self._size)
 
     def needs_compaction(self) -> bool:
-        return self._size > self.compact_bytes
+        """Over ``compact_bytes`` and twice its compact size: a table that is itself large
+        is not rewritten on every append."""
+        return self._size > max(self.compact_bytes, 2 * self._compact_size)
 
     def sync(self) -> None:
         if self._fd >= 0:

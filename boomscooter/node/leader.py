@@ -365,6 +365,12 @@ class LeaderNode:
             await self.grpc_server.stop(grace_s)
         if self._cast_runner is not None:
             await self._cast_runner.cleanup()
+        # Appends still under way (shielded) finish first, while the sender still drains
+        # the queue they may wait on; then the sender stops (releasing any waiter).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s + 5):
+                async with self._append_lock:
+                    pass
         await self.sender.close()
         async with self._append_lock:
             await self._loop.run_in_executor(self._io, self._close_storage)

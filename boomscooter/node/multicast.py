@@ -55,6 +55,10 @@ class StreamSender:
         self.max_queue_bytes = max_queue_bytes
         self._position = position  # () -> (last seqno, commit seqno)
         self._sock = mcast.sender_socket(group, interface=interface, ttl=ttl)
+        # Bound now so the source port is known: receivers filter on it (a handshake
+        # tells them), which keeps two logs on one group and port apart.
+        self._sock.bind(("::" if ":" in group else "0.0.0.0", 0))
+        self.source_port: int = self._sock.getsockname()[1]
         self._dest: tuple[str, int] = (group, port)
         self._pacer = Pacer(rate_mbit) if rate_mbit > 0 else None
         self._queue: deque[bytes] = deque()
@@ -63,6 +67,7 @@ class StreamSender:
         self._room = asyncio.Event()
         self._room.set()
         self._sent_commit = -1
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
         self.pages_sent = 0
         self.bytes_sent = 0
@@ -74,10 +79,13 @@ class StreamSender:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-sender")
 
     async def enqueue(self, batch: bytes) -> None:
-        """Queue a stored batch (in seqno order); waits while the queue is full."""
-        while self._queued_bytes >= self.max_queue_bytes:
+        """Queue a stored batch (in seqno order); waits while the queue is full. After
+        :meth:`close` it returns at once: the batch is stored, receivers Fetch it."""
+        while self._queued_bytes >= self.max_queue_bytes and not self._closed:
             self._room.clear()
             await self._room.wait()
+        if self._closed:
+            return
         self._queue.append(batch)
         self._queued_bytes += len(batch)
         self._wake.set()
@@ -86,6 +94,8 @@ class StreamSender:
         self._wake.set()
 
     async def close(self) -> None:
+        self._closed = True
+        self._room.set()  # an append waiting for room goes on (and queues nothing)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

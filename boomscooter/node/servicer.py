@@ -195,6 +195,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             epoch=node.epoch,
             interface_hint=node.config.interface or "",
             heartbeat_interval_ms=node.config.heartbeat_ms,
+            source_port=node.sender.source_port,
         )
 
     async def Handshake(self, request: pb.HandshakeRequest, context: Any) -> pb.HandshakeResponse:

@@ -20,9 +20,11 @@ background thread that fdatasyncs a duplicate of the active descriptor at most e
 under ``never``), saves its index, then creates the next segment atomically (header to a
 temp file, fsync, rename, directory fsync). ``sync()`` and ``close()`` always fsync.
 
-Thread safety: one caller at a time (the asyncio shell's thread); the only other thread is
-the interval syncer, which shares the mutating paths' lock and never touches the segment
-list. Sealed segments are read through a small LRU of read-only descriptors.
+Thread safety: every public method takes the log's (reentrant) lock, so appends, reads from
+worker threads (a leader serves Fetch and Subscribe from threads), rolls, retention and
+``close`` exclude each other; the interval syncer takes it only to pick what to sync and
+fdatasyncs duplicates of the descriptors outside it. Sealed segments are read through a
+small LRU of read-only descriptors.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ class SegmentedLog:
         self._bases = [s.base_seqno for s in segments]
         self._lock_fd = lock_fd
         self._clock_ms = clock_ms
-        self._lock = threading.Lock()
+        # Reentrant: truncation reads batches under it. Reads take it too — they share the
+        # cache of open descriptors with each other and with rolls, retention and close.
+        self._lock = threading.RLock()
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._active_fd = os.open(segments[-1].path, os.O_RDWR)
         self._active_since_ms = self._since_from_file(segments[-1], self._active_fd)
@@ -465,6 +469,12 @@ class SegmentedLog:
     def read_batches(
         self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int = DEFAULT_READ_BYTES
     ) -> list[Batch]:
+        with self._lock:
+            return self._read_batches_locked(from_seqno, to_seqno, max_bytes)
+
+    def _read_batches_locked(
+        self, from_seqno: int, to_seqno: int | None, max_bytes: int
+    ) -> list[Batch]:
         if self._closed:
             raise LogClosedError(f"log {self.directory} is closed")
         api.check_read_start(from_seqno, self.first_seqno)
@@ -509,6 +519,10 @@ class SegmentedLog:
         return api.iter_records(batches, from_seqno, to_seqno, max_bytes)
 
     def seqno_for_time(self, timestamp_ms: int) -> int | None:
+        with self._lock:
+            return self._seqno_for_time_locked(timestamp_ms)
+
+    def _seqno_for_time_locked(self, timestamp_ms: int) -> int | None:
         if self._closed:
             raise LogClosedError(f"log {self.directory} is closed")
         for segment in self._segments:

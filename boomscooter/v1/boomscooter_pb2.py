@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n boomscooter/v1/boomscooter.proto\x12\x0e\x62oomscooter.v1\"k\n\x06Record\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x04\x12\x14\n\x07\x63hannel\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x01\x88\x01\x01\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x42\n\n\x08_channelB\x06\n\x04_key\"5\n\nRecordList\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.boomscooter.v1.Record\"\x91\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretriable\x18\x03 \x01(\x08\x12\x17\n\nnext_seqno\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0eleader_address\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_next_seqnoB\x11\n\x0f_leader_address\"\xfd\x01\n\x0eProduceRequest\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61tch_sequence\x18\x02 \x01(\x04\x12+\n\tack_level\x18\x03 \x01(\x0e\x32\x18.boomscooter.v1.AckLevel\x12!\n\x14\x65xpected_first_seqno\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\rencoded_batch\x18\x05 \x01(\x0cH\x00\x12\x31\n\x0brecord_list\x18\x06 \x01(\x0b\x32\x1a.boomscooter.v1.RecordListH\x00\x42\t\n\x07recordsB\x17\n\x15_expected_first_seqno\"n\n\nProduceAck\x12\x12\n\nbase_seqno\x18\x01 \x01(\x04\x12\x14\n\x0crecord_count\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"\x86\x01\n\x0fProduceResponse\x12\x16\n\x0e\x62\x61tch_sequence\x18\x01 \x01(\x04\x12)\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1a.boomscooter.v1.ProduceAckH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.boomscooter.v1.ErrorH\x00\x42\x08\n\x06result\"\x9f\x01\n\x10MulticastSession\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x63\x61st_id\x18\x03 \x01(\r\x12\x17\n\x0fpage_size_bytes\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x16\n\x0einterface_hint\x18\x06 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x07 \x01(\r\")\n\x10HandshakeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"\x85\x01\n\x11HandshakeResponse\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32 .boomscooter.v1.MulticastSession\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\"\xc4\x01\n\x10SubscribeRequest\x12\x0f\n\x05seqno\x18\x01 \x01(\x04H\x00\x12\x12\n\x08\x65\x61rliest\x18\x02 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x03 \x01(\x08H\x00\x12\x11\n\x07time_ms\x18\x04 \x01(\x04H\x00\x12\x15\n\x0buntil_seqno\x18\x05 \x01(\x04H\x01\x12\x0f\n\x05\x63ount\x18\x06 \x01(\x04H\x01\x12\x1b\n\x0e\x63hannel_prefix\x18\x07 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05startB\x05\n\x03\x65ndB\x11\n\x0f_channel_prefix\"c\n\x11SubscribeResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\"/\n\x14NotificationsRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\r\"\x96\x01\n\x15NotificationsResponse\x12\x0f\n\x07log_dir\x18\x01 \x01(\t\x12\x14\n\x0csegment_file\x18\x02 \x01(\t\x12\x17\n\x0f\x66ile_size_bytes\x18\x03 \x01(\x04\x12\x12\n\nlast_seqno\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x05 \x01(\x04\x12\x13\n\x0b\x66irst_seqno\x18\x06 \x01(\x04\"v\n\x0c\x46\x65tchRequest\x12\x12\n\nfrom_seqno\x18\x01 \x01(\x04\x12\x15\n\x08to_seqno\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\x12\x1b\n\x13include_uncommitted\x18\x04 \x01(\x08\x42\x0b\n\t_to_seqno\"w\n\rFetchResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\x12\x16\n\x0elog_last_seqno\x18\x05 \x01(\x04\"v\n\x10ReplicateRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rdurable_seqno\x18\x03 \x01(\x04\x12\x12\n\nlast_seqno\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\r\"\xc0\x01\n\x11ReplicateResponse\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32 .boomscooter.v1.MulticastSession\x12\x14\n\x0c\x63ommit_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12!\n\x14truncate_after_seqno\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmin_insync\x18\x05 \x01(\rB\x17\n\x15_truncate_after_seqno\"\x0f\n\rStatusRequest\"\x8c\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x15\n\rdurable_seqno\x18\x04 \x01(\x04\x12\x13\n\x0blag_records\x18\x05 \x01(\x04\x12\x17\n\x0flast_ack_age_ms\x18\x06 \x01(\x04\"\xb1\x02\n\x0eStatusResponse\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.boomscooter.v1.Role\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_seqno\x18\x04 \x01(\x04\x12\x12\n\nlast_seqno\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x06 \x01(\x04\x12\x15\n\rdurable_seqno\x18\x07 \x01(\x04\x12\x16\n\x0eleader_address\x18\x08 \x01(\t\x12\x12\n\nmin_insync\x18\t \x01(\r\x12/\n\x08replicas\x18\n \x03(\x0b\x32\x1d.boomscooter.v1.ReplicaStatus\x12\x11\n\tlog_bytes\x18\x0b \x01(\x04\x12\x15\n\rsegment_count\x18\x0c \x01(\r*e\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43K_LEVEL_NONE\x10\x01\x12\x14\n\x10\x41\x43K_LEVEL_LEADER\x10\x02\x12\x14\n\x10\x41\x43K_LEVEL_QUORUM\x10\x03*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_LEADER\x10\x01\x12\x10\n\x0cROLE_REPLICA\x10\x02\x32\xc8\x04\n\x0b\x42oomscooter\x12N\n\x07Produce\x12\x1e.boomscooter.v1.ProduceRequest\x1a\x1f.boomscooter.v1.ProduceResponse(\x01\x30\x01\x12P\n\tHandshake\x12 .boomscooter.v1.HandshakeRequest\x1a!.boomscooter.v1.HandshakeResponse\x12R\n\tSubscribe\x12 .boomscooter.v1.SubscribeRequest\x1a!.boomscooter.v1.SubscribeResponse0\x01\x12^\n\rNotifications\x12$.boomscooter.v1.NotificationsRequest\x1a%.boomscooter.v1.NotificationsResponse0\x01\x12\x44\n\x05\x46\x65tch\x12\x1c.boomscooter.v1.FetchRequest\x1a\x1d.boomscooter.v1.FetchResponse\x12T\n\tReplicate\x12 .boomscooter.v1.ReplicateRequest\x1a!.boomscooter.v1.ReplicateResponse(\x01\x30\x01\x12G\n\x06Status\x12\x1d.boomscooter.v1.StatusRequest\x1a\x1e.boomscooter.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n boomscooter/v1/boomscooter.proto\x12\x0e\x62oomscooter.v1\"k\n\x06Record\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x04\x12\x14\n\x07\x63hannel\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x03key\x18\x03 \x01(\x0cH\x01\x88\x01\x01\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x42\n\n\x08_channelB\x06\n\x04_key\"5\n\nRecordList\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.boomscooter.v1.Record\"\x91\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretriable\x18\x03 \x01(\x08\x12\x17\n\nnext_seqno\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0eleader_address\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_next_seqnoB\x11\n\x0f_leader_address\"\xfd\x01\n\x0eProduceRequest\x12\x13\n\x0bproducer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61tch_sequence\x18\x02 \x01(\x04\x12+\n\tack_level\x18\x03 \x01(\x0e\x32\x18.boomscooter.v1.AckLevel\x12!\n\x14\x65xpected_first_seqno\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\rencoded_batch\x18\x05 \x01(\x0cH\x00\x12\x31\n\x0brecord_list\x18\x06 \x01(\x0b\x32\x1a.boomscooter.v1.RecordListH\x00\x42\t\n\x07recordsB\x17\n\x15_expected_first_seqno\"n\n\nProduceAck\x12\x12\n\nbase_seqno\x18\x01 \x01(\x04\x12\x14\n\x0crecord_count\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"\x86\x01\n\x0fProduceResponse\x12\x16\n\x0e\x62\x61tch_sequence\x18\x01 \x01(\x04\x12)\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1a.boomscooter.v1.ProduceAckH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.boomscooter.v1.ErrorH\x00\x42\x08\n\x06result\"\xb4\x01\n\x10MulticastSession\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x63\x61st_id\x18\x03 \x01(\r\x12\x17\n\x0fpage_size_bytes\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x16\n\x0einterface_hint\x18\x06 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x07 \x01(\r\x12\x13\n\x0bsource_port\x18\x08 \x01(\r\")\n\x10HandshakeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"\x85\x01\n\x11HandshakeResponse\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32 .boomscooter.v1.MulticastSession\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\"\xc4\x01\n\x10SubscribeRequest\x12\x0f\n\x05seqno\x18\x01 \x01(\x04H\x00\x12\x12\n\x08\x65\x61rliest\x18\x02 \x01(\x08H\x00\x12\x10\n\x06latest\x18\x03 \x01(\x08H\x00\x12\x11\n\x07time_ms\x18\x04 \x01(\x04H\x00\x12\x15\n\x0buntil_seqno\x18\x05 \x01(\x04H\x01\x12\x0f\n\x05\x63ount\x18\x06 \x01(\x04H\x01\x12\x1b\n\x0e\x63hannel_prefix\x18\x07 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05startB\x05\n\x03\x65ndB\x11\n\x0f_channel_prefix\"c\n\x11SubscribeResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\"/\n\x14NotificationsRequest\x12\x17\n\x0fmin_interval_ms\x18\x01 \x01(\r\"\x96\x01\n\x15NotificationsResponse\x12\x0f\n\x07log_dir\x18\x01 \x01(\t\x12\x14\n\x0csegment_file\x18\x02 \x01(\t\x12\x17\n\x0f\x66ile_size_bytes\x18\x03 \x01(\x04\x12\x12\n\nlast_seqno\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x05 \x01(\x04\x12\x13\n\x0b\x66irst_seqno\x18\x06 \x01(\x04\"v\n\x0c\x46\x65tchRequest\x12\x12\n\nfrom_seqno\x18\x01 \x01(\x04\x12\x15\n\x08to_seqno\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\x12\x1b\n\x13include_uncommitted\x18\x04 \x01(\x08\x42\x0b\n\t_to_seqno\"w\n\rFetchResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66irst_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x04 \x01(\x04\x12\x16\n\x0elog_last_seqno\x18\x05 \x01(\x04\"v\n\x10ReplicateRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rdurable_seqno\x18\x03 \x01(\x04\x12\x12\n\nlast_seqno\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\r\"\xc0\x01\n\x11ReplicateResponse\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32 .boomscooter.v1.MulticastSession\x12\x14\n\x0c\x63ommit_seqno\x18\x02 \x01(\x04\x12\x12\n\nlast_seqno\x18\x03 \x01(\x04\x12!\n\x14truncate_after_seqno\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmin_insync\x18\x05 \x01(\rB\x17\n\x15_truncate_after_seqno\"\x0f\n\rStatusRequest\"\x8c\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x15\n\rdurable_seqno\x18\x04 \x01(\x04\x12\x13\n\x0blag_records\x18\x05 \x01(\x04\x12\x17\n\x0flast_ack_age_ms\x18\x06 \x01(\x04\"\xb1\x02\n\x0eStatusResponse\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.boomscooter.v1.Role\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_seqno\x18\x04 \x01(\x04\x12\x12\n\nlast_seqno\x18\x05 \x01(\x04\x12\x14\n\x0c\x63ommit_seqno\x18\x06 \x01(\x04\x12\x15\n\rdurable_seqno\x18\x07 \x01(\x04\x12\x16\n\x0eleader_address\x18\x08 \x01(\t\x12\x12\n\nmin_insync\x18\t \x01(\r\x12/\n\x08replicas\x18\n \x03(\x0b\x32\x1d.boomscooter.v1.ReplicaStatus\x12\x11\n\tlog_bytes\x18\x0b \x01(\x04\x12\x15\n\rsegment_count\x18\x0c \x01(\r*e\n\x08\x41\x63kLevel\x12\x19\n\x15\x41\x43K_LEVEL_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43K_LEVEL_NONE\x10\x01\x12\x14\n\x10\x41\x43K_LEVEL_LEADER\x10\x02\x12\x14\n\x10\x41\x43K_LEVEL_QUORUM\x10\x03*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_LEADER\x10\x01\x12\x10\n\x0cROLE_REPLICA\x10\x02\x32\xc8\x04\n\x0b\x42oomscooter\x12N\n\x07Produce\x12\x1e.boomscooter.v1.ProduceRequest\x1a\x1f.boomscooter.v1.ProduceResponse(\x01\x30\x01\x12P\n\tHandshake\x12 .boomscooter.v1.HandshakeRequest\x1a!.boomscooter.v1.HandshakeResponse\x12R\n\tSubscribe\x12 .boomscooter.v1.SubscribeRequest\x1a!.boomscooter.v1.SubscribeResponse0\x01\x12^\n\rNotifications\x12$.boomscooter.v1.NotificationsRequest\x1a%.boomscooter.v1.NotificationsResponse0\x01\x12\x44\n\x05\x46\x65tch\x12\x1c.boomscooter.v1.FetchRequest\x1a\x1d.boomscooter.v1.FetchResponse\x12T\n\tReplicate\x12 .boomscooter.v1.ReplicateRequest\x1a!.boomscooter.v1.ReplicateResponse(\x01\x30\x01\x12G\n\x06Status\x12\x1d.boomscooter.v1.StatusRequest\x1a\x1e.boomscooter.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'boomscooter.v1.boomscooter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKLEVEL']._serialized_start=2736
-  _globals['_ACKLEVEL']._serialized_end=2837
-  _globals['_ROLE']._serialized_start=2839
-  _globals['_ROLE']._serialized_end=2902
+  _globals['_ACKLEVEL']._serialized_start=2757
+  _globals['_ACKLEVEL']._serialized_end=2858
+  _globals['_ROLE']._serialized_start=2860
+  _globals['_ROLE']._serialized_end=2923
   _globals['_RECORD']._serialized_start=52
   _globals['_RECORD']._serialized_end=159
   _globals['_RECORDLIST']._serialized_start=161
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRODUCERESPONSE']._serialized_start=733
   _globals['_PRODUCERESPONSE']._serialized_end=867
   _globals['_MULTICASTSESSION']._serialized_start=870
-  _globals['_MULTICASTSESSION']._serialized_end=1029
-  _globals['_HANDSHAKEREQUEST']._serialized_start=1031
-  _globals['_HANDSHAKEREQUEST']._serialized_end=1072
-  _globals['_HANDSHAKERESPONSE']._serialized_start=1075
-  _globals['_HANDSHAKERESPONSE']._serialized_end=1208
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1211
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1407
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1409
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1508
-  _globals['_NOTIFICATIONSREQUEST']._serialized_start=1510
-  _globals['_NOTIFICATIONSREQUEST']._serialized_end=1557
-  _globals['_NOTIFICATIONSRESPONSE']._serialized_start=1560
-  _globals['_NOTIFICATIONSRESPONSE']._serialized_end=1710
-  _globals['_FETCHREQUEST']._serialized_start=1712
-  _globals['_FETCHREQUEST']._serialized_end=1830
-  _globals['_FETCHRESPONSE']._serialized_start=1832
-  _globals['_FETCHRESPONSE']._serialized_end=1951
-  _globals['_REPLICATEREQUEST']._serialized_start=1953
-  _globals['_REPLICATEREQUEST']._serialized_end=2071
-  _globals['_REPLICATERESPONSE']._serialized_start=2074
-  _globals['_REPLICATERESPONSE']._serialized_end=2266
-  _globals['_STATUSREQUEST']._serialized_start=2268
-  _globals['_STATUSREQUEST']._serialized_end=2283
-  _globals['_REPLICASTATUS']._serialized_start=2286
-  _globals['_REPLICASTATUS']._serialized_end=2426
-  _globals['_STATUSRESPONSE']._serialized_start=2429
-  _globals['_STATUSRESPONSE']._serialized_end=2734
-  _globals['_BOOMSCOOTER']._serialized_start=2905
-  _globals['_BOOMSCOOTER']._serialized_end=3489
+  _globals['_MULTICASTSESSION']._serialized_end=1050
+  _globals['_HANDSHAKEREQUEST']._serialized_start=1052
+  _globals['_HANDSHAKEREQUEST']._serialized_end=1093
+  _globals['_HANDSHAKERESPONSE']._serialized_start=1096
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1229
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1232
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1428
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1430
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1529
+  _globals['_NOTIFICATIONSREQUEST']._serialized_start=1531
+  _globals['_NOTIFICATIONSREQUEST']._serialized_end=1578
+  _globals['_NOTIFICATIONSRESPONSE']._serialized_start=1581
+  _globals['_NOTIFICATIONSRESPONSE']._serialized_end=1731
+  _globals['_FETCHREQUEST']._serialized_start=1733
+  _globals['_FETCHREQUEST']._serialized_end=1851
+  _globals['_FETCHRESPONSE']._serialized_start=1853
+  _globals['_FETCHRESPONSE']._serialized_end=1972
+  _globals['_REPLICATEREQUEST']._serialized_start=1974
+  _globals['_REPLICATEREQUEST']._serialized_end=2092
+  _globals['_REPLICATERESPONSE']._serialized_start=2095
+  _globals['_REPLICATERESPONSE']._serialized_end=2287
+  _globals['_STATUSREQUEST']._serialized_start=2289
+  _globals['_STATUSREQUEST']._serialized_end=2304
+  _globals['_REPLICASTATUS']._serialized_start=2307
+  _globals['_REPLICASTATUS']._serialized_end=2447
+  _globals['_STATUSRESPONSE']._serialized_start=2450
+  _globals['_STATUSRESPONSE']._serialized_end=2755
+  _globals['_BOOMSCOOTER']._serialized_start=2926
+  _globals['_BOOMSCOOTER']._serialized_end=3510
 # @@protoc_insertion_point(module_scope)

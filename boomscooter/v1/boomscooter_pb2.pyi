@@ -373,6 +373,7 @@ class MulticastSession(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     INTERFACE_HINT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    SOURCE_PORT_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     """The multicast group address (IPv4 or IPv6 literal); "" when this node does not
     multicast (then use Subscribe, or Fetch).
@@ -393,6 +394,12 @@ class MulticastSession(_message.Message):
     """How often the leader multicasts a heartbeat (last and commit seqno) when no batch is
     sent, so a receiver notices loss at the tail.
     """
+    source_port: _builtins.int
+    """The UDP source port the node's pages come from (0: unknown). A receiver drops
+    datagrams from any other source port (and, when interface_hint is set, any other
+    source address), so two logs that share a group and port never mix; a node that
+    restarts sends from a new port, and a new handshake tells receivers.
+    """
     def __init__(
         self,
         *,
@@ -403,10 +410,11 @@ class MulticastSession(_message.Message):
         epoch: _builtins.int = ...,
         interface_hint: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        source_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cast_id", b"cast_id", "epoch", b"epoch", "group", b"group", "heartbeat_interval_ms", b"heartbeat_interval_ms", "interface_hint", b"interface_hint", "page_size_bytes", b"page_size_bytes", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cast_id", b"cast_id", "epoch", b"epoch", "group", b"group", "heartbeat_interval_ms", b"heartbeat_interval_ms", "interface_hint", b"interface_hint", "page_size_bytes", b"page_size_bytes", "port", b"port", "source_port", b"source_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
