@@ -911,3 +911,45 @@ async def test_notifications_log_dir_is_absolute(
             await channel.close()
     assert isinstance(first, pb.NotificationsResponse)
     assert first.log_dir == str(tmp_path / "data")
+
+
+async def test_notifications_announce_the_committed_end_not_the_file_end(tmp_path: Path) -> None:
+    """Under fsync=interval a batch is in the file before it is durable (committed): the
+    announced (file, size) stops before it, so a LogReader honouring it reads only
+    committed records."""
+    from boomscooter.storage import Entry, LogReader
+
+    slow = FsyncPolicy(mode=FsyncMode.INTERVAL, interval_ms=60_000)
+    async with running_leader(tmp_path / "log", fsync=slow) as node:
+        from boomscooter.node.leader import ProduceBatch
+
+        def batch(sequence: int) -> ProduceBatch:
+            return ProduceBatch(
+                producer_id="p",
+                batch_sequence=sequence,
+                expected_first_seqno=None,
+                entries=[Entry(1, b"x%d" % sequence)] * 3,
+            )
+
+        await node.append(batch(1))  # the syncer's first sync comes at once …
+        assert await node.wait_commit(3, 5)
+        await node.append(batch(2))  # … the next not for a minute
+        assert (node.log.last_seqno, node.commit_seqno) == (6, 3)
+        name, size = node.committed_end()
+        active, file_size = node.log.active_segment()
+        assert name == active and size < file_size
+        channel = grpc.aio.insecure_channel(node.address)
+        try:
+            stub = boomscooter_pb2_grpc.BoomscooterStub(channel)
+            call = stub.Notifications(pb.NotificationsRequest())
+            note = await asyncio.wait_for(call.read(), 1)
+            call.cancel()
+            assert isinstance(note, pb.NotificationsResponse)
+        finally:
+            await channel.close()
+        assert (note.segment_file, note.file_size_bytes) == (name, size)
+        assert (note.last_seqno, note.commit_seqno) == (6, 3)
+        with LogReader(node.log_dir, from_seqno=1) as reader:
+            reader.notify(note.segment_file, note.file_size_bytes)
+            seqnos = [r.seqno for b in reader.read_batches() for r in b.records()]
+        assert seqnos == [1, 2, 3]

@@ -22,6 +22,7 @@ import contextlib
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ class LeaderNode:
         self._cast_runner: Any = None
         self._cast_server: bserver.BootcastServer | None = None
         self._retention: asyncio.Task[None] | None = None
+        # (last seqno, segment file, size after it) of appended, not yet committed batches.
+        self._ends: deque[tuple[int, str, int]] = deque()
+        self._committed_end = log_.active_segment()  # on open everything is committed
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
 
     def _last_epoch(self) -> int:
@@ -178,7 +182,16 @@ class LeaderNode:
     def _held(self, seqno: int) -> None:
         if self.tracker.held("", seqno):
             self.sender.commit_advanced()
+            commit = self.tracker.commit_seqno
+            while self._ends and self._ends[0][0] <= commit:
+                _, name, size = self._ends.popleft()
+                self._committed_end = (name, size)
         self._notify()
+
+    def committed_end(self) -> tuple[str, int]:
+        """``(segment file, size)`` where the committed batches end (what Notifications
+        announce: a reader of the files never reads an uncommitted record)."""
+        return self._committed_end
 
     async def wait_change(self, timeout_s: float) -> None:
         """Return when anything was appended or committed, or after ``timeout_s``."""
@@ -242,6 +255,7 @@ class LeaderNode:
                 self.dedupe.add(request.producer_id, request.batch_sequence, appended)
                 if self.journal.needs_compaction():
                     self.journal.rewrite(self.dedupe)
+            self._ends.append((batch.last_seqno, *self.log.active_segment()))
             self.counters["batches"] += 1
             self.counters["records"] += batch.record_count
             await self.sender.enqueue(bytes(batch.data))

@@ -328,7 +328,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         interval_s = request.min_interval_ms / 1000
         sent: tuple[Any, ...] | None = None
         while True:
-            name, size = node.segment_files()[-1]
+            name, size = node.committed_end()
             state = (name, size, node.log.last_seqno, node.commit_seqno, node.log.first_seqno)
             if state != sent:
                 yield pb.NotificationsResponse(

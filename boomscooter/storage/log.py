@@ -191,6 +191,11 @@ class SegmentedLog:
     def segment_count(self) -> int:
         return len(self._segments)
 
+    def active_segment(self) -> tuple[str, int]:
+        """``(file name, size)`` of the active segment."""
+        segment = self._segments[-1]
+        return os.path.basename(segment.path), segment.index.end
+
     def segment_files(self) -> list[tuple[str, int]]:
         """``(file name, size)`` of every segment, oldest first (what notifications carry)."""
         return [(os.path.basename(s.path), s.index.end) for s in self._segments]

@@ -619,12 +619,13 @@ class NotificationsResponse(_message.Message):
     log_dir: _builtins.str
     """The absolute path of the log directory on the server's host."""
     segment_file: _builtins.str
-    """The active segment's file name in log_dir, e.g. "00000000000000000001.log"; a new name
-    means the previous segment is sealed (immutable, complete up to its end).
+    """The segment file (name in log_dir, e.g. "00000000000000000001.log") holding the
+    committed end of the log; earlier segments are committed to their end.
     """
     file_size_bytes: _builtins.int
-    """The active segment's size in bytes; a reader stops at the last complete batch below it
-    (boomscooter.storage.LogReader) and never uses bytes past it.
+    """Where the committed batches end in segment_file, in bytes (the file may already be
+    longer): a reader reads up to here and never past it (boomscooter.storage.LogReader's
+    notify), so it never sees an uncommitted record.
     """
     last_seqno: _builtins.int
     """The highest seqno stored (the file may hold records not yet committed)."""
