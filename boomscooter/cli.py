@@ -8,7 +8,12 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 interr
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from boomscooter import loops
 from boomscooter.errors import BoomscooterError, ConfigError
@@ -182,6 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def interruptible(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a command; SIGINT or SIGTERM cancels it (its ``finally`` and ``async with``
+    blocks run: a producer closes its stream) and it ends as KeyboardInterrupt (exit 130).
+    The leader handles both signals itself (a clean stop, exit 0)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signalled = False
+
+    def cancel() -> None:
+        nonlocal signalled
+        if signalled:  # a second signal: do not wait for a clean end any more
+            os._exit(EXIT_INTERRUPTED)
+        signalled = True
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, cancel)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if signalled:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -199,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.run_demo,
     }
     try:
-        return loops.run(runners[args.command](args))
+        command = runners[args.command](args)
+        if args.command != "leader":
+            command = interruptible(command)
+        return loops.run(command)
     except KeyboardInterrupt:
         print(f"boomscooter {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import signal
 import sys
+import threading
 import time
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -52,17 +55,19 @@ async def run_leader(args: argparse.Namespace) -> int:
 
 
 class LineReader:
-    """Complete lines from a binary stream, a chunk at a time (runs in a thread)."""
+    """Complete lines from a file descriptor, a chunk at a time (runs in a thread). It
+    reads the descriptor itself, not ``sys.stdin.buffer``: a thread blocked inside a
+    buffered reader holds its lock, and the interpreter cannot shut down past it."""
 
-    def __init__(self, stream: BinaryIO, chunk_bytes: int = 1 << 20) -> None:
-        self.stream = stream
+    def __init__(self, fd: int, chunk_bytes: int = 1 << 20) -> None:
+        self.fd = fd
         self.chunk_bytes = chunk_bytes
         self._tail = b""
 
     def next_lines(self) -> list[bytes] | None:
         """The complete lines of the next chunk (the last line needs no newline); None at
         the end of the stream."""
-        data: bytes = self.stream.read1(self.chunk_bytes)  # type: ignore[attr-defined]
+        data = os.read(self.fd, self.chunk_bytes)
         if not data:
             tail, self._tail = self._tail, b""
             return [tail] if tail else None
@@ -71,10 +76,39 @@ class LineReader:
         return lines
 
 
+async def stdin_chunks(reader: LineReader, *, ahead: int = 4) -> AsyncIterator[list[bytes]]:
+    """The reader's line chunks, read by a daemon thread (at most ``ahead`` chunks ahead):
+    a thread blocked in ``read`` must not keep Ctrl-C from ending the program, which an
+    executor thread would (the loop waits for its executor on the way out)."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[list[bytes] | BaseException | None] = asyncio.Queue()
+    slots = threading.Semaphore(ahead)
+
+    def pump() -> None:
+        while True:
+            slots.acquire()
+            try:
+                item: list[bytes] | BaseException | None = reader.next_lines()
+            except BaseException as exc:  # handed to the consumer
+                item = exc
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
+            except RuntimeError:  # the loop is gone: the program is ending
+                return
+            if item is None or isinstance(item, BaseException):
+                return
+
+    threading.Thread(target=pump, name="produce-stdin", daemon=True).start()
+    while (item := await chunks.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        slots.release()
+
+
 async def run_produce(args: argparse.Namespace) -> int:
     from boomscooter.client.producer import Producer
 
-    loop = asyncio.get_running_loop()
     count = 0
     first: asyncio.Future[int | None] | None = None
     last: asyncio.Future[int | None] | None = None
@@ -86,8 +120,7 @@ async def run_produce(args: argparse.Namespace) -> int:
         linger_ms=args.linger_ms,
         max_batch_records=args.batch_records,
     ) as producer:
-        reader = LineReader(sys.stdin.buffer)
-        while (lines := await loop.run_in_executor(None, reader.next_lines)) is not None:
+        async for lines in stdin_chunks(LineReader(sys.stdin.fileno())):
             for line in lines:
                 last = await producer.send(line.removesuffix(b"\r"))
                 first = first or last

@@ -7,6 +7,7 @@ run a loop in a thread) and the benchmarks use this one."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -14,6 +15,9 @@ T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop, or asyncio's when uvloop is missing or ``BOOMSCOOTER_LOOP=asyncio``."""
+    if os.environ.get("BOOMSCOOTER_LOOP") == "asyncio":
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:

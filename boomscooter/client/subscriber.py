@@ -198,11 +198,7 @@ class Subscriber:
 
     async def _start_seqno(self, stub: Any, hello: pb.HandshakeResponse) -> int:
         if self.start_time_ms is not None:
-            request = pb.SubscribeRequest(time_ms=self.start_time_ms, count=1)
-            async for response in stub.Subscribe(request, timeout=10):
-                if response.batches:
-                    return int(response.first_seqno)
-            return hello.commit_seqno + 1
+            return await self._seqno_at_time(stub, hello)
         if self.start == "earliest":
             return hello.first_seqno
         if self.start == "latest":
@@ -214,6 +210,25 @@ class Subscriber:
                 first_seqno=hello.first_seqno,
             )
         return self.start
+
+    async def _seqno_at_time(self, stub: Any, hello: pb.HandshakeResponse) -> int:
+        """The first seqno at or after ``start_time_ms``: the server's Subscribe by time
+        answers with that record once it is committed, or with a heartbeat (within a
+        second) when no stored record is that recent — then the next record is the start."""
+        assert self.start_time_ms is not None
+        retry = Retry(self.server_timeout_s, address=self.server)
+        request = pb.SubscribeRequest(time_ms=self.start_time_ms, count=1)
+        while True:
+            call = stub.Subscribe(request)
+            try:
+                async for response in call:
+                    if response.batches:
+                        return max(int(response.first_seqno), hello.first_seqno)
+                    return int(hello.last_seqno) + 1
+            except grpc.aio.AioRpcError as exc:
+                await retry.failed(exc)
+            finally:
+                call.cancel()
 
     async def _subscribe(self) -> None:
         assert self._channel is not None

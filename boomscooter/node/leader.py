@@ -130,7 +130,11 @@ class LeaderNode:
         self.group, self.group_port = split_group(config.group, 7600)
         self.dedupe = DedupeTable()
         self.journal = ProducerJournal(config.data_dir)
-        self.tracker = CommitTracker(config.min_insync, commit_seqno=log_.last_seqno)
+        # On open the leader's whole log is durable: committed when its copy suffices.
+        # With more copies required, what they held is not known here: start from 0
+        # rather than commit records no quorum ever held.
+        start_commit = log_.last_seqno if config.min_insync == 1 else 0
+        self.tracker = CommitTracker(config.min_insync, commit_seqno=start_commit)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boomscooter-append")
         self._append_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -320,6 +324,12 @@ class LeaderNode:
         self.address = self.config.advertise or f"{host}:{self.port}"
         if self.config.cast_listen:
             await self._start_segment_casts()
+        if self.config.min_insync > 1:
+            log.warning(
+                "leader.min_insync_unreachable",
+                min_insync=self.config.min_insync,
+                reason="this leader takes no replicas yet: nothing commits, acks=quorum fails",
+            )
         log.info(
             "leader.started",
             listen=f"{host}:{self.port}",
