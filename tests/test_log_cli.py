@@ -494,3 +494,34 @@ def test_demo_exits_0_and_says_exactly_once() -> None:
     out = result.stdout.decode()
     assert "exactly once" in out
     assert "20000 records" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_produce_waiting_on_an_idle_stdin_stops_on_a_signal(tmp_path: Path, signum: int) -> None:
+    """stdin stays open and silent (a terminal, a pipe whose writer lives on): Ctrl-C or
+    SIGTERM must still end `produce` at once, with exit 130 and one line."""
+    leader = start_leader_process(tmp_path / "log")
+    try:
+        produce_and_interrupt(leader, signum)
+    finally:
+        stop_leader_process(leader)
+
+
+def produce_and_interrupt(leader: LeaderProcess, signum: int) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "produce", "--server", leader.server],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"one line\n")
+        proc.stdin.flush()
+        time.sleep(1.5)  # started, sent its line, now blocked on the open stdin
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.decode().strip().splitlines()[-1] == "boomscooter produce: interrupted"
