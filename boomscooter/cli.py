@@ -52,13 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     from boomscooter.node.leader import DEFAULT_GROUP
     from boomscooter.stream import DEFAULT_PAGE_SIZE
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--log-json", action="store_true", default=argparse.SUPPRESS, help="JSON log lines"
-    )
-    common.add_argument(
-        "--log-level", choices=sorted(logs.LEVELS), default=argparse.SUPPRESS, help="default: info"
-    )
+    common = logs.log_options()
     parser = argparse.ArgumentParser(
         prog="boomscooter",
         description="A replicated append-only log: the leader multicasts each batch once.",

@@ -48,20 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_RATE_MBIT,
     )
 
-    common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: a sub-command's parser must not reset what was given before the command.
-    common.add_argument(
-        "--log-json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="log one JSON object per line",
-    )
-    common.add_argument(
-        "--log-level",
-        choices=sorted(logs.LEVELS),
-        default=argparse.SUPPRESS,
-        help="default: info",
-    )
+    common = logs.log_options()
     parser = argparse.ArgumentParser(
         prog="bootcast",
         description="Multicast file casting: one transmission serves every client.",

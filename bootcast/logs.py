@@ -11,7 +11,10 @@ structlog is imported on the first event that passes the level filter: ``bootcas
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 # The stdlib logging levels, as numbers: importing logging costs a quiet fetch 15 ms.
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
@@ -30,6 +33,25 @@ _settings: dict[str, Any] = {"json": False, "level": INFO, "applied": False}
 
 def configure(*, json: bool = False, level: str = "info") -> None:
     _settings.update(json=json, level=LEVELS[level], applied=False)
+
+
+def log_options() -> argparse.ArgumentParser:
+    """The ``--log-json`` / ``--log-level`` options of both tools, as an argparse parent
+    for the top-level parser and every sub-command's. SUPPRESS defaults: a sub-command's
+    parser must not reset what was given before the command."""
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log one JSON object per line",
+    )
+    common.add_argument(
+        "--log-level", choices=sorted(LEVELS), default=argparse.SUPPRESS, help="default: info"
+    )
+    return common
 
 
 def configure_now(*, json: bool = False, level: str = "info") -> None:
