@@ -14,7 +14,7 @@ never reached the log are ignored on load. Little-endian::
     30     producer_id (UTF-8)
 
 A bad entry ends the journal (a torn tail: the file is cut there). The journal is fsynced
-at most once a second, on roll and at close: after a *power loss*, a batch stored in the
+at most once a second (off the event loop) and at close: after a *power loss*, a batch stored in the
 last second and retried after the restart can be stored twice (a process crash cannot
 cause this). It is rewritten compactly (temp file + rename) on open and whenever it grows
 past ``compact_bytes``.
@@ -139,10 +139,23 @@ class ProducerJournal:
             os.ftruncate(self._fd, self._size)  # no torn entry in the middle of the file
             raise
         self._size += len(entry)
+
+    def sync_due(self) -> int | None:
+        """A duplicate of the journal's descriptor when a sync is due (at most once a
+        second), else None: the caller fdatasyncs and closes it off the event loop, where
+        an fdatasync that takes tens of milliseconds stalls nobody."""
         now = time.monotonic()
-        if now - self._synced_at >= _SYNC_EVERY_S:
-            self.sync()
-            self._synced_at = now
+        if self._fd < 0 or now - self._synced_at < _SYNC_EVERY_S:
+            return None
+        self._synced_at = now
+        return os.dup(self._fd)
+
+    @staticmethod
+    def sync_fd(fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def undo(self, producer_id: str, batch_sequence: int, appended: Appended) -> None:
         """Take back the last entry (its batch was not appended after all)."""

@@ -110,6 +110,11 @@ class ProduceOutcome:
     duplicate: bool
 
 
+def _log_journal_sync(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("journal.sync_failed", error=str(exc))
+
+
 def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -257,6 +262,9 @@ class LeaderNode:
                 raise
             if request.producer_id:
                 self.dedupe.add(request.producer_id, request.batch_sequence, appended)
+                if (fd := self.journal.sync_due()) is not None:
+                    synced = self._loop.run_in_executor(self._io, self.journal.sync_fd, fd)
+                    synced.add_done_callback(_log_journal_sync)
                 if self.journal.needs_compaction():
                     self.journal.rewrite(self.dedupe)
             self._ends.append((batch.last_seqno, *self.log.active_segment()))
