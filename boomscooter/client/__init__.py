@@ -13,7 +13,8 @@ Errors are the client classes of :mod:`boomscooter.errors` (``ServerUnavailableE
 """
 
 from boomscooter.client._produce_core import AckLevel, ProduceResult
-from boomscooter.client.producer import Producer, SyncProducer
+from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
+from boomscooter.client.sync_producer import SyncProducer
 
 __all__ = ["AckLevel", "ProduceResult", "Producer", "Subscriber", "SyncProducer"]

@@ -38,7 +38,7 @@ import enum
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from boomscooter.errors import (
     BoomscooterError,
@@ -578,3 +578,19 @@ class ProduceCore(Generic[H]):
         if batches:
             self._note_error(error)
         return [Completion(batch, None, error) for batch in batches]
+
+
+class _Default:
+    """Marker: use the producer's default channel."""
+
+
+DEFAULT = _Default()
+
+
+class Handle(Protocol):
+    """What the core's handles are: ``asyncio.Future`` or ``concurrent.futures.Future``."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def exception(self) -> BaseException | None: ...

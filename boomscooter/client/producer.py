@@ -1,4 +1,5 @@
-"""The producer SDK: :class:`Producer` (asyncio) and :class:`SyncProducer` (threads).
+"""The producer SDK: :class:`Producer` (asyncio; its blocking twin is
+:class:`~boomscooter.client.sync_producer.SyncProducer`).
 
 The bookkeeping is the sans-I/O :class:`~boomscooter.client._produce_core.ProduceCore`;
 this module is its shell: one ``Produce`` stream per connection, a writer loop that hands
@@ -30,32 +31,31 @@ followed (reconnect to the named leader and resend) and surface only if retries 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import random
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from boomscooter import loops
 from boomscooter.client import _rpc
 from boomscooter.client._produce_core import (
     CLOSED,
+    DEFAULT,
     OPENED,
     Ack,
     AckLevel,
     Completion,
+    Handle,
     OutBatch,
     ProduceCore,
     ProduceResult,
     ProducerSettings,
     Reconnect,
+    _Default,
     check_entry,
 )
 from boomscooter.errors import ClientError, NotLeaderError, RequestError, ServerUnavailableError
@@ -63,7 +63,7 @@ from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Entry
 from boomscooter.v1 import boomscooter_pb2, boomscooter_pb2_grpc
 from bootcast.logs import get_logger
 
-__all__ = ["AckLevel", "ProduceResult", "Producer", "SyncProducer"]
+__all__ = ["AckLevel", "ProduceResult", "Producer"]
 
 _ACK_PB = {
     AckLevel.NONE: boomscooter_pb2.ACK_LEVEL_NONE,
@@ -71,22 +71,6 @@ _ACK_PB = {
     AckLevel.QUORUM: boomscooter_pb2.ACK_LEVEL_QUORUM,
 }
 _FIXED_RECORD_BYTES = HEADER_BYTES + RECORD_OVERHEAD_BYTES
-
-
-class _Default:
-    """Marker: use the producer's default channel."""
-
-
-DEFAULT = _Default()
-
-
-class _Handle(Protocol):
-    """What the core's handles are: ``asyncio.Future`` or ``concurrent.futures.Future``."""
-
-    def done(self) -> bool: ...
-    def set_result(self, result: Any, /) -> None: ...
-    def set_exception(self, exception: BaseException, /) -> None: ...
-    def exception(self) -> BaseException | None: ...
 
 
 class _SessionEnd(Exception):
@@ -142,7 +126,7 @@ class Producer:
         self.address = server  # where the stream goes now (a redirect changes it)
         self.default_channel = channel
         self._channel_options = list(channel_options)
-        self._core: ProduceCore[_Handle] = ProduceCore(self.settings)
+        self._core: ProduceCore[Handle] = ProduceCore(self.settings)
         self._nagle = self.settings.linger_s == 0
         self._ack_pb = _ACK_PB[self.settings.ack_level]
         self._max_bytes = self.settings.max_batch_bytes
@@ -312,13 +296,13 @@ class Producer:
         check_entry(entry, self._max_bytes)
         return entry
 
-    def _append(self, entry: Entry, handle: _Handle) -> None:
+    def _append(self, entry: Entry, handle: Handle) -> None:
         flags = self._core.append(entry, handle, _monotonic())
         if flags:
             self._after_append(flags)
 
     def _add_batch(
-        self, entries: Sequence[Entry], handle: _Handle, expected_first_seqno: int | None
+        self, entries: Sequence[Entry], handle: Handle, expected_first_seqno: int | None
     ) -> None:
         self._core.add_batch(entries, handle, expected_first_seqno=expected_first_seqno)
         self._wake.set()
@@ -375,7 +359,7 @@ class Producer:
 
     # -- completions -------------------------------------------------------------------
 
-    def _complete(self, completion: Completion[_Handle]) -> None:
+    def _complete(self, completion: Completion[Handle]) -> None:
         batch, result, error = completion
         handles = batch.handles
         if error is not None:
@@ -409,7 +393,7 @@ class Producer:
             else:
                 bh.set_result(result)
 
-    def _complete_all(self, completions: list[Completion[_Handle]]) -> None:
+    def _complete_all(self, completions: list[Completion[Handle]]) -> None:
         for completion in completions:
             self._complete(completion)
         self._progress()
@@ -553,7 +537,7 @@ class Producer:
         assert self._session_end is not None
         raise self._session_end
 
-    def _request(self, batch: OutBatch[_Handle]) -> boomscooter_pb2.ProduceRequest:
+    def _request(self, batch: OutBatch[Handle]) -> boomscooter_pb2.ProduceRequest:
         request = boomscooter_pb2.ProduceRequest(
             producer_id=self.producer_id,
             batch_sequence=batch.sequence,
@@ -612,165 +596,3 @@ class Producer:
             if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
                 error = NotLeaderError(str(error))
             self._end(error)
-
-
-class SyncProducer:
-    """The blocking twin of :class:`Producer` (same arguments): runs one in an event loop
-    on a background thread. ``send`` returns a ``concurrent.futures.Future`` and blocks only
-    for backpressure; ``flush``/``close`` block. Records handed to ``send`` are moved to the
-    loop in bulk, so a tight loop of ``send`` calls costs little per record."""
-
-    def __init__(self, server: str, **kwargs: Any) -> None:
-        self._producer = Producer(server, **kwargs)
-        self.producer_id = self._producer.producer_id
-        self._high_water = max(1024, 4 * self._producer.settings.max_batch_records)
-        self._pending: deque[tuple[Entry, concurrent.futures.Future[int | None]]] = deque()
-        self._cond = threading.Condition()
-        self._drain_scheduled = False
-        self._drain_task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._loop = loops.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="boomscooter-producer", daemon=True
-        )
-        self._thread.start()
-        self._call(self._start())
-
-    def __enter__(self) -> SyncProducer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            with contextlib.suppress(ClientError):
-                self.close()
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    async def _start(self) -> None:
-        self._producer._start()
-
-    def send(
-        self,
-        payload: bytes,
-        *,
-        channel: str | _Default | None = DEFAULT,
-        key: bytes | None = None,
-        timestamp_ms: int = 0,
-    ) -> concurrent.futures.Future[int | None]:
-        """Queue one record (see :meth:`Producer.send`)."""
-        if self._closed:
-            raise RequestError("producer is closed", code="FAILED_PRECONDITION")
-        entry = self._producer._entry(payload, channel, key, timestamp_ms)
-        future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
-        pending = self._pending
-        if len(pending) >= self._high_water:
-            with self._cond:
-                while len(pending) >= self._high_water:
-                    self._cond.wait()
-        pending.append((entry, future))  # deque.append is atomic: no lock per record
-        if not self._drain_scheduled:
-            with self._cond:
-                schedule = not self._drain_scheduled
-                self._drain_scheduled = True
-            if schedule:
-                self._loop.call_soon_threadsafe(self._start_drain)
-        return future
-
-    def send_batch(
-        self, entries: Sequence[Entry], *, expected_first_seqno: int | None = None
-    ) -> concurrent.futures.Future[ProduceResult | None]:
-        """Queue one explicit batch (see :meth:`Producer.send_batch`)."""
-        future: concurrent.futures.Future[ProduceResult | None] = concurrent.futures.Future()
-        self._call(self._send_batch(list(entries), future, expected_first_seqno))
-        return future
-
-    async def _send_batch(
-        self,
-        entries: list[Entry],
-        future: concurrent.futures.Future[ProduceResult | None],
-        expected_first_seqno: int | None,
-    ) -> None:
-        await self._drained()
-        await self._producer._ready()
-        self._producer._add_batch(entries, future, expected_first_seqno)
-
-    def flush(self) -> None:
-        """Block until everything sent so far is resolved (see :meth:`Producer.flush`)."""
-        self._call(self._flush())
-
-    async def _flush(self) -> None:
-        await self._drained()
-        await self._producer.flush()
-
-    def close(self) -> None:
-        """Flush, close the producer and stop the background thread."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._call(self._close())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
-
-    async def _close(self) -> None:
-        try:
-            await self._drained()
-        finally:
-            await self._producer.close()
-
-    async def _drained(self) -> None:
-        while self._drain_task is not None and not self._drain_task.done():
-            await self._drain_task
-        if self._pending:  # scheduled but not started yet
-            self._start_drain()
-            await self._drained()
-
-    def _start_drain(self) -> None:
-        if self._drain_task is None or self._drain_task.done():
-            self._drain_task = self._loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        producer = self._producer
-        core = producer._core
-        idle_rounds = 0
-        while True:
-            items = []
-            pending = self._pending
-            with self._cond:
-                while pending:
-                    items.append(pending.popleft())
-                self._cond.notify_all()
-                if not items and idle_rounds >= 2:
-                    self._drain_scheduled = False
-            if not self._drain_scheduled:
-                if not pending:
-                    return
-                # A send appended after the last pop and saw the flag still set.
-                self._drain_scheduled = True
-                continue
-            if not items:
-                # Linger a moment before going idle: a caller in a tight loop then never
-                # pays for waking this thread (a pipe write) per record.
-                idle_rounds += 1
-                await asyncio.sleep(0.0005)
-                continue
-            idle_rounds = 0
-            for entry, future in items:
-                if not core.accepting:
-                    try:
-                        await producer._ready()
-                    except ClientError as error:
-                        if not future.done():
-                            future.set_exception(error)
-                        continue
-                producer._append(entry, future)
