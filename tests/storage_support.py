@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 import bootcast.logs
 from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, LogConfig, SegmentedLog
+from boomscooter.storage.descriptors import DescriptorCache
 
 NEVER = FsyncPolicy(mode=FsyncMode.NEVER)
 
@@ -153,9 +154,10 @@ class Syscalls:
 def abandon(log: SegmentedLog) -> None:
     """Drop a log after a simulated crash: close its descriptors (releasing the directory
     lock) without syncing or writing anything."""
-    log._stop.set()
-    for fd in (log._active_fd, *log._read_fds.values(), log._lock_fd):
+    if log._syncer is not None:
+        log._syncer.stop(wait=False)
+    for fd in (log._active_fd, *log._read_fds.descriptors(), log._lock_fd):
         with suppress(OSError):
             os.close(fd)
-    log._read_fds.clear()
+    log._read_fds = DescriptorCache(log.config.max_open_segments)
     log._closed = True

@@ -33,7 +33,6 @@ import os
 import threading
 import time
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
@@ -53,6 +52,7 @@ from boomscooter.storage.api import (
     should_roll,
 )
 from boomscooter.storage.batch import Batch, Entry, Record, encode_batch
+from boomscooter.storage.descriptors import DescriptorCache
 from boomscooter.storage.index import SegmentIndex
 from boomscooter.storage.recovery import (
     Recovery,
@@ -74,6 +74,7 @@ from boomscooter.storage.segment import (
     scan_segment,
     seqno_at_time,
 )
+from boomscooter.storage.syncer import IntervalSyncer
 from bootcast.logs import get_logger
 
 log = get_logger("boomscooter.storage")
@@ -105,7 +106,7 @@ class SegmentedLog:
         # Reentrant: truncation reads batches under it. Reads take it too — they share the
         # cache of open descriptors with each other and with rolls, retention and close.
         self._lock = threading.RLock()
-        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._read_fds = DescriptorCache(config.max_open_segments)
         self._active_fd = os.open(segments[-1].path, os.O_RDWR)
         self._active_since_ms = self._since_from_file(segments[-1], self._active_fd)
         self._next_seqno = segments[-1].index.next_seqno
@@ -114,17 +115,16 @@ class SegmentedLog:
         self._generation = 0  # bumped by truncate_after: an in-flight sync is then stale
         self._closed = False
         self._failed: BaseException | None = None
-        self._stop = threading.Event()
-        self._dirty = threading.Event()  # unsynced appends (the interval syncer waits for it)
         # Called with the new durable seqno whenever the interval syncer (or ``sync``)
         # advances it, from that thread: a leader wakes its commit rule with it.
         self.on_durable: Callable[[int], None] | None = None
-        self._syncer: threading.Thread | None = None
+        self._syncer: IntervalSyncer | None = None
         if config.fsync.mode is FsyncMode.INTERVAL:
-            self._syncer = threading.Thread(
-                target=self._sync_loop, name="boomscooter-fsync", daemon=True
+            self._syncer = IntervalSyncer(
+                config.fsync.interval_ms / 1000,
+                self.sync,
+                lambda: self._next_seqno - 1 > self._durable_seqno,
             )
-            self._syncer.start()
 
     @classmethod
     def open(
@@ -273,7 +273,7 @@ class SegmentedLog:
         if always:
             self._durable_seqno = header.next_seqno - 1
         elif self._syncer is not None:
-            self._dirty.set()
+            self._syncer.dirty()
 
     def _undo_write(self, position: int, exc: OSError, *, poison: bool = False) -> NoReturn:
         """Cut a failed write's bytes off so the file ends on a batch boundary. After a
@@ -311,7 +311,7 @@ class SegmentedLog:
             fd = create_segment(self.directory, self._next_seqno, sync=sync)
         except OSError as exc:
             self._fail(exc)
-        self._cache_read_fd(sealed.base_seqno, self._active_fd)
+        self._read_fds.put(sealed.base_seqno, self._active_fd)
         self._active_fd = fd
         path = os.path.join(self.directory, file_name(self._next_seqno))
         index = SegmentIndex(
@@ -352,9 +352,7 @@ class SegmentedLog:
             return count
 
     def _drop_files(self, segment: SegmentState) -> None:
-        fd = self._read_fds.pop(segment.base_seqno, None)
-        if fd is not None:
-            os.close(fd)
+        self._read_fds.discard(segment.base_seqno)
         remove_index_files(self.directory, segment.base_seqno)
         os.unlink(segment.path)
         self._total_bytes -= segment.index.end
@@ -432,9 +430,7 @@ class SegmentedLog:
         log.info("segment.truncated", path=segment.path, offset=end, reason="truncate_after")
 
     def _reopen_for_write(self, segment: SegmentState) -> int:
-        fd = self._read_fds.pop(segment.base_seqno, None)
-        if fd is not None:
-            os.close(fd)
+        self._read_fds.discard(segment.base_seqno)
         remove_index_files(self.directory, segment.base_seqno)
         return os.open(segment.path, os.O_RDWR)
 
@@ -454,22 +450,10 @@ class SegmentedLog:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _cache_read_fd(self, base: int, fd: int) -> None:
-        self._read_fds[base] = fd
-        while len(self._read_fds) > self.config.max_open_segments:
-            _base, old = self._read_fds.popitem(last=False)
-            os.close(old)
-
     def _fd_for(self, segment: SegmentState) -> int:
         if segment is self._segments[-1]:
             return self._active_fd
-        fd = self._read_fds.get(segment.base_seqno)
-        if fd is None:
-            fd = os.open(segment.path, os.O_RDONLY)
-            self._cache_read_fd(segment.base_seqno, fd)
-        else:
-            self._read_fds.move_to_end(segment.base_seqno)
-        return fd
+        return self._read_fds.get(segment.base_seqno, segment.path)
 
     def read_batches(
         self, from_seqno: int, *, to_seqno: int | None = None, max_bytes: int = DEFAULT_READ_BYTES
@@ -574,35 +558,11 @@ class SegmentedLog:
         if advanced and listener is not None:
             listener(target)
 
-    def _sync_loop(self) -> None:
-        """Sync soon after the first unsynced append, but at most once per interval: a
-        trickle of appends becomes durable within about one fdatasync, a flood costs one
-        fdatasync per interval."""
-        period_s = self.config.fsync.interval_ms / 1000
-        last_sync = -period_s
-        while True:
-            self._dirty.wait()
-            if self._stop.is_set():
-                return
-            wait_s = last_sync + period_s - time.monotonic()
-            if wait_s > 0 and self._stop.wait(wait_s):
-                return
-            self._dirty.clear()
-            last_sync = time.monotonic()
-            if self._next_seqno - 1 <= self._durable_seqno:
-                continue
-            try:
-                self.sync()
-            except (LogClosedError, StorageIOError):
-                return
-
     def close(self) -> None:
         if self._closed:
             return
-        self._stop.set()
-        self._dirty.set()
         if self._syncer is not None:
-            self._syncer.join()
+            self._syncer.stop()
         try:
             if self._failed is None:
                 self.sync()
@@ -610,9 +570,7 @@ class SegmentedLog:
             with self._lock:
                 self._closed = True
                 os.close(self._active_fd)
-                for fd in self._read_fds.values():
-                    os.close(fd)
-                self._read_fds.clear()
+                self._read_fds.close_all()
                 os.close(self._lock_fd)
 
     def __enter__(self) -> SegmentedLog:
