@@ -16,7 +16,7 @@ from storage_support import random_entries, spec_encode
 
 from boomscooter.errors import BatchDecodeError, BatchEncodeError
 from boomscooter.storage import Batch, Entry, Record, encode_batch, split_batches
-from boomscooter.storage.batch import HEADER_BYTES, decode_header
+from boomscooter.storage.batch import HEADER_BYTES, U32_MAX, U64_MAX, decode_header, restamp
 from boomscooter.storage.index import IndexFiles, IndexMismatch, SegmentIndex, load_index
 
 CASES: list[tuple[str, list[Entry], int, int]] = [
@@ -277,3 +277,104 @@ def test_codec_modules_import_no_io(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert not imported & FORBIDDEN, f"{module} imports {imported & FORBIDDEN}"
+
+
+# -- restamp ----------------------------------------------------------------------------------
+
+RESTAMP_ENTRIES = [
+    Entry(1_700_000_000_000, b"first"),
+    Entry(1_700_000_000_005, b"", "orders/eu", b"k1"),
+    Entry(1_699_999_999_000, b"third", None, None),
+    Entry(1_700_000_000_001, b"x" * 300, "", b""),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "epoch"),
+    [(1, 0), (2, 1), (1_000_000, 7), (U64_MAX - len(RESTAMP_ENTRIES) + 1, U32_MAX)],
+)
+def test_restamp_rewrites_base_and_epoch(base: int, epoch: int) -> None:
+    original = encode_batch(RESTAMP_ENTRIES, base_seqno=1, epoch=0)
+    stamped = restamp(original, base_seqno=base, epoch=epoch)
+    assert stamped.base_seqno == base
+    assert stamped.epoch == epoch
+    assert stamped.last_seqno == base + len(RESTAMP_ENTRIES) - 1
+    # the CRC is valid: the bytes parse and validate as received from elsewhere
+    reparsed = Batch.from_bytes(stamped.data)
+    assert reparsed.header == stamped.header
+    assert decode_header(stamped.data) == stamped.header
+    assert reparsed.entries() == RESTAMP_ENTRIES
+    assert [r.seqno for r in reparsed.records()] == list(range(base, base + len(RESTAMP_ENTRIES)))
+    # the very bytes the encoder would have produced with those values
+    assert stamped.data == encode_batch(RESTAMP_ENTRIES, base_seqno=base, epoch=epoch).data
+    # the original is untouched
+    assert original.base_seqno == 1 and original.epoch == 0
+    assert Batch.from_bytes(original.data) == original
+
+
+def test_restamp_changes_only_base_epoch_and_crc() -> None:
+    original = encode_batch(RESTAMP_ENTRIES, base_seqno=5, epoch=2)
+    stamped = restamp(original, base_seqno=99, epoch=4)
+    before, after = bytes(original.data), bytes(stamped.data)
+    assert len(before) == len(after)
+    changed = {i for i in range(len(before)) if before[i] != after[i]}
+    allowed = set(range(4, 8)) | set(range(16, 24)) | set(range(40, 44))
+    assert changed <= allowed
+    assert struct.unpack_from("<Q", after, 16)[0] == 99
+    assert struct.unpack_from("<I", after, 40)[0] == 4
+
+
+def test_restamp_accepts_a_memoryview_batch() -> None:
+    original = encode_batch(RESTAMP_ENTRIES, base_seqno=1, epoch=0)
+    view = Batch(original.header, memoryview(bytearray(original.data)).toreadonly())
+    stamped = restamp(view, base_seqno=10, epoch=3)
+    assert isinstance(stamped.data, bytes)
+    assert Batch.from_bytes(stamped.data).entries() == RESTAMP_ENTRIES
+
+
+def test_restamp_output_fails_validation_if_tampered() -> None:
+    stamped = restamp(encode_batch(RESTAMP_ENTRIES, base_seqno=1, epoch=0), base_seqno=3, epoch=1)
+    raw = bytearray(stamped.data)
+    raw[16] ^= 0x01  # base seqno changed behind the CRC's back
+    with pytest.raises(BatchDecodeError, match="CRC32C"):
+        Batch.from_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("base", "epoch"),
+    [
+        (0, 0),
+        (-1, 0),
+        (U64_MAX - len(RESTAMP_ENTRIES) + 2, 0),  # the last record's seqno would pass u64
+        (U64_MAX, 0),
+        (1, -1),
+        (1, U32_MAX + 1),
+    ],
+)
+def test_restamp_out_of_range_raises(base: int, epoch: int) -> None:
+    original = encode_batch(RESTAMP_ENTRIES, base_seqno=1, epoch=0)
+    with pytest.raises(BatchEncodeError, match="cannot stamp"):
+        restamp(original, base_seqno=base, epoch=epoch)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    entries=st.lists(
+        st.builds(
+            Entry,
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=20),
+            st.none() | st.text(max_size=5),
+            st.none() | st.binary(max_size=5),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    base=st.integers(1, 2**40),
+    epoch=st.integers(0, U32_MAX),
+)
+def test_restamp_round_trips(entries: list[Entry], base: int, epoch: int) -> None:
+    stamped = restamp(encode_batch(entries, base_seqno=1, epoch=0), base_seqno=base, epoch=epoch)
+    reparsed = Batch.from_bytes(stamped.data)
+    assert reparsed == stamped
+    assert reparsed.entries() == entries
