@@ -44,6 +44,7 @@ from boomscooter.node.multicast import StreamSender, split_group
 from boomscooter.storage import Batch, Entry, FsyncMode, FsyncPolicy, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
 from boomscooter.stream import DEFAULT_PAGE_SIZE, MIN_PAGE_SIZE
+from bootcast import joinreply
 from bootcast import server as bserver
 
 log = structlog.get_logger("boomscooter.leader")
@@ -116,10 +117,12 @@ def _log_journal_sync(done: asyncio.Future[None]) -> None:
 
 
 def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: not HOST:PORT: {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """bootcast's ``HOST:PORT`` parser, its errors as ConfigError; an empty host is any."""
+    try:
+        host, port = joinreply.split_hostport(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    return host or "0.0.0.0", port
 
 
 class LeaderNode:
