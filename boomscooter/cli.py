@@ -60,60 +60,104 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    leader = sub.add_parser(
-        "leader",
-        parents=[common],
-        help="run a leader: sequence, store and multicast producers' batches",
-        description="Run the leader of a log stored in --data-dir (created if missing, "
-        "recovered if it exists). Serves the gRPC API on --listen and multicasts every "
-        "batch once on --group. Stops cleanly on SIGTERM or Ctrl-C.",
-    )
-    leader.add_argument("--data-dir", required=True, help="the log's directory")
-    leader.add_argument(
+    node = argparse.ArgumentParser(add_help=False)  # options of leader and replica
+    node.add_argument("--data-dir", required=True, help="the log's directory")
+    node.add_argument(
         "--listen",
         default="127.0.0.1:7700",
         help="gRPC HOST:PORT (port 0: any; default %(default)s)",
     )
-    leader.add_argument(
+    node.add_argument(
         "--group",
         default=DEFAULT_GROUP,
-        help="multicast ADDR:PORT of the stream (default %(default)s)",
+        help="multicast ADDR:PORT of the stream this node sends while it leads "
+        "(default %(default)s)",
     )
-    leader.add_argument("--interface", help="interface (address or name) to multicast on")
-    leader.add_argument(
+    node.add_argument("--interface", help="interface (address or name) to multicast on")
+    node.add_argument(
         "--cast-listen",
         help="HOST:PORT of a bootcast server casting sealed segments (/join/segments/<file>)",
     )
-    leader.add_argument(
-        "--min-insync", type=_positive_int, default=1, help="copies that commit (default 1)"
+    node.add_argument(
+        "--min-insync",
+        type=_positive_int,
+        default=1,
+        help="durable copies (the leader's included) that commit a batch (default 1; a "
+        "replica takes its leader's setting when promoted)",
     )
-    leader.add_argument(
+    node.add_argument(
         "--fsync",
         default="interval",
         help="always | interval[:MS] | never (default interval, 100 ms)",
     )
-    leader.add_argument(
+    node.add_argument(
         "--page-size",
         type=_positive_int,
         default=DEFAULT_PAGE_SIZE,
         help="bytes per multicast page (default %(default)s: one Ethernet frame; up to "
         "65000 on loopback or jumbo frames)",
     )
-    leader.add_argument(
+    node.add_argument(
         "--rate", type=float, default=0.0, help="multicast rate limit in Mbit/s (0: unpaced)"
     )
-    leader.add_argument("--ttl", type=int, default=1, help="multicast TTL (default 1)")
-    leader.add_argument("--heartbeat-ms", type=int, default=100, help="idle heartbeat period")
-    leader.add_argument(
+    node.add_argument("--ttl", type=int, default=1, help="multicast TTL (default 1)")
+    node.add_argument("--heartbeat-ms", type=int, default=100, help="idle heartbeat period")
+    node.add_argument(
         "--segment-bytes", type=_positive_int, default=256 << 20, help="roll segments at this size"
     )
-    leader.add_argument(
+    node.add_argument(
         "--retention-bytes", type=_positive_int, help="keep at most this much log (whole segments)"
     )
-    leader.add_argument(
+    node.add_argument(
         "--retention-hours", type=float, help="delete segments whose records are older"
     )
-    leader.add_argument("--advertise", help="gRPC address clients should use (default: bound)")
+    node.add_argument("--advertise", help="gRPC address others should use (default: bound)")
+    node.add_argument("--node-id", help="this node's name (default: its gRPC address)")
+    node.add_argument(
+        "--insync-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without an ack before a replica leaves the in-sync set (default 5)",
+    )
+
+    sub.add_parser(
+        "leader",
+        parents=[common, node],
+        help="run a leader: sequence, store and multicast producers' batches",
+        description="Run the leader of a log stored in --data-dir (created if missing, "
+        "recovered if it exists). Serves the gRPC API on --listen and multicasts every "
+        "batch once on --group. If a peer it knows leads with a higher epoch (it was "
+        "failed over), it follows that leader as a replica instead. Stops cleanly on "
+        "SIGTERM or Ctrl-C.",
+    )
+    replica = sub.add_parser(
+        "replica",
+        parents=[common, node],
+        help="run a replica: follow a leader's stream into a local copy of the log",
+        description="Run a replica of the log led by --leader: it receives the leader's "
+        "multicast stream (the same pages subscribers get), stores and fsyncs every batch "
+        "and acknowledges its durable seqno; repairs loss with Fetch, catches up on whole "
+        "sealed segments through the leader's bootcast casts, and serves subscribers from "
+        "its own copy. `boomscooter promote --server` makes it the leader.",
+    )
+    replica.add_argument("--leader", required=True, help="the leader's gRPC HOST:PORT")
+
+    promote = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="manual failover: make a replica the leader",
+        description="Make the replica at --server the leader with a new epoch. It first "
+        "copies from the other replicas any record they hold that it lacks (so every "
+        "record acknowledged at quorum survives), then leads; the old leader, when it "
+        "returns, sees the higher epoch and follows as a replica.",
+    )
+    promote.add_argument("--server", required=True, help="the replica's HOST:PORT")
+    promote.add_argument(
+        "--min-insync",
+        type=_positive_int,
+        help="copies that commit from now on (default: as before)",
+    )
+    promote.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
 
     produce = sub.add_parser(
         "produce",
@@ -221,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {
         "leader": commands.run_leader,
+        "replica": commands.run_leader,
+        "promote": commands.run_promote,
         "produce": commands.run_produce,
         "subscribe": commands.run_subscribe,
         "status": commands.run_status,
@@ -228,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         command = runners[args.command](args)
-        if args.command != "leader":
+        if args.command not in ("leader", "replica"):
             command = interruptible(command)
         return loops.run(command)
     except KeyboardInterrupt:

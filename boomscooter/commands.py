@@ -23,9 +23,12 @@ log = structlog.get_logger("boomscooter.cli")
 
 
 async def run_leader(args: argparse.Namespace) -> int:
+    """``boomscooter leader`` and ``boomscooter replica`` (the same node, started as a
+    replica when ``--leader`` names the leader)."""
     from boomscooter.node.leader import LeaderConfig, start_leader
     from boomscooter.storage import FsyncPolicy
 
+    follow = getattr(args, "leader", None)
     config = LeaderConfig(
         data_dir=args.data_dir,
         listen=args.listen,
@@ -42,6 +45,9 @@ async def run_leader(args: argparse.Namespace) -> int:
         retention_bytes=args.retention_bytes,
         retention_ms=None if args.retention_hours is None else int(args.retention_hours * 3.6e6),
         advertise=args.advertise,
+        node_id=args.node_id,
+        follow=follow,
+        insync_timeout_s=args.insync_timeout,
     )
     node = await start_leader(config)
     stop = asyncio.Event()
@@ -49,8 +55,31 @@ async def run_leader(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("leader.stopping")
+    log.info(f"{node.role}.stopping")
     await node.stop()
+    return 0
+
+
+async def run_promote(args: argparse.Namespace) -> int:
+    from boomscooter.client._rpc import create_channel, error_from_rpc
+    from boomscooter.v1 import boomscooter_pb2 as pb
+    from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+    channel = create_channel(args.server)
+    try:
+        stub = pb_grpc.BoomscooterStub(channel)
+        try:
+            request = pb.PromoteRequest(min_insync=args.min_insync or 0)
+            done = await stub.Promote(request, timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, address=args.server) from None
+    finally:
+        await channel.close()
+    print(
+        f"{args.server} leads at epoch {done.epoch}: last seqno {done.last_seqno}, "
+        f"commit seqno {done.commit_seqno}, {done.gathered_records} records gathered "
+        "from other replicas"
+    )
     return 0
 
 
@@ -218,6 +247,8 @@ async def run_status(args: argparse.Namespace) -> int:
             "durable_seqno": r.durable_seqno,
             "lag_records": r.lag_records,
             "last_ack_age_ms": r.last_ack_age_ms,
+            "in_sync": r.in_sync,
+            "last_seqno": r.last_seqno,
         }
         for r in status.replicas
     ]
@@ -246,7 +277,8 @@ async def run_status(args: argparse.Namespace) -> int:
         for r in replicas:
             print(
                 f"  {r['replica_id']} {r['address']} connected={r['connected']} "
-                f"durable={r['durable_seqno']} lag={r['lag_records']}"
+                f"in_sync={r['in_sync']} durable={r['durable_seqno']} lag={r['lag_records']} "
+                f"last_ack={r['last_ack_age_ms']} ms ago"
             )
     return 0
 

@@ -109,7 +109,7 @@ async def run_demo(*, records: int = 100_000) -> int:
                 for batch in batches:
                     reader_view.add(list(batch.records()))
         views.append(reader_view)
-        sent = node.sender.bytes_sent
+        sent = node.sender.bytes_sent if node.sender is not None else 0
         await node.stop()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

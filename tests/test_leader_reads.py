@@ -353,15 +353,6 @@ async def test_notifications_min_interval_coalesces(leader: Leader) -> None:
 # -- Replicate, health, reflection ------------------------------------------------------------
 
 
-async def test_replicate_is_unimplemented(leader: Leader) -> None:
-    call = leader.stub.Replicate()
-    await call.write(pb.ReplicateRequest(replica_id="r1", address="127.0.0.1:1"))
-    await call.done_writing()
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call.read()
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not supported" in (info.value.details() or "")
-
 
 @pytest.mark.parametrize("service", ["", SERVICE])
 async def test_health_check_serving(leader: Leader, service: str) -> None:

@@ -48,6 +48,20 @@ class Appended:
         return self.base_seqno + self.record_count - 1
 
 
+@dataclass(frozen=True, slots=True)
+class StreamSession:
+    """The multicast stream a node's subscribers (and replicas) receive: the leader's."""
+
+    group: str
+    port: int
+    cast_id: int
+    page_size_bytes: int
+    epoch: int
+    interface_hint: str
+    heartbeat_ms: int
+    source_port: int
+
+
 class _Producer:
     __slots__ = ("highest", "order", "stored")
 

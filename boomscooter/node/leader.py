@@ -1,18 +1,27 @@
-"""The leader node (asyncio shell): storage, sequencing, the multicast stream, gRPC.
+"""A node (asyncio shell): storage, sequencing, the multicast stream, gRPC — as the
+leader, or as a replica following one.
 
 ``await start_leader(config)`` opens (recovering) the log in ``data_dir``, loads the
-producer journal, starts the stream sender, the gRPC server (:mod:`boomscooter.node.servicer`)
+producer journal, asks the peers it knows (``node.json``, :mod:`boomscooter.node.state`)
+whether someone leads with a higher epoch (then it follows that leader: fencing), takes a
+new epoch, starts the stream sender, the gRPC server (:mod:`boomscooter.node.servicer`)
 and, with ``cast_listen``, a bootcast server offering the sealed segments as
-``/join/segments/<file>``. Appends run one at a time; under ``fsync=always`` on a
-dedicated thread (the append blocks for an fdatasync; the event loop must not), otherwise
-inline (a pwrite into the page cache costs less than the thread hop).
+``/join/segments/<file>``. ``await start_replica(config)`` (``config.follow`` names the
+leader) opens the log and starts a :class:`~boomscooter.node.follower.Follower`; a replica
+becomes leader through :meth:`LeaderNode.promote`, and a leader that learns of a higher
+epoch becomes a replica (:meth:`LeaderNode.follow`). Appends run one at a time; under
+``fsync=always`` on a dedicated thread (the append blocks for an fdatasync; the event loop
+must not), otherwise inline (a pwrite into the page cache costs less than the thread hop).
 
 What the leader *holds* (its vote in the commit rule) is its durable seqno — fsynced under
 ``always`` and ``interval``; under ``never`` every appended record counts, since that
 policy promises nothing more. Subscribers deliver only committed records, so a record a
 subscriber saw is never lost to a leader crash the policy covers, and a seqno is never
-reused for other data. The epoch is the newest batch's epoch (1 for a new log); the
-stream's cast id is the epoch.
+reused for other data. With replicas, the commit seqno is the highest seqno
+``min_insync`` copies hold durably (:class:`~boomscooter.node.replication.ReplicaSet`);
+on a replica it is the leader's commit seqno, capped at what the replica stores. Every
+leader incarnation writes under an epoch no one used before (the stream's cast id is the
+epoch).
 """
 
 from __future__ import annotations
@@ -20,13 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,14 +42,18 @@ from boomscooter.errors import (
     BatchEncodeError,
     ConfigError,
     ExpectedSeqnoError,
+    NotLeaderError,
     RequestError,
     ServerUnavailableError,
 )
-from boomscooter.node.core import Appended, CommitTracker, DedupeTable
+from boomscooter.node.core import Appended, CommitTracker, DedupeTable, StreamSession
 from boomscooter.node.journal import ProducerJournal
 from boomscooter.node.multicast import StreamSender, split_group
+from boomscooter.node.replication import ReplicaSet, ReplicaState
+from boomscooter.node.state import NodeState, load_state, save_state
 from boomscooter.storage import Batch, Entry, FsyncMode, FsyncPolicy, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
+from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
 from boomscooter.stream import DEFAULT_PAGE_SIZE, MIN_PAGE_SIZE
 from bootcast import joinreply
 from bootcast import server as bserver
@@ -52,7 +63,6 @@ log = structlog.get_logger("boomscooter.leader")
 DEFAULT_GROUP = "239.255.66.1:7600"
 DEFAULT_MAX_BATCH_BYTES = 16 << 20
 GRPC_MESSAGE_BYTES = DEFAULT_MAX_BATCH_BYTES + (1 << 20)
-SEGMENT_PREFIX = "segments/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,8 +83,10 @@ class LeaderConfig:
     retention_ms: int | None = None  # delete sealed segments whose newest record is older
     retention_check_s: float = 10.0
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    node_id: str = field(default_factory=socket.gethostname)
+    node_id: str | None = None  # the node's name (default: its advertised address)
     advertise: str | None = None  # the gRPC address others should use (default: bound)
+    follow: str | None = None  # start as a replica of the leader at this HOST:PORT
+    insync_timeout_s: float = 5.0  # a replica silent this long leaves the in-sync set
 
     def __post_init__(self) -> None:
         if not MIN_PAGE_SIZE <= self.page_size_bytes <= 65000:
@@ -92,6 +104,10 @@ class LeaderConfig:
         split_hostport(self.listen, "--listen")
         if self.cast_listen is not None:
             split_hostport(self.cast_listen, "--cast-listen")
+        if self.follow is not None:
+            split_hostport(self.follow, "--leader")
+        if not 0.1 <= self.insync_timeout_s <= 3600:
+            raise ConfigError("--insync-timeout must be in [0.1, 3600] s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,15 +142,17 @@ def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
 
 
 class LeaderNode:
-    """A running leader. Create with :func:`start_leader`; stop with :meth:`stop`."""
+    """A running node, leader or replica. Create with :func:`start_leader` or
+    :func:`start_replica`; stop with :meth:`stop`."""
 
-    def __init__(self, config: LeaderConfig, log_: SegmentedLog) -> None:
+    def __init__(self, config: LeaderConfig, log_: SegmentedLog, state: NodeState) -> None:
         self.config = config
         self.log = log_
+        self.state = state
         self.log_dir = os.path.abspath(config.data_dir)  # what Notifications announce
-        self.role = "leader"
+        self.role = "starting"
         self.started_at = time.time()
-        self.epoch = max(1, self._last_epoch())
+        self.epoch = max(state.epoch, self._last_epoch())
         self.group, self.group_port = split_group(config.group, 7600)
         self.dedupe = DedupeTable()
         self.journal = ProducerJournal(config.data_dir)
@@ -143,31 +161,34 @@ class LeaderNode:
         # rather than commit records no quorum ever held.
         start_commit = log_.last_seqno if config.min_insync == 1 else 0
         self.tracker = CommitTracker(config.min_insync, commit_seqno=start_commit)
+        self.replicas = ReplicaSet(self.tracker, insync_timeout_s=config.insync_timeout_s)
+        self.leader_commit = 0  # as a replica: the leader's commit seqno (after reconciling)
+        self.leader_address = ""
+        self.session: StreamSession | None = None  # the stream subscribers join
+        self.sender: StreamSender | None = None
+        self.follower: Any = None  # boomscooter.node.follower.Follower while a replica
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boomscooter-append")
         self._append_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
-        self.sender = StreamSender(
-            self.group,
-            self.group_port,
-            epoch=self.epoch,
-            page_size_bytes=config.page_size_bytes,
-            interface=config.interface,
-            ttl=config.ttl,
-            rate_mbit=config.rate_mbit,
-            heartbeat_ms=config.heartbeat_ms,
-            position=lambda: (self.log.last_seqno, self.tracker.commit_seqno),
-        )
         self.grpc_server: Any = None
         self.port = 0
         self.address = ""
+        self.node_id = config.node_id or ""
         self.cast_port: int | None = None
-        self._cast_runner: Any = None
-        self._cast_server: bserver.BootcastServer | None = None
-        self._retention: asyncio.Task[None] | None = None
+        self.cast_address = ""  # host:port of the segment casts ("" without --cast-listen)
+        self.cast_runner: Any = None
+        self.cast_server: bserver.BootcastServer | None = None
+        self.housekeeping_tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the leader's background duties
         # (last seqno, segment file, size after it) of appended, not yet committed batches.
         self._ends: deque[tuple[int, str, int]] = deque()
-        self._committed_end = log_.active_segment()  # on open everything is committed
+        # Where committed batches end (Notifications): the file end when all is committed.
+        self._committed_end = (
+            log_.active_segment()
+            if start_commit >= log_.last_seqno
+            else (log_.segment_files()[0][0], SEGMENT_HEADER_BYTES)
+        )
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
 
     def _last_epoch(self) -> int:
@@ -179,8 +200,14 @@ class LeaderNode:
     # -- state ------------------------------------------------------------------------------
 
     @property
+    def is_leader(self) -> bool:
+        return self.role == "leader"
+
+    @property
     def commit_seqno(self) -> int:
-        return self.tracker.commit_seqno
+        if self.is_leader:
+            return self.tracker.commit_seqno
+        return min(self.leader_commit, self.log.last_seqno)
 
     def held_seqno(self) -> int:
         if self.config.fsync.mode is FsyncMode.NEVER:
@@ -191,13 +218,19 @@ class LeaderNode:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _held(self, seqno: int) -> None:
-        if self.tracker.held("", seqno):
+    def _commit_moved(self) -> None:
+        commit = self.commit_seqno
+        while self._ends and self._ends[0][0] <= commit:
+            _, name, size = self._ends.popleft()
+            self._committed_end = (name, size)
+        if self.sender is not None:
             self.sender.commit_advanced()
-            commit = self.tracker.commit_seqno
-            while self._ends and self._ends[0][0] <= commit:
-                _, name, size = self._ends.popleft()
-                self._committed_end = (name, size)
+
+    def _held(self, seqno: int) -> None:
+        if self.is_leader and self.tracker.held("", seqno):
+            self._commit_moved()
+        if self.follower is not None:
+            self.follower.durable_changed()
         self._notify()
 
     def committed_end(self) -> tuple[str, int]:
@@ -213,18 +246,30 @@ class LeaderNode:
                 await event.wait()
 
     async def wait_commit(self, seqno: int, timeout_s: float) -> bool:
+        """Wait until ``seqno`` is committed (False after ``timeout_s``); raises
+        :class:`NotLeaderError` when this node stops leading meanwhile."""
         deadline = self._loop.time() + timeout_s
+        epoch = self.epoch
         while self.tracker.commit_seqno < seqno:
+            if not self.is_leader or self.epoch != epoch:
+                raise self.not_leader()
             left = deadline - self._loop.time()
             if left <= 0:
                 return False
             await self.wait_change(left)
         return True
 
+    def not_leader(self) -> NotLeaderError:
+        where = f"; the leader is {self.leader_address}" if self.leader_address else ""
+        return NotLeaderError(
+            f"this node is a {self.role}, not the leader{where}",
+            leader_address=self.leader_address,
+        )
+
     def segment_files(self) -> list[tuple[str, int]]:
         return self.log.segment_files()
 
-    # -- appends ----------------------------------------------------------------------------
+    # -- appends (leader) -------------------------------------------------------------------
 
     async def append(self, request: ProduceBatch) -> ProduceOutcome:
         """Sequence, store and queue one producer batch (one at a time, in order).
@@ -233,10 +278,14 @@ class LeaderNode:
         server) must not leave a batch stored without its dedupe entry, or the
         producer's retry would be stored a second time. The append completes; only
         the caller stops waiting for it."""
+        if not self.is_leader:
+            raise self.not_leader()
         return await asyncio.shield(self._append(request))
 
     async def _append(self, request: ProduceBatch) -> ProduceOutcome:
         async with self._append_lock:
+            if not self.is_leader or self.sender is None:
+                raise self.not_leader()
             if request.producer_id:
                 DedupeTable.check_id(request.producer_id)
                 earlier = self.dedupe.lookup(request.producer_id, request.batch_sequence)
@@ -308,11 +357,152 @@ class LeaderNode:
         return batch
 
     def check_quorum_possible(self) -> None:
-        copies = 1  # the leader; replicas join the count in the replication issue
+        copies = self.replicas.in_sync_copies()
         if copies < self.tracker.min_insync:
             raise ServerUnavailableError(
                 f"acks=quorum needs {self.tracker.min_insync} in-sync copies, {copies} available"
             )
+
+    # -- replicas (leader side) -------------------------------------------------------------
+
+    def replica_opened(self, replica_id: str, address: str, last_epoch: int) -> ReplicaState:
+        """A replica opened its Replicate session. Its first message is not counted: its
+        tail may have diverged; its acks count once it has reconciled with this log."""
+        if last_epoch > self.epoch:
+            raise self.not_leader()  # the caller fences this node (see servicer)
+        state = self.replicas.connected(replica_id, address, self._loop.time())
+        if address and address not in self.state.peers:
+            self.state.peers.append(address)
+            self._save_state_soon()
+        log.info("replica.connected", replica=replica_id, address=address)
+        return state
+
+    def replica_acked(self, replica_id: str, durable: int, last: int, last_epoch: int) -> None:
+        if self.replicas.ack(
+            replica_id,
+            durable_seqno=min(durable, self.log.last_seqno),
+            last_seqno=last,
+            last_epoch=last_epoch,
+            now=self._loop.time(),
+        ):
+            self._commit_moved()
+        self._notify()
+
+    def replica_closed(self, replica_id: str) -> None:
+        self.replicas.disconnected(replica_id)
+        log.info("replica.disconnected", replica=replica_id)
+        self._notify()
+
+    async def _expire_replicas(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.config.insync_timeout_s / 4))
+            for replica_id in self.replicas.expire(self._loop.time()):
+                log.warning(
+                    "replica.out_of_sync",
+                    replica=replica_id,
+                    timeout_s=self.config.insync_timeout_s,
+                    in_sync_copies=self.replicas.in_sync_copies(),
+                    min_insync=self.tracker.min_insync,
+                )
+                self._notify()
+
+    async def _save_state(self) -> None:
+        state = NodeState(self.state.epoch, list(self.state.peers))
+        await self._loop.run_in_executor(self._io, save_state, self.config.data_dir, state)
+
+    def _save_state_soon(self) -> None:
+        state = NodeState(self.state.epoch, list(self.state.peers))
+        saved = self._loop.run_in_executor(None, save_state, self.config.data_dir, state)
+        saved.add_done_callback(_log_state_save)
+
+    # -- roles ------------------------------------------------------------------------------
+
+    async def lead(self, *, epoch: int, min_insync: int, commit_seqno: int) -> None:
+        """Become the leader of ``epoch`` (persisted first: an epoch is never reused)."""
+        async with self._append_lock:
+            await self._stop_following()
+            self.state.epoch = max(self.state.epoch, epoch)
+            await self._save_state()
+            self.epoch = epoch
+            self.tracker = CommitTracker(min_insync, commit_seqno=commit_seqno)
+            self.replicas = ReplicaSet(self.tracker, insync_timeout_s=self.config.insync_timeout_s)
+            self._ends.clear()
+            self.sender = StreamSender(
+                self.group,
+                self.group_port,
+                epoch=epoch,
+                page_size_bytes=self.config.page_size_bytes,
+                interface=self.config.interface,
+                ttl=self.config.ttl,
+                rate_mbit=self.config.rate_mbit,
+                heartbeat_ms=self.config.heartbeat_ms,
+                position=lambda: (self.log.last_seqno, self.tracker.commit_seqno),
+            )
+            self.sender.start()
+            self.session = StreamSession(
+                group=self.group,
+                port=self.group_port,
+                cast_id=epoch,
+                page_size_bytes=self.config.page_size_bytes,
+                epoch=epoch,
+                interface_hint=self.config.interface or "",
+                heartbeat_ms=self.config.heartbeat_ms,
+                source_port=self.sender.source_port,
+            )
+            self.role = "leader"
+            self.leader_address = self.address
+            from boomscooter.node import failover
+
+            self._tasks = [
+                self._loop.create_task(self._expire_replicas(), name="replica-expiry"),
+                self._loop.create_task(failover.watch_for_newer_leader(self), name="fencing"),
+            ]
+            self._held(self.held_seqno())
+        log.info("node.leading", epoch=epoch, min_insync=min_insync, commit_seqno=commit_seqno,
+                 last_seqno=self.log.last_seqno)  # fmt: skip
+
+    async def follow(self, leader_address: str, *, epoch: int = 0) -> None:
+        """Become (or stay) a replica of ``leader_address``; a leader steps down (fenced:
+        it learned of a newer epoch and must never write again under its own)."""
+        from boomscooter.node.follower import Follower
+
+        async with self._append_lock:
+            was = self.role
+            await self._stop_leading()
+            await self._stop_following()
+            if epoch > self.state.epoch:
+                self.state.epoch = epoch
+                await self._save_state()
+            self.role = "replica"
+            self.leader_address = leader_address
+            self.leader_commit = 0  # known again once the follower reconciled
+            self.session = None
+            self.follower = Follower(self, leader_address)
+            self.follower.start()
+        if was == "leader":
+            log.warning("node.fenced", leader=leader_address, epoch=epoch, own_epoch=self.epoch)
+        log.info("node.following", leader=leader_address)
+
+    async def _stop_leading(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        if self.sender is not None:
+            sender, self.sender = self.sender, None
+            await sender.close()
+        self.role = "stepping-down" if self.role == "leader" else self.role
+        self._notify()  # quorum waiters see the role change
+
+    async def _stop_following(self) -> None:
+        if self.follower is not None:
+            follower, self.follower = self.follower, None
+            await follower.stop()
+
+    async def promote(self, min_insync: int = 0) -> dict[str, int]:
+        """Manual failover (see :func:`boomscooter.node.failover.promote`)."""
+        from boomscooter.node import failover
+
+        return await failover.promote(self, min_insync)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -321,28 +511,34 @@ class LeaderNode:
             self._loop.call_soon_threadsafe(self._held, seqno)
 
     async def _start(self) -> None:
+        from boomscooter.node import failover, housekeeping
         from boomscooter.node.servicer import serve_node  # the rpc edge imports this module
 
         loaded = await self._loop.run_in_executor(
             self._io, lambda: self.journal.load(self.dedupe, last_seqno=self.log.last_seqno)
         )
         self.log.on_durable = self._durable_from_thread
-        self.sender.start()
-        if self.config.retention_bytes is not None or self.config.retention_ms is not None:
-            self._retention = self._loop.create_task(self._retention_loop())
         self.grpc_server, self.port = await serve_node(self, self.config.listen)
         host, _ = split_hostport(self.config.listen)
         self.address = self.config.advertise or f"{host}:{self.port}"
+        self.node_id = self.node_id or self.address
+        housekeeping.start(self)
         if self.config.cast_listen:
-            await self._start_segment_casts()
-        if self.config.min_insync > 1:
-            log.warning(
-                "leader.min_insync_unreachable",
+            await housekeeping.start_segment_casts(self)
+        newer = None
+        if self.config.follow is None:
+            newer = await failover.newer_leader(self, self.state.peers)
+        if self.config.follow is not None or newer is not None:
+            address, epoch = newer or (self.config.follow or "", 0)
+            await self.follow(address, epoch=epoch)
+        else:
+            await self.lead(
+                epoch=self.epoch + 1,
                 min_insync=self.config.min_insync,
-                reason="this leader takes no replicas yet: nothing commits, acks=quorum fails",
+                commit_seqno=self.tracker.commit_seqno,
             )
         log.info(
-            "leader.started",
+            f"{self.role}.started",  # leader.started / replica.started
             listen=f"{host}:{self.port}",
             group=f"{self.group}:{self.group_port}",
             epoch=self.epoch,
@@ -361,56 +557,36 @@ class LeaderNode:
         async with self._append_lock:
             deleted = await self._loop.run_in_executor(self._io, self.log.apply_retention)
         if deleted:
-            log.info("leader.retention", segments=deleted, first_seqno=self.log.first_seqno)
+            log.info("node.retention", segments=deleted, first_seqno=self.log.first_seqno)
             self._notify()
         return deleted
-
-    async def _retention_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.retention_check_s)
-            try:
-                await self.apply_retention()
-            except Exception as exc:  # a failed deletion must not stop the leader
-                log.warning("leader.retention_failed", error=str(exc))
 
     def sealed_segment(self, name: str) -> bool:
         files = self.log.segment_files()
         return any(n == name for n, _ in files[:-1])
 
-    async def _start_segment_casts(self) -> None:
-        assert self.config.cast_listen is not None
-        host, port = split_hostport(self.config.cast_listen)
-        config = bserver.ServeConfig(
-            root=Path(self.config.data_dir),
-            host=host,
-            port=port,
-            interface=self.config.interface,
-            ttl=self.config.ttl,
-            prehash_bytes=0,
-            path_prefix=SEGMENT_PREFIX,
-            allow=self.sealed_segment,
-        )
-        self._cast_server, self._cast_runner, self.cast_port = await bserver.start_server(config)
-
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving, let the sender drain, close the log (fsyncing it)."""
-        if self._retention is not None:
-            self._retention.cancel()
+        from boomscooter.node import housekeeping
+
+        role = self.role
+        housekeeping.stop(self)
+        await self._stop_following()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace_s)
-        if self._cast_runner is not None:
-            await self._cast_runner.cleanup()
+        if self.cast_runner is not None:
+            await self.cast_runner.cleanup()
         # Appends still under way (shielded) finish first, while the sender still drains
         # the queue they may wait on; then the sender stops (releasing any waiter).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s + 5):
                 async with self._append_lock:
                     pass
-        await self.sender.close()
+        await self._stop_leading()
         async with self._append_lock:
             await self._loop.run_in_executor(self._io, self._close_storage)
         self._io.shutdown(wait=True)
-        log.info("leader.stopped", last_seqno=self.log.last_seqno, commit_seqno=self.commit_seqno)
+        log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=self.commit_seqno)
 
     def _close_storage(self) -> None:
         try:
@@ -419,8 +595,14 @@ class LeaderNode:
             self.log.close()
 
 
+def _log_state_save(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("node.state_save_failed", error=str(exc))
+
+
 async def start_leader(config: LeaderConfig) -> LeaderNode:
-    """Open the log and start serving (see the module docstring)."""
+    """Open the log and start serving (see the module docstring): as the leader, unless
+    ``config.follow`` names one or a peer leads with a higher epoch."""
     os.makedirs(config.data_dir, exist_ok=True)
     log_config = LogConfig(
         fsync=config.fsync,
@@ -430,11 +612,26 @@ async def start_leader(config: LeaderConfig) -> LeaderNode:
         retention_ms=config.retention_ms,
     )
     storage = await asyncio.to_thread(SegmentedLog.open, config.data_dir, log_config)
-    node = LeaderNode(config, storage)
+    try:
+        state = await asyncio.to_thread(load_state, config.data_dir)
+    except BaseException:
+        storage.close()
+        raise
+    node = LeaderNode(config, storage, state)
     try:
         await node._start()
     except BaseException:
-        await node.sender.close()
+        await node._stop_leading()
+        await node._stop_following()
+        if node.grpc_server is not None:
+            await node.grpc_server.stop(0)
         storage.close()
         raise
     return node
+
+
+async def start_replica(config: LeaderConfig) -> LeaderNode:
+    """Open the log and follow ``config.follow`` (required)."""
+    if config.follow is None:
+        raise ConfigError("a replica needs --leader HOST:PORT")
+    return await start_leader(config)

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from boomscooter.errors import BoomscooterError, ExpectedSeqnoError, RequestError
+from boomscooter.errors import (
+    BoomscooterError,
+    ExpectedSeqnoError,
+    NotLeaderError,
+    RequestError,
+)
 from boomscooter.storage import Batch, Entry
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -50,6 +55,8 @@ def error_message(exc: BaseException) -> pb.Error:
         error = pb.Error(code=status_code(exc).value[0], message=str(exc), retriable=exc.retriable)
         if isinstance(exc, ExpectedSeqnoError):
             error.next_seqno = exc.next_seqno
+        if isinstance(exc, NotLeaderError) and exc.leader_address:
+            error.leader_address = exc.leader_address
         return error
     log.error("rpc.produce.internal_error", error=repr(exc))
     return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}")
@@ -115,7 +122,15 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
                     await quorum_wake.wait()
                     continue
                 last, response = quorum[0]
-                if not await self.node.wait_commit(last, QUORUM_TIMEOUT_S):
+                try:
+                    committed = await self.node.wait_commit(last, QUORUM_TIMEOUT_S)
+                except NotLeaderError as exc:  # stepped down: the new leader decides
+                    quorum.popleft()
+                    response.ClearField("ack")
+                    response.error.CopyFrom(error_message(exc))
+                    out.put_nowait(response)
+                    continue
+                if not committed:
                     quorum.popleft()
                     response.ClearField("ack")
                     response.error.CopyFrom(pb.Error(
@@ -185,24 +200,11 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _session(self) -> pb.MulticastSession:
-        node = self.node
-        return pb.MulticastSession(
-            group=node.group,
-            port=node.group_port,
-            cast_id=node.epoch,
-            page_size_bytes=node.config.page_size_bytes,
-            epoch=node.epoch,
-            interface_hint=node.config.interface or "",
-            heartbeat_interval_ms=node.config.heartbeat_ms,
-            source_port=node.sender.source_port,
-        )
-
     async def Handshake(self, request: pb.HandshakeRequest, context: Any) -> pb.HandshakeResponse:
         node = self.node
         log.info("rpc.handshake", subscriber=request.subscriber_id[:200], peer=context.peer())
         return pb.HandshakeResponse(
-            session=self._session(),
+            session=session_message(node),
             first_seqno=node.log.first_seqno,
             last_seqno=node.log.last_seqno,
             commit_seqno=node.commit_seqno,
@@ -346,28 +348,42 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             await node.wait_change(IDLE_HEARTBEAT_S)
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
-        node = self.node
-        return pb.StatusResponse(
-            role=pb.ROLE_LEADER,
-            node_id=node.config.node_id,
-            epoch=node.epoch,
-            first_seqno=node.log.first_seqno,
-            last_seqno=node.log.last_seqno,
-            commit_seqno=node.commit_seqno,
-            durable_seqno=node.log.durable_seqno,
-            leader_address=node.address,
-            min_insync=node.tracker.min_insync,
-            log_bytes=node.log.total_bytes,
-            segment_count=node.log.segment_count,
-        )
+        from boomscooter.node.replicate import status
+
+        return status(self.node)
 
     async def Replicate(
         self, request_iterator: AsyncIterator[pb.ReplicateRequest], context: Any
     ) -> AsyncIterator[pb.ReplicateResponse]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "replicas are not supported by this leader yet"
-        )
-        yield pb.ReplicateResponse()  # pragma: no cover (abort raises)
+        from boomscooter.node.replicate import replicate
+
+        async for response in replicate(self.node, request_iterator, context):
+            yield response
+
+    async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.PromoteResponse:
+        log.warning("rpc.promote", peer=context.peer(), min_insync=request.min_insync)
+        try:
+            done = await self.node.promote(request.min_insync)
+        except BoomscooterError as exc:
+            await self._abort(context, exc)
+        return pb.PromoteResponse(**done)
+
+
+def session_message(node: LeaderNode) -> pb.MulticastSession:
+    """The stream a node's subscribers join (a replica's is its leader's)."""
+    session = node.session
+    if session is None:  # a replica that has not reached its leader: no stream yet
+        return pb.MulticastSession()
+    return pb.MulticastSession(
+        group=session.group,
+        port=session.port,
+        cast_id=session.cast_id,
+        page_size_bytes=session.page_size_bytes,
+        epoch=session.epoch,
+        interface_hint=session.interface_hint,
+        heartbeat_interval_ms=session.heartbeat_ms,
+        source_port=session.source_port,
+    )
 
 
 def _filter(

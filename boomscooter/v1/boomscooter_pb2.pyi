@@ -790,6 +790,10 @@ class ReplicateResponse(_message.Message):
     LAST_SEQNO_FIELD_NUMBER: _builtins.int
     TRUNCATE_AFTER_SEQNO_FIELD_NUMBER: _builtins.int
     MIN_INSYNC_FIELD_NUMBER: _builtins.int
+    REPLICA_ADDRESSES_FIELD_NUMBER: _builtins.int
+    CAST_ADDRESS_FIELD_NUMBER: _builtins.int
+    SEALED_SEGMENTS_FIELD_NUMBER: _builtins.int
+    FIRST_SEQNO_FIELD_NUMBER: _builtins.int
     commit_seqno: _builtins.int
     """The leader's commit seqno."""
     last_seqno: _builtins.int
@@ -800,9 +804,27 @@ class ReplicateResponse(_message.Message):
     """
     min_insync: _builtins.int
     """How many durable copies (the leader's included) commit a batch."""
+    cast_address: _builtins.str
+    """The leader's bootcast endpoint casting sealed segments ("host:port"; "" without one):
+    a replica far behind fetches whole segments there (one multicast for all of them).
+    """
+    first_seqno: _builtins.int
+    """The first seqno the leader still stores (an empty replica of a trimmed log starts there)."""
     @_builtins.property
     def session(self) -> Global___MulticastSession:
         """The page stream the replica receives batches from (the epoch is the leader's)."""
+
+    @_builtins.property
+    def replica_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The gRPC addresses of the leader's other replicas (a promoted replica gathers records
+        from them; a replica that lost its leader asks them who leads now).
+        """
+
+    @_builtins.property
+    def sealed_segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The leader's sealed segment files (names; a name is the segment's base seqno), sent when
+        the replica is behind the start of the leader's active segment.
+        """
 
     def __init__(
         self,
@@ -812,10 +834,14 @@ class ReplicateResponse(_message.Message):
         last_seqno: _builtins.int = ...,
         truncate_after_seqno: _builtins.int | None = ...,
         min_insync: _builtins.int = ...,
+        replica_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        cast_address: _builtins.str = ...,
+        sealed_segments: _abc.Iterable[_builtins.str] | None = ...,
+        first_seqno: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "commit_seqno", b"commit_seqno", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "cast_address", b"cast_address", "commit_seqno", b"commit_seqno", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "replica_addresses", b"replica_addresses", "sealed_segments", b"sealed_segments", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate_after_seqno: _TypeAlias = _typing.Literal["truncate_after_seqno"]  # noqa: Y015
     _WhichOneofArgType__truncate_after_seqno: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno"]  # noqa: Y015
@@ -852,6 +878,8 @@ class ReplicaStatus(_message.Message):
     DURABLE_SEQNO_FIELD_NUMBER: _builtins.int
     LAG_RECORDS_FIELD_NUMBER: _builtins.int
     LAST_ACK_AGE_MS_FIELD_NUMBER: _builtins.int
+    IN_SYNC_FIELD_NUMBER: _builtins.int
+    LAST_SEQNO_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """The replica's name (ReplicateRequest.replica_id)."""
     address: _builtins.str
@@ -864,6 +892,10 @@ class ReplicaStatus(_message.Message):
     """How far behind it is: the leader's last_seqno - durable_seqno."""
     last_ack_age_ms: _builtins.int
     """How long ago its last ack arrived."""
+    in_sync: _builtins.bool
+    """Whether it counts as in sync: connected and acknowledging within the in-sync timeout."""
+    last_seqno: _builtins.int
+    """The highest seqno it has appended (durable or not)."""
     def __init__(
         self,
         *,
@@ -873,10 +905,12 @@ class ReplicaStatus(_message.Message):
         durable_seqno: _builtins.int = ...,
         lag_records: _builtins.int = ...,
         last_ack_age_ms: _builtins.int = ...,
+        in_sync: _builtins.bool = ...,
+        last_seqno: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connected", b"connected", "durable_seqno", b"durable_seqno", "lag_records", b"lag_records", "last_ack_age_ms", b"last_ack_age_ms", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connected", b"connected", "durable_seqno", b"durable_seqno", "in_sync", b"in_sync", "lag_records", b"lag_records", "last_ack_age_ms", b"last_ack_age_ms", "last_seqno", b"last_seqno", "replica_id", b"replica_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -951,3 +985,62 @@ class StatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class PromoteRequest(_message.Message):
+    """Promote takes the number of copies that commit once this node leads (0: keep the old
+    leader's setting).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_INSYNC_FIELD_NUMBER: _builtins.int
+    min_insync: _builtins.int
+    def __init__(
+        self,
+        *,
+        min_insync: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_insync", b"min_insync"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRequest: _TypeAlias = PromoteRequest  # noqa: Y015
+
+@_typing.final
+class PromoteResponse(_message.Message):
+    """Where the new leader starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LAST_SEQNO_FIELD_NUMBER: _builtins.int
+    COMMIT_SEQNO_FIELD_NUMBER: _builtins.int
+    GATHERED_RECORDS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The new epoch (greater than any epoch this node has seen)."""
+    last_seqno: _builtins.int
+    """The highest seqno stored when it took over (after gathering from the other replicas)."""
+    commit_seqno: _builtins.int
+    """The commit seqno it starts with (what it knew committed; the rest commits when
+    min_insync copies hold it).
+    """
+    gathered_records: _builtins.int
+    """Records copied from other replicas before taking over."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        last_seqno: _builtins.int = ...,
+        commit_seqno: _builtins.int = ...,
+        gathered_records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_seqno", b"commit_seqno", "epoch", b"epoch", "gathered_records", b"gathered_records", "last_seqno", b"last_seqno"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteResponse: _TypeAlias = PromoteResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class BoomscooterStub:
                 request_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.StatusRequest.SerializeToString,
                 response_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/boomscooter.v1.Boomscooter/Promote',
+                request_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.FromString,
+                _registered_method=True)
 
 
 class BoomscooterServicer:
@@ -135,6 +140,16 @@ class BoomscooterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
+        following, first copies from the other replicas any record it lacks that they hold (so a
+        record acknowledged at quorum survives whichever replica is promoted), then leads with a
+        new epoch. The old leader, when it returns, sees the higher epoch and follows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BoomscooterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +187,11 @@ def add_BoomscooterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.StatusRequest.FromString,
                     response_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.StatusResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.FromString,
+                    response_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +384,33 @@ class Boomscooter:
             '/boomscooter.v1.Boomscooter/Status',
             boomscooter_dot_v1_dot_boomscooter__pb2.StatusRequest.SerializeToString,
             boomscooter_dot_v1_dot_boomscooter__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boomscooter.v1.Boomscooter/Promote',
+            boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.SerializeToString,
+            boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.FromString,
             options,
             channel_credentials,
             insecure,

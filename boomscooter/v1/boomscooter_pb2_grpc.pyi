@@ -83,6 +83,12 @@ class BoomscooterStub:
     """
     Status: _grpc.UnaryUnaryMultiCallable[_boomscooter_pb2.StatusRequest, _boomscooter_pb2.StatusResponse]
     """The node's role, epoch and seqnos, and (on the leader) its replicas and their lag."""
+    Promote: _grpc.UnaryUnaryMultiCallable[_boomscooter_pb2.PromoteRequest, _boomscooter_pb2.PromoteResponse]
+    """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
+    following, first copies from the other replicas any record it lacks that they hold (so a
+    record acknowledged at quorum survives whichever replica is promoted), then leads with a
+    new epoch. The old leader, when it returns, sees the higher epoch and follows.
+    """
 
 @_typing.type_check_only
 class BoomscooterAsyncStub(BoomscooterStub):
@@ -119,6 +125,12 @@ class BoomscooterAsyncStub(BoomscooterStub):
     """
     Status: _aio.UnaryUnaryMultiCallable[_boomscooter_pb2.StatusRequest, _boomscooter_pb2.StatusResponse]  # type: ignore[assignment]
     """The node's role, epoch and seqnos, and (on the leader) its replicas and their lag."""
+    Promote: _aio.UnaryUnaryMultiCallable[_boomscooter_pb2.PromoteRequest, _boomscooter_pb2.PromoteResponse]  # type: ignore[assignment]
+    """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
+    following, first copies from the other replicas any record it lacks that they hold (so a
+    record acknowledged at quorum survives whichever replica is promoted), then leads with a
+    new epoch. The old leader, when it returns, sees the higher epoch and follows.
+    """
 
 class BoomscooterServicer:
     """A boomscooter node: the leader or a replica of one replicated log."""
@@ -187,5 +199,16 @@ class BoomscooterServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_boomscooter_pb2.StatusResponse, _abc.Awaitable[_boomscooter_pb2.StatusResponse]]:
         """The node's role, epoch and seqnos, and (on the leader) its replicas and their lag."""
+
+    def Promote(
+        self,
+        request: _boomscooter_pb2.PromoteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_boomscooter_pb2.PromoteResponse, _abc.Awaitable[_boomscooter_pb2.PromoteResponse]]:
+        """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
+        following, first copies from the other replicas any record it lacks that they hold (so a
+        record acknowledged at quorum survives whichever replica is promoted), then leads with a
+        new epoch. The old leader, when it returns, sees the higher epoch and follows.
+        """
 
 def add_BoomscooterServicer_to_server(servicer: BoomscooterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

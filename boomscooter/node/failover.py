@@ -1,0 +1,208 @@
+"""Failover: manual promotion of a replica, and fencing of a leader that returns.
+
+**Promotion** (:func:`promote`, the ``Promote`` RPC). The replica stops following, asks
+every node it knows (the replicas its leader named, its saved peers) for its Status, and
+copies from the one holding the most records *that extend its own log* (their batches at
+its last seqno are identical, so by log matching everything before agrees) whatever it
+lacks. A record acknowledged at quorum is held durably by ``min_insync`` copies; with the
+leader gone, at least one surviving replica holds it, so the promoted node has it whichever
+replica the operator picked (as long as that replica is reachable). Then it takes an epoch
+above every epoch it has seen or heard of, persists it, and leads. Its commit seqno starts
+at what it knew committed; the rest commits when ``min_insync`` copies hold it.
+
+**Fencing** (:func:`newer_leader`, :func:`watch_for_newer_leader`). A leader asks its peers
+at start (before it takes a new epoch) and every ``WATCH_INTERVAL_S`` while it leads; if any
+names a leader of a higher epoch, it follows that leader: its Produce calls fail with
+NOT_LEADER, its stream stops, and as a replica it truncates whatever it wrote that the new
+leader does not hold (never committed: it lacked the quorum). A replica that opens a
+Replicate session with an epoch above the leader's fences the leader the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from boomscooter.client._rpc import create_channel
+from boomscooter.errors import RequestError
+from boomscooter.storage.batch import Batch, split_batches
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from boomscooter.node.leader import LeaderNode
+
+log = structlog.get_logger("boomscooter.failover")
+
+STATUS_TIMEOUT_S = 1.0
+WATCH_INTERVAL_S = 2.0
+COPY_BYTES = 4 << 20
+
+
+def node_channel(address: str) -> grpc.aio.Channel:
+    from boomscooter.node.leader import GRPC_MESSAGE_BYTES
+
+    return create_channel(address, max_message_bytes=GRPC_MESSAGE_BYTES)
+
+
+async def status_of(address: str) -> pb.StatusResponse | None:
+    channel = node_channel(address)
+    try:
+        stub = pb_grpc.BoomscooterStub(channel)
+        response: pb.StatusResponse = await stub.Status(
+            pb.StatusRequest(), timeout=STATUS_TIMEOUT_S
+        )
+        return response
+    except grpc.aio.AioRpcError:
+        return None
+    finally:
+        await channel.close()
+
+
+async def survey(addresses: Iterable[str]) -> dict[str, pb.StatusResponse]:
+    """The Status of every reachable node among ``addresses`` (asked at once)."""
+    wanted = sorted(set(addresses))
+    answers = await asyncio.gather(*(status_of(a) for a in wanted))
+    return {a: s for a, s in zip(wanted, answers, strict=True) if s is not None}
+
+
+async def newer_leader(node: LeaderNode, addresses: Iterable[str]) -> tuple[str, int] | None:
+    """``(leader address, epoch)`` of a leader with an epoch above this node's, as the
+    nodes at ``addresses`` report it; None when none does (or none answers)."""
+    answers = await survey(a for a in addresses if a and a != node.address)
+    best: tuple[str, int] | None = None
+    for address, status in answers.items():
+        if status.epoch <= max(node.epoch, node.state.epoch if not node.is_leader else 0):
+            continue
+        leader = address if status.role == pb.ROLE_LEADER else status.leader_address
+        if leader and leader != node.address and (best is None or status.epoch > best[1]):
+            best = (leader, status.epoch)
+    return best
+
+
+async def watch_for_newer_leader(node: LeaderNode) -> None:
+    """The leader's fencing check (see the module docstring)."""
+    while node.is_leader:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        peers = set(node.state.peers) | set(node.replicas.addresses())
+        found = await newer_leader(node, peers)
+        if found is not None and node.is_leader:
+            # follow() cancels this task: run it on its own.
+            task = asyncio.get_running_loop().create_task(
+                node.follow(found[0], epoch=found[1]), name="fenced"
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+            return
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+# -- comparing and copying logs ---------------------------------------------------------------
+
+
+async def remote_batch(stub: Any, seqno: int) -> Batch | None:
+    """The peer's stored batch holding ``seqno`` (committed or not), None if it has none."""
+    request = pb.FetchRequest(
+        from_seqno=seqno, to_seqno=seqno, max_bytes=1, include_uncommitted=True
+    )
+    try:
+        response: pb.FetchResponse = await stub.Fetch(request, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+            return None
+        raise
+    for batch in split_batches(response.batches):
+        if batch.base_seqno <= seqno <= batch.last_seqno:
+            return batch
+    return None
+
+
+async def local_batch(node: LeaderNode, seqno: int) -> Batch:
+    batches = await asyncio.to_thread(node.log.read_batches, seqno, to_seqno=seqno, max_bytes=1)
+    return batches[0]
+
+
+def same_batch(ours: Batch, theirs: Batch | None) -> bool:
+    return theirs is not None and bytes(ours.data) == bytes(theirs.data)
+
+
+async def extends_ours(node: LeaderNode, stub: Any) -> bool:
+    """Whether the peer's log holds ours as a prefix (its batch at our last seqno is ours)."""
+    last = node.log.last_seqno
+    if last < node.log.first_seqno:
+        return True
+    return same_batch(await local_batch(node, last), await remote_batch(stub, last))
+
+
+async def copy_from(node: LeaderNode, stub: Any, to_seqno: int) -> int:
+    """Append the peer's batches after our last seqno up to ``to_seqno``; records copied."""
+    copied = 0
+    while node.log.last_seqno < to_seqno:
+        start = node.log.next_seqno
+        request = pb.FetchRequest(
+            from_seqno=start, to_seqno=to_seqno, max_bytes=COPY_BYTES, include_uncommitted=True
+        )
+        response: pb.FetchResponse = await stub.Fetch(request, timeout=30)
+        batches = [b for b in split_batches(response.batches) if b.base_seqno >= start]
+        if not batches:
+            break
+        await asyncio.to_thread(_append_all, node, batches)
+        copied += sum(b.record_count for b in batches)
+    return copied
+
+
+def _append_all(node: LeaderNode, batches: list[Batch]) -> None:
+    for batch in batches:
+        node.log.append_batch(batch)
+
+
+# -- promotion --------------------------------------------------------------------------------
+
+
+async def promote(node: LeaderNode, min_insync: int = 0) -> dict[str, int]:
+    if node.is_leader:
+        raise RequestError(f"{node.address} is already the leader", code="FAILED_PRECONDITION")
+    if node.role != "replica":
+        raise RequestError(f"{node.address} is {node.role}", code="UNAVAILABLE")
+    follower = node.follower
+    learned_insync = follower.min_insync if follower is not None else 0
+    peers = set(node.state.peers) | (set(follower.peers) if follower is not None else set())
+    peers.discard(node.address)
+    await node._stop_following()
+    answers = await survey(peers)
+    gathered = 0
+    for address, status in sorted(answers.items(), key=lambda kv: -kv[1].last_seqno):
+        if status.last_seqno <= node.log.last_seqno:
+            break
+        channel = node_channel(address)
+        try:
+            stub = pb_grpc.BoomscooterStub(channel)
+            if not await extends_ours(node, stub):
+                log.warning("promote.peer_diverged", peer=address)
+                continue
+            gathered = await copy_from(node, stub, status.last_seqno)
+            log.info("promote.gathered", peer=address, records=gathered)
+            break
+        except grpc.aio.AioRpcError as exc:
+            log.warning("promote.peer_failed", peer=address, error=exc.code().name)
+        finally:
+            await channel.close()
+    epochs = [node.epoch, node.state.epoch, *(s.epoch for s in answers.values())]
+    epoch = max(epochs) + 1
+    insync = min_insync or learned_insync or node.config.min_insync
+    commit = node.commit_seqno
+    await node.lead(epoch=epoch, min_insync=insync, commit_seqno=commit)
+    log.warning("node.promoted", epoch=epoch, last_seqno=node.log.last_seqno, commit_seqno=commit,
+                gathered_records=gathered, min_insync=insync)  # fmt: skip
+    return {
+        "epoch": epoch,
+        "last_seqno": node.log.last_seqno,
+        "commit_seqno": commit,
+        "gathered_records": gathered,
+    }

@@ -1,0 +1,469 @@
+"""A replica's duties (asyncio shell): follow the leader's stream into the local log.
+
+One *session* per connection to the leader:
+
+1. open ``Replicate`` with the replica's state; the leader answers with its stream
+   (group, port, epoch, source port), commit and last seqno, its other replicas and, when
+   the replica is behind the start of the leader's active segment, its sealed segments;
+2. **reconcile**: find the last seqno where the two logs agree
+   (:class:`~boomscooter.node.replication.CommonPoint`, comparing batches fetched from the
+   leader) and truncate after it — a tail written under an older epoch that the leader
+   does not hold is dropped before anything is appended or counted as committed;
+3. **catch up by cast**: whole sealed segments the replica lacks are fetched through the
+   leader's bootcast endpoint (``/join/segments/<file>``; replicas catching up at once share
+   one multicast), checked batch by batch and appended;
+4. **live**: join the stream, feed pages to a :class:`~boomscooter.stream.StreamReceiver`
+   (it delivers batches in seqno order exactly once and reports gaps), append what it
+   delivers (under ``fsync=always`` each append is fdatasynced), ``Fetch`` the gaps
+   (including records not yet committed) from the leader, and acknowledge the durable seqno
+   on the Replicate stream at once when it advances and every ``KEEPALIVE_S`` otherwise.
+
+The session ends on any failure (the leader gone, a new epoch on the stream, a refused
+append); the follower then looks for the leader — the last one, or whoever the known peers
+name with the highest epoch — and starts a new session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from boomscooter.errors import BoomscooterError
+from boomscooter.node import failover
+from boomscooter.node.core import StreamSession
+from boomscooter.node.replication import CommonPoint
+from boomscooter.node.state import NodeState, save_state
+from boomscooter.storage.batch import Batch, split_batches
+from boomscooter.storage.segment import SEGMENT_HEADER_BYTES, fd_reader, parse_file_name
+from boomscooter.storage.segment import read_batches as read_segment_batches
+from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+from bootcast import mcast
+
+if TYPE_CHECKING:
+    from boomscooter.node.leader import LeaderNode
+
+log = structlog.get_logger("boomscooter.replica")
+
+KEEPALIVE_S = 1.0
+FETCH_BYTES = 4 << 20
+MAX_PENDING_BYTES = 64 << 20
+_DRAIN_MAX = 256
+_RECV_BYTES = 65536
+_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class SessionEnded(Exception):
+    """The session with the leader is over (the reason is the message)."""
+
+
+class Follower:
+    def __init__(self, node: LeaderNode, leader_address: str) -> None:
+        self.node = node
+        self.leader_address = leader_address
+        self.peers: list[str] = []
+        self.min_insync = 0
+        self.stats = {
+            "sessions": 0,
+            "pages": 0,
+            "gaps": 0,
+            "fetched_batches": 0,
+            "appended_batches": 0,
+            "truncations": 0,
+            "segments_cast": 0,
+            "segment_cast_bytes": 0,
+        }
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._ack_wake = asyncio.Event()
+        self._append_wake = asyncio.Event()
+        self._restart = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._pending: list[Batch] = []
+        self._pending_bytes = 0
+        self._sock: socket.socket | None = None
+        self._receiver: StreamReceiver | None = None
+        self._source: tuple[str | None, int] = (None, 0)
+        self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self.drops: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._run(), name="follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._leave()
+
+    def durable_changed(self) -> None:
+        self._ack_wake.set()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._session(self.leader_address)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except (SessionEnded, BoomscooterError, OSError) as exc:
+                reason = str(exc)
+            except Exception as exc:  # a bug must not stop the replica for good
+                log.exception("replica.session_failed")
+                reason = repr(exc)
+            else:
+                reason = "the leader ended the session"
+            finally:
+                self._leave()
+            failures += 1
+            log.info("replica.session_ended", leader=self.leader_address, reason=reason)
+            found = await failover.newer_leader(
+                self.node, {*self.peers, *self.node.state.peers, self.leader_address}
+            )
+            if found is not None and found[0] != self.leader_address:
+                log.info("replica.new_leader", leader=found[0], epoch=found[1])
+                self.leader_address = found[0]
+                self.node.leader_address = found[0]
+                failures = 0
+            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S)) - 1])
+
+    def _hello(self) -> pb.ReplicateRequest:
+        node = self.node
+        return pb.ReplicateRequest(
+            replica_id=node.node_id,
+            address=node.address,
+            durable_seqno=node.held_seqno(),
+            last_seqno=node.log.last_seqno,
+            last_epoch=node._last_epoch(),
+        )
+
+    async def _session(self, address: str) -> None:
+        channel = failover.node_channel(address)
+        try:
+            stub = pb_grpc.BoomscooterStub(channel)
+            call = stub.Replicate()
+            await call.write(self._hello())
+            first = await call.read()
+            if not isinstance(first, pb.ReplicateResponse):
+                raise SessionEnded("the leader closed the Replicate stream")
+            self.stats["sessions"] += 1
+            self._adopt(address, first)
+            await self._reconcile(stub, first.first_seqno)
+            if first.sealed_segments and first.cast_address:
+                await self._catch_up_by_cast(stub, first)
+            self.node.leader_commit = max(self.node.leader_commit, first.commit_seqno)
+            self.node._commit_moved()
+            self._join(first.session)
+            if first.last_seqno >= self.node.log.next_seqno:
+                self._gaps.put_nowait((self.node.log.next_seqno, first.last_seqno))
+            tasks = [
+                self._loop.create_task(self._acks(call)),
+                self._loop.create_task(self._responses(call)),
+                self._loop.create_task(self._appender()),
+                self._loop.create_task(self._fetcher(stub)),
+                self._loop.create_task(self._restart.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+                raise SessionEnded("a new epoch on the stream")
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                call.cancel()
+        finally:
+            await channel.close()
+
+    def _adopt(self, address: str, first: pb.ReplicateResponse) -> None:
+        node = self.node
+        session = first.session
+        self.peers = [a for a in first.replica_addresses if a != node.address]
+        self.min_insync = first.min_insync
+        node.leader_address = address
+        node.session = StreamSession(
+            group=session.group,
+            port=session.port,
+            cast_id=session.cast_id,
+            page_size_bytes=session.page_size_bytes,
+            epoch=session.epoch,
+            interface_hint=session.interface_hint,
+            heartbeat_ms=session.heartbeat_interval_ms,
+            source_port=session.source_port,
+        )
+        node.epoch = session.epoch
+        peers = sorted({*node.state.peers, *self.peers, address} - {node.address})
+        if session.epoch > node.state.epoch or peers != sorted(node.state.peers):
+            node.state.epoch = max(node.state.epoch, session.epoch)
+            node.state.peers = peers
+            state = NodeState(node.state.epoch, list(peers))
+            saved = self._loop.run_in_executor(None, save_state, node.config.data_dir, state)
+            saved.add_done_callback(lambda f: f.cancelled() or f.exception())
+        log.info("replica.session", leader=address, epoch=session.epoch,
+                 leader_last=first.last_seqno, commit=first.commit_seqno,
+                 last_seqno=node.log.last_seqno)  # fmt: skip
+
+    async def _reconcile(self, stub: Any, leader_first: int) -> None:
+        node = self.node
+        floor = max(leader_first, node.log.first_seqno) - 1
+        search = CommonPoint(node.log.last_seqno, floor=max(floor, 0))
+        while (seqno := search.probe()) is not None:
+            ours = await failover.local_batch(node, seqno)
+            if failover.same_batch(ours, await failover.remote_batch(stub, seqno)):
+                search.matched(ours.last_seqno)
+            else:
+                search.differs(ours.base_seqno)
+        if search.result < node.log.last_seqno:
+            dropped = node.log.last_seqno - search.result
+            async with node._append_lock:
+                await asyncio.to_thread(node.log.truncate_after, search.result)
+                node.dedupe.forget_after(search.result)
+                node.journal.rewrite(node.dedupe)
+                node._ends.clear()
+            self.stats["truncations"] += 1
+            log.warning("replica.truncated", after_seqno=search.result, dropped_records=dropped,
+                        probes=search.probes)  # fmt: skip
+
+    # -- catch-up through segment casts ---------------------------------------------------
+
+    async def _catch_up_by_cast(self, stub: Any, first: pb.ReplicateResponse) -> None:
+        from bootcast.client import FetchConfig, fetch
+
+        node = self.node
+        names = sorted(n for n in first.sealed_segments if parse_file_name(n) is not None)
+        bases = [parse_file_name(n).base_seqno for n in names]  # type: ignore[union-attr]
+        for i, name in enumerate(names):
+            end = bases[i + 1] - 1 if i + 1 < len(bases) else None
+            if end is not None and end < node.log.next_seqno:
+                continue  # already held
+            if bases[i] < node.log.next_seqno:
+                if end is not None:  # finish this segment record by record
+                    await failover.copy_from(node, stub, end)
+                continue
+            if bases[i] > node.log.next_seqno:
+                return  # not contiguous with our log: the live path Fetches instead
+            url = f"http://{first.cast_address}/join/segments/{name}"
+            handle, path = tempfile.mkstemp(prefix=".catchup-", dir=node.config.data_dir)
+            os.close(handle)
+            try:
+                config = FetchConfig(
+                    url=url, output=path, progress="none", interface=node.config.interface
+                )
+                result = await asyncio.to_thread(fetch, config)
+                records = await asyncio.to_thread(self._import_segment, path, bases[i])
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self.stats["segments_cast"] += 1
+            self.stats["segment_cast_bytes"] += result.size
+            log.info("replica.segment_cast", segment=name, bytes=result.size, records=records,
+                     mbyte_per_s=round(result.mbyte_per_s, 1))  # fmt: skip
+
+    def _import_segment(self, path: str, base: int) -> int:
+        """Append the batches of a fetched segment file (each CRC-checked on decode)."""
+        node = self.node
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            position, records = SEGMENT_HEADER_BYTES, 0
+            while position < size:
+                batches, position = read_segment_batches(
+                    fd_reader(fd), path=path, position=position, end=size,
+                    from_seqno=base, to_seqno=None, max_bytes=FETCH_BYTES,
+                )  # fmt: skip
+                if not batches:
+                    break
+                for batch in batches:
+                    if batch.base_seqno == node.log.next_seqno:
+                        node.log.append_batch(Batch.from_bytes(bytes(batch.data)))
+                        records += batch.record_count
+            return records
+        finally:
+            os.close(fd)
+
+    # -- the live stream ------------------------------------------------------------------
+
+    def _join(self, session: pb.MulticastSession) -> None:
+        interface = self.node.config.interface or session.interface_hint or None
+        self._sock = mcast.receiver_socket(session.group, session.port, interface=interface)
+        self._receiver = StreamReceiver(
+            session.epoch, self.node.log.next_seqno, page_size_bytes=session.page_size_bytes
+        )
+        self._source = (_ipv4(session.interface_hint), session.source_port)
+        self._restart.clear()
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _leave(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._receiver is not None:
+            for reason, n in self._receiver.drops.items():
+                self.drops[reason.value] = self.drops.get(reason.value, 0) + n
+            self._receiver = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending.clear()
+        self._pending_bytes = 0
+        while not self._gaps.empty():
+            self._gaps.get_nowait()
+
+    def _readable(self) -> None:
+        sock, receiver = self._sock, self._receiver
+        if sock is None or receiver is None:
+            return
+        now = self._loop.time()
+        events: list[Any] = []
+        host, port = self._source
+        for _ in range(_DRAIN_MAX):
+            try:
+                data, sender = sock.recvfrom(_RECV_BYTES)
+            except OSError:
+                break
+            if (port and sender[1] != port) or (host is not None and sender[0] != host):
+                self.drops["foreign_source"] = self.drops.get("foreign_source", 0) + 1
+                continue
+            self.stats["pages"] += 1
+            events.extend(receiver.datagram(data, now))
+        self._handle(events)
+
+    def _poll(self) -> None:
+        self._timer = None
+        if self._receiver is not None:
+            self._handle(self._receiver.poll(self._loop.time()))
+
+    def _handle(self, events: list[Any]) -> None:
+        node = self.node
+        for event in events:
+            if isinstance(event, BatchReceived):
+                self._pending.append(event.batch)
+                self._pending_bytes += event.batch.header.length
+                self._append_wake.set()
+            elif isinstance(event, CommitAdvanced):
+                if event.commit_seqno > node.leader_commit:
+                    node.leader_commit = event.commit_seqno
+                    node._commit_moved()
+                    node._notify()
+            elif isinstance(event, Gap):
+                self.stats["gaps"] += 1
+                self._gaps.put_nowait((event.from_seqno, event.to_seqno))
+            elif isinstance(event, EpochChanged):
+                self._restart.set()
+        if self._sock is not None and self._pending_bytes > MAX_PENDING_BYTES:
+            self._loop.remove_reader(self._sock.fileno())  # the disk is behind: Fetch later
+        self._arm()
+
+    def _arm(self) -> None:
+        receiver = self._receiver
+        deadline = receiver.next_deadline() if receiver is not None else None
+        if deadline is None or self._timer is not None:
+            return
+        self._timer = self._loop.call_at(max(deadline, self._loop.time()), self._poll)
+
+    async def _appender(self) -> None:
+        node = self.node
+        while True:
+            await self._append_wake.wait()
+            self._append_wake.clear()
+            batches, self._pending = self._pending, []
+            self._pending_bytes = 0
+            self._drained.set()
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.add_reader(self._sock.fileno(), self._readable)
+            if not batches:
+                continue
+            async with node._append_lock:
+                ends = await self._loop.run_in_executor(node._io, self._store, batches)
+            node._ends.extend(ends)
+            self.stats["appended_batches"] += len(batches)
+            node._commit_moved()
+            node._held(node.held_seqno())
+
+    def _store(self, batches: list[Batch]) -> list[tuple[int, str, int]]:
+        log_ = self.node.log
+        ends = []
+        for batch in batches:
+            log_.append_batch(batch)
+            ends.append((batch.last_seqno, *log_.active_segment()))
+        return ends
+
+    async def _fetcher(self, stub: Any) -> None:
+        while True:
+            start, end = await self._gaps.get()
+            while (receiver := self._receiver) is not None:
+                start = max(start, receiver.next_seqno)
+                if start > end:
+                    break
+                while self._pending_bytes > MAX_PENDING_BYTES:  # the disk is behind
+                    self._drained.clear()
+                    await self._drained.wait()
+                request = pb.FetchRequest(
+                    from_seqno=start, to_seqno=end, max_bytes=FETCH_BYTES, include_uncommitted=True
+                )
+                response: pb.FetchResponse = await stub.Fetch(request, timeout=30)
+                batches = list(split_batches(response.batches))
+                if not batches:
+                    break
+                events = []
+                for batch in batches:
+                    self.stats["fetched_batches"] += 1
+                    events.extend(receiver.repaired(batch.data))
+                self._handle(events)
+                start = response.last_seqno + 1
+
+    async def _acks(self, call: Any) -> None:
+        while True:
+            hello = self._hello()
+            self._ack_wake.clear()
+            # Sent when the state moved, and unchanged as a keepalive: the leader counts
+            # a silent replica as out of sync.
+            await call.write(hello)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KEEPALIVE_S):
+                    await self._ack_wake.wait()
+
+    async def _responses(self, call: Any) -> None:
+        node = self.node
+        while isinstance(response := await call.read(), pb.ReplicateResponse):
+            session = response.session
+            current = node.session
+            if current is not None and (session.epoch, session.source_port) != (
+                current.epoch,
+                current.source_port,
+            ):
+                raise SessionEnded("the leader's stream changed")
+            if response.commit_seqno > node.leader_commit:
+                node.leader_commit = response.commit_seqno
+                node._commit_moved()
+                node._notify()
+            self.peers = [a for a in response.replica_addresses if a != node.address]
+        raise SessionEnded("the leader ended the Replicate stream")
+
+
+def _ipv4(text: str) -> str | None:
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None

@@ -1,0 +1,136 @@
+"""The rpc edge of replication: the leader's side of ``Replicate``, and ``Status``.
+
+A Replicate session: the replica's first message opens it (its id, address and where its
+log ends); the leader answers with its stream, commit and last seqno, its other replicas'
+addresses, its segment cast endpoint and — when the replica is behind the start of the
+active segment — the sealed segment files to catch up with. Then the replica streams its
+state (durable seqno: its ack) and the leader streams its commit seqno whenever it moves
+and at least every ``UPDATE_S``. A node that is not the leader refuses the session with
+FAILED_PRECONDITION naming the leader; a leader that stops leading ends it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from boomscooter.node.core import MAX_PRODUCER_ID_BYTES
+from boomscooter.storage.segment import parse_file_name
+from boomscooter.v1 import boomscooter_pb2 as pb
+
+if TYPE_CHECKING:
+    from boomscooter.node.leader import LeaderNode
+
+log = structlog.get_logger("boomscooter.rpc")
+
+UPDATE_S = 1.0
+_ROLES = {"leader": pb.ROLE_LEADER, "replica": pb.ROLE_REPLICA}
+
+
+def _response(node: LeaderNode, *, first: bool, replica_next: int) -> pb.ReplicateResponse:
+    from boomscooter.node.servicer import session_message
+
+    response = pb.ReplicateResponse(
+        session=session_message(node),
+        commit_seqno=node.commit_seqno,
+        last_seqno=node.log.last_seqno,
+        min_insync=node.tracker.min_insync,
+        replica_addresses=node.replicas.addresses(),
+        cast_address=node.cast_address,
+        first_seqno=node.log.first_seqno,
+    )
+    if first and node.cast_address:
+        files = node.log.segment_files()
+        active = parse_file_name(files[-1][0])
+        if active is not None and replica_next < active.base_seqno:
+            response.sealed_segments.extend(name for name, _ in files[:-1])
+    return response
+
+
+async def replicate(
+    node: LeaderNode, requests: AsyncIterator[pb.ReplicateRequest], context: Any
+) -> AsyncIterator[pb.ReplicateResponse]:
+    try:
+        hello = await anext(aiter(requests))
+    except StopAsyncIteration:
+        return
+    replica_id = hello.replica_id
+    if not replica_id or len(replica_id.encode()) > MAX_PRODUCER_ID_BYTES:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"replica_id must be 1 to {MAX_PRODUCER_ID_BYTES} bytes")  # fmt: skip
+    if not node.is_leader:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(node.not_leader()))
+    if hello.last_epoch > node.epoch:
+        log.warning("replica.newer_epoch", replica=replica_id, replica_epoch=hello.last_epoch,
+                    epoch=node.epoch)  # fmt: skip
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the replica holds epoch {hello.last_epoch}, above this leader's {node.epoch}: "
+            "this leader is stale",
+        )
+    node.replica_opened(replica_id, hello.address, hello.last_epoch)
+    epoch = node.epoch
+
+    async def read() -> None:
+        async for request in requests:
+            if request.replica_id == replica_id:
+                node.replica_acked(replica_id, request.durable_seqno, request.last_seqno,
+                                   request.last_epoch)  # fmt: skip
+
+    reader = asyncio.get_running_loop().create_task(read(), name=f"replicate-{replica_id}")
+    try:
+        yield _response(node, first=True, replica_next=hello.last_seqno + 1)
+        sent = (node.commit_seqno, node.log.last_seqno)
+        loop = asyncio.get_running_loop()
+        last_sent_at = loop.time()
+        while not reader.done():
+            await node.wait_change(UPDATE_S)
+            if not node.is_leader or node.epoch != epoch:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(node.not_leader()))
+            now_state = (node.commit_seqno, node.log.last_seqno)
+            if now_state[0] != sent[0] or loop.time() - last_sent_at >= UPDATE_S:
+                yield _response(node, first=False, replica_next=0)
+                sent, last_sent_at = now_state, loop.time()
+        with contextlib.suppress(asyncio.CancelledError):
+            reader.result()
+    finally:
+        reader.cancel()
+        node.replica_closed(replica_id)
+
+
+def status(node: LeaderNode) -> pb.StatusResponse:
+    response = pb.StatusResponse(
+        role=_ROLES.get(node.role, pb.ROLE_REPLICA),
+        node_id=node.node_id,
+        epoch=node.epoch,
+        first_seqno=node.log.first_seqno,
+        last_seqno=node.log.last_seqno,
+        commit_seqno=node.commit_seqno,
+        durable_seqno=node.log.durable_seqno,
+        leader_address=node.leader_address,
+        min_insync=node.tracker.min_insync,
+        log_bytes=node.log.total_bytes,
+        segment_count=node.log.segment_count,
+    )
+    if node.is_leader:
+        now = asyncio.get_running_loop().time()
+        last = node.log.last_seqno
+        for state in sorted(node.replicas.replicas.values(), key=lambda s: s.replica_id):
+            response.replicas.append(
+                pb.ReplicaStatus(
+                    replica_id=state.replica_id,
+                    address=state.address,
+                    connected=state.connected,
+                    durable_seqno=state.durable_seqno,
+                    lag_records=max(0, last - state.durable_seqno),
+                    last_ack_age_ms=int(max(0.0, now - state.last_ack_at) * 1000),
+                    in_sync=state.in_sync,
+                    last_seqno=state.last_seqno,
+                )
+            )
+    return response

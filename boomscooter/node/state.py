@@ -1,0 +1,58 @@
+"""A node's small persistent state, ``node.json`` in the data directory.
+
+``{"epoch": N, "peers": ["host:port", ...]}``: the highest epoch the node has taken or
+seen (a leader takes a new one at every start and a promoted replica one above all it
+knows, so no two incarnations ever write under the same epoch, whatever their logs hold),
+and the gRPC addresses of the other nodes of the log (a restarted leader asks them
+whether someone leads with a higher epoch before it accepts a write: fencing).
+Written atomically (temp file, fsync, rename, directory fsync); a missing file is a new
+node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from boomscooter.errors import StorageError
+from boomscooter.storage.segment import fsync_dir
+
+FILE_NAME = "node.json"
+
+
+@dataclass(slots=True)
+class NodeState:
+    epoch: int = 0
+    peers: list[str] = field(default_factory=list)
+
+
+def load_state(data_dir: str) -> NodeState:
+    path = os.path.join(data_dir, FILE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return NodeState()
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{path}: unreadable node state: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StorageError(f"{path}: node state is not a JSON object")
+    epoch, peers = raw.get("epoch", 0), raw.get("peers", [])
+    if not isinstance(epoch, int) or epoch < 0 or not isinstance(peers, list):
+        raise StorageError(f"{path}: malformed node state")
+    return NodeState(epoch, [p for p in peers if isinstance(p, str)])
+
+
+def save_state(data_dir: str, state: NodeState) -> None:
+    path = os.path.join(data_dir, FILE_NAME)
+    temp = path + ".tmp"
+    data = json.dumps({"epoch": state.epoch, "peers": sorted(set(state.peers))}).encode()
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    fsync_dir(data_dir)
