@@ -58,7 +58,13 @@ from boomscooter.client._produce_core import (
     _Default,
     check_entry,
 )
-from boomscooter.errors import ClientError, NotLeaderError, RequestError, ServerUnavailableError
+from boomscooter.errors import (
+    ClientError,
+    ConfigError,
+    NotLeaderError,
+    RequestError,
+    ServerUnavailableError,
+)
 from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Entry
 from boomscooter.v1 import boomscooter_pb2, boomscooter_pb2_grpc
 from bootcast.logs import get_logger
@@ -91,12 +97,15 @@ _Future = asyncio.Future
 class Producer:
     """An asyncio producer of one log (see the module docstring).
 
-    ``server`` is the leader's gRPC address ("host:port"). ``acks`` is ``"none"``,
-    ``"leader"`` or ``"quorum"``. A batch is sent when it holds ``max_batch_records``
-    records, would exceed ``max_batch_bytes`` encoded, or ``linger_ms`` after its first
-    record; at most ``max_in_flight`` batches are unacknowledged at once, and ``send``
-    waits (backpressure) while one more is waiting. ``channel`` is the default record
-    channel. Use it as ``async with Producer(...) as p:`` (exit flushes and closes).
+    ``server`` is the leader's gRPC address ("host:port"), or several nodes of the log
+    separated by commas: when the current one cannot be reached the producer tries the
+    next, and a replica's NOT_LEADER answer redirects it to the leader (failover).
+    ``acks`` is ``"none"``, ``"leader"`` or ``"quorum"``. A batch is sent when it holds
+    ``max_batch_records`` records, would exceed ``max_batch_bytes`` encoded, or
+    ``linger_ms`` after its first record; at most ``max_in_flight`` batches are
+    unacknowledged at once, and ``send`` waits (backpressure) while one more is waiting.
+    ``channel`` is the default record channel. Use it as ``async with Producer(...) as p:``
+    (exit flushes and closes).
     """
 
     def __init__(
@@ -122,8 +131,11 @@ class Producer:
             retry_timeout_s=retry_timeout_s,
         )
         self.producer_id = producer_id if producer_id is not None else uuid.uuid4().hex
+        self.servers = [a.strip() for a in server.split(",") if a.strip()]
+        if not self.servers:
+            raise ConfigError("a producer needs a server address (host:port)")
         self.server = server
-        self.address = server  # where the stream goes now (a redirect changes it)
+        self.address = self.servers[0]  # where the stream goes now (a redirect changes it)
         self.default_channel = channel
         self._channel_options = list(channel_options)
         self._core: ProduceCore[Handle] = ProduceCore(self.settings)
@@ -464,6 +476,12 @@ class Producer:
                 continue
             else:
                 self._log.info("producer.disconnected", address=self.address, error=str(error))
+                if len(self.servers) > 1 and isinstance(error, ServerUnavailableError):
+                    # Unreachable (the leader died?): ask the next node; a replica's
+                    # NOT_LEADER answer then points at whoever leads now.
+                    at = self.servers.index(self.address) if self.address in self.servers else -1
+                    self.address = self.servers[(at + 1) % len(self.servers)]
+                    await self._close_channel()
             self._complete_all(core.expire(now, str(error)))
             if not core.queued and not core.in_flight:
                 continue

@@ -59,6 +59,9 @@ class SegmentState:
     index: SegmentIndex
 
 
+NODE_FILE_PREFIXES = (".", "producers.journal", "node.json")
+
+
 def lock_directory(directory: str) -> int:
     """Take the writer's ``flock`` on ``boomscooter.lock``; returns its descriptor."""
     fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -217,8 +220,8 @@ class Recovery:
         bases: list[int] = []
         indexes: list[tuple[int, str]] = []
         for name in sorted(os.listdir(self.directory)):
-            if name == LOCK_FILE:
-                continue
+            if name == LOCK_FILE or name.startswith(NODE_FILE_PREFIXES):
+                continue  # the node's own files (journal, node state, catch-up temp files)
             path = os.path.join(self.directory, name)
             parsed = parse_file_name(name)
             if parsed is None or not os.path.isfile(path):
