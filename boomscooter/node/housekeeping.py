@@ -10,6 +10,7 @@ many at once, fetches whole segments through one multicast cast each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,10 +61,13 @@ async def start_segment_casts(node: LeaderNode) -> None:
         port=port,
         interface=config.interface,
         ttl=config.ttl,
+        page_size=config.page_size_bytes,  # the stream's page size fits this network too
         prehash_bytes=0,
         path_prefix=SEGMENT_PREFIX,
         allow=node.sealed_segment,
     )
+    if config.rate_mbit > 0:
+        serve = dataclasses.replace(serve, rate_mbit=config.rate_mbit)
     node.cast_server, node.cast_runner, node.cast_port = await bserver.start_server(serve)
     if host in ("0.0.0.0", "::"):  # bound to any: name the host replicas reach us at
         host = node.address.rpartition(":")[0] or "127.0.0.1"
