@@ -31,7 +31,7 @@ from boomscooter import cli
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "boomscooter.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-SUBCOMMANDS = ["leader", "produce", "subscribe", "status", "demo"]
+SUBCOMMANDS = ["leader", "replica", "promote", "produce", "subscribe", "status", "demo"]
 
 # What the fixture produces: (stdin, --channel) per `produce` run.
 PRODUCE_RUNS: list[tuple[bytes, str | None]] = [
@@ -494,6 +494,8 @@ def test_demo_exits_0_and_says_exactly_once() -> None:
     out = result.stdout.decode()
     assert "exactly once" in out
     assert "20000 records" in out
+    assert "the three logs are identical" in out
+    assert out.count("@replica-") >= 4  # subscribers and file readers on both replicas
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -498,6 +498,8 @@ class LeaderNode:
         from boomscooter.node import housekeeping
 
         role = self.role
+        if role == "stopped":
+            return
         housekeeping.stop(self)
         await self._stop_following()
         if self.grpc_server is not None:
@@ -514,6 +516,7 @@ class LeaderNode:
         async with self._append_lock:
             await self._loop.run_in_executor(self._io, self._close_storage)
         self._io.shutdown(wait=True)
+        self.role = "stopped"
         log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=self.commit_seqno)
 
     def _close_storage(self) -> None:
