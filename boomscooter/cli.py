@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="copies that commit from now on (default: as before)",
     )
     promote.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even though the current leader still answers (a planned switchover; "
+        "records it commits before it notices the new epoch may be lost)",
+    )
 
     produce = sub.add_parser(
         "produce",

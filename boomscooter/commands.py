@@ -69,7 +69,7 @@ async def run_promote(args: argparse.Namespace) -> int:
     try:
         stub = pb_grpc.BoomscooterStub(channel)
         try:
-            request = pb.PromoteRequest(min_insync=args.min_insync or 0)
+            request = pb.PromoteRequest(min_insync=args.min_insync or 0, force=args.force)
             done = await stub.Promote(request, timeout=args.timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, address=args.server) from None
@@ -265,14 +265,17 @@ async def run_status(args: argparse.Namespace) -> int:
         "log_bytes": status.log_bytes,
         "segment_count": status.segment_count,
         "replicas": replicas,
+        "counters": dict(sorted(status.counters.items())),
     }
     if args.json:
         print(json.dumps(fields))
     else:
         width = max(len(k) for k in fields)
         for key, value in fields.items():
-            if key != "replicas":
+            if key not in ("replicas", "counters"):
                 print(f"{key:<{width}}  {value}")
+        counters = " ".join(f"{k}={v}" for k, v in fields["counters"].items())
+        print(f"{'counters':<{width}}  {counters or 'none'}")
         print(f"{'replicas':<{width}}  {len(replicas) or 'none'}")
         for r in replicas:
             print(

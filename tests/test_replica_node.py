@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +217,23 @@ async def test_promote_then_the_old_leader_is_fenced_and_converges(cluster: Star
     assert log_bytes(old) == log_bytes(r1)
     response = await _produce_raw(old.address, pb.ACK_LEVEL_LEADER)
     assert response.error.leader_address == r1.address
+
+
+async def test_promote_refuses_while_the_leader_answers_unless_forced(cluster: Start) -> None:
+    leader = await cluster("leader")
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        stub = pb_grpc.BoomscooterStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Promote(pb.PromoteRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "still answers" in (info.value.details() or "")
+        assert replica.role == "replica" and replica.follower is not None
+        done = await stub.Promote(pb.PromoteRequest(force=True), timeout=10)
+    assert done.epoch == leader.epoch + 1 and replica.is_leader
+    # The old leader notices the higher epoch (its fencing check) and follows.
+    await wait_for(lambda: leader.role == "replica", 10, "old leader fenced")
+    assert leader.leader_address == replica.address
+    status = await _status(replica.address)
+    assert status.counters["batches"] == 0 and "pages_sent" in status.counters

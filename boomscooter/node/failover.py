@@ -165,7 +165,7 @@ def _append_all(node: LeaderNode, batches: list[Batch]) -> None:
 # -- promotion --------------------------------------------------------------------------------
 
 
-async def promote(node: LeaderNode, min_insync: int = 0) -> dict[str, int]:
+async def promote(node: LeaderNode, min_insync: int = 0, *, force: bool = False) -> dict[str, int]:
     if node.is_leader:
         raise RequestError(f"{node.address} is already the leader", code="FAILED_PRECONDITION")
     if node.role != "replica":
@@ -174,8 +174,19 @@ async def promote(node: LeaderNode, min_insync: int = 0) -> dict[str, int]:
     learned_insync = follower.min_insync if follower is not None else 0
     peers = set(node.state.peers) | (set(follower.peers) if follower is not None else set())
     peers.discard(node.address)
-    await node._stop_following()
+    if node.leader_address:
+        peers.add(node.leader_address)
     answers = await survey(peers)
+    alive = [a for a, s in answers.items() if s.role == pb.ROLE_LEADER and s.epoch >= node.epoch]
+    if alive and not force:
+        raise RequestError(
+            f"the leader {alive[0]} still answers: promotion is for a failed leader (stop it "
+            "first, or force a switchover and accept that records it commits in the next "
+            "seconds, before it notices the new epoch, may be lost)",
+            code="FAILED_PRECONDITION",
+        )
+    await node._stop_following()
+    answers = await survey(peers)  # again: nothing moves on this node any more
     gathered = 0
     for address, status in sorted(answers.items(), key=lambda kv: -kv[1].last_seqno):
         if status.last_seqno <= node.log.last_seqno:

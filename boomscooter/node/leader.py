@@ -426,11 +426,11 @@ class LeaderNode:
             follower, self.follower = self.follower, None
             await follower.stop()
 
-    async def promote(self, min_insync: int = 0) -> dict[str, int]:
+    async def promote(self, min_insync: int = 0, *, force: bool = False) -> dict[str, int]:
         """Manual failover (see :func:`boomscooter.node.failover.promote`)."""
         from boomscooter.node import failover
 
-        return await failover.promote(self, min_insync)
+        return await failover.promote(self, min_insync, force=force)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -117,6 +117,16 @@ def status(node: LeaderNode) -> pb.StatusResponse:
         log_bytes=node.log.total_bytes,
         segment_count=node.log.segment_count,
     )
+    follower = node.follower
+    if follower is not None and follower.min_insync:
+        response.min_insync = follower.min_insync  # the leader's setting
+    counters = dict(node.counters)
+    if follower is not None:
+        counters.update(follower.stats)
+    if node.sender is not None:
+        counters.update(pages_sent=node.sender.pages_sent, bytes_sent=node.sender.bytes_sent)
+    for name, value in counters.items():
+        response.counters[name] = value
     if node.is_leader:
         now = asyncio.get_running_loop().time()
         last = node.log.last_seqno

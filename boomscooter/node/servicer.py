@@ -363,7 +363,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
     async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.PromoteResponse:
         log.warning("rpc.promote", peer=context.peer(), min_insync=request.min_insync)
         try:
-            done = await self.node.promote(request.min_insync)
+            done = await self.node.promote(request.min_insync, force=request.force)
         except BoomscooterError as exc:
             await self._abort(context, exc)
         return pb.PromoteResponse(**done)

@@ -922,6 +922,26 @@ class StatusResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROLE_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
@@ -934,6 +954,7 @@ class StatusResponse(_message.Message):
     REPLICAS_FIELD_NUMBER: _builtins.int
     LOG_BYTES_FIELD_NUMBER: _builtins.int
     SEGMENT_COUNT_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Leader or replica."""
     node_id: _builtins.str
@@ -962,6 +983,13 @@ class StatusResponse(_message.Message):
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
         """The leader's replicas (empty on a replica)."""
 
+    @_builtins.property
+    def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The node's counters by name (batches and records appended, duplicates, rejected
+        batches; on a replica: sessions, pages, gaps, fetched_batches, truncations,
+        segments_cast, segment_cast_bytes; on the leader: pages_sent, bytes_sent).
+        """
+
     def __init__(
         self,
         *,
@@ -977,10 +1005,11 @@ class StatusResponse(_message.Message):
         replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
         log_bytes: _builtins.int = ...,
         segment_count: _builtins.int = ...,
+        counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_seqno", b"commit_seqno", "durable_seqno", b"durable_seqno", "epoch", b"epoch", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "leader_address", b"leader_address", "log_bytes", b"log_bytes", "min_insync", b"min_insync", "node_id", b"node_id", "replicas", b"replicas", "role", b"role", "segment_count", b"segment_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_seqno", b"commit_seqno", "counters", b"counters", "durable_seqno", b"durable_seqno", "epoch", b"epoch", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "leader_address", b"leader_address", "log_bytes", b"log_bytes", "min_insync", b"min_insync", "node_id", b"node_id", "replicas", b"replicas", "role", b"role", "segment_count", b"segment_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -995,15 +1024,23 @@ class PromoteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MIN_INSYNC_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     min_insync: _builtins.int
+    force: _builtins.bool
+    """Promote even though the current leader still answers (a planned switchover). Without
+    it such a promotion fails with FAILED_PRECONDITION: until the old leader notices the
+    new epoch (within seconds), it and the replicas still following it could commit records
+    the new leader never gets.
+    """
     def __init__(
         self,
         *,
         min_insync: _builtins.int = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_insync", b"min_insync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "min_insync", b"min_insync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
