@@ -58,13 +58,8 @@ from boomscooter.client._produce_core import (
     _Default,
     check_entry,
 )
-from boomscooter.errors import (
-    ClientError,
-    ConfigError,
-    NotLeaderError,
-    RequestError,
-    ServerUnavailableError,
-)
+from boomscooter.client._servers import ServerList, ask_leader
+from boomscooter.errors import ClientError, NotLeaderError, RequestError, ServerUnavailableError
 from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Entry
 from boomscooter.v1 import boomscooter_pb2, boomscooter_pb2_grpc
 from bootcast.logs import get_logger
@@ -131,11 +126,9 @@ class Producer:
             retry_timeout_s=retry_timeout_s,
         )
         self.producer_id = producer_id if producer_id is not None else uuid.uuid4().hex
-        self.servers = [a.strip() for a in server.split(",") if a.strip()]
-        if not self.servers:
-            raise ConfigError("a producer needs a server address (host:port)")
+        self._servers = ServerList(server)
         self.server = server
-        self.address = self.servers[0]  # where the stream goes now (a redirect changes it)
+        self.address = self._servers.current  # where the stream goes (a redirect changes it)
         self.default_channel = channel
         self._channel_options = list(channel_options)
         self._core: ProduceCore[Handle] = ProduceCore(self.settings)
@@ -463,10 +456,10 @@ class Producer:
             error = end.error
             address = end.address
             if address is None and isinstance(error, NotLeaderError):
-                address = await self._ask_leader()
+                address = await ask_leader(self._channel_for(self.address))
             if address is not None and address != self.address:
                 self._log.info("producer.redirected", address=address, previous=self.address)
-                self.address = address
+                self.address = self._servers.current = address
                 await self._close_channel()
             elif not error.retriable:
                 # The stream as a whole was refused (e.g. UNIMPLEMENTED): the same request
@@ -476,11 +469,10 @@ class Producer:
                 continue
             else:
                 self._log.info("producer.disconnected", address=self.address, error=str(error))
-                if len(self.servers) > 1 and isinstance(error, ServerUnavailableError):
-                    # Unreachable (the leader died?): ask the next node; a replica's
-                    # NOT_LEADER answer then points at whoever leads now.
-                    at = self.servers.index(self.address) if self.address in self.servers else -1
-                    self.address = self.servers[(at + 1) % len(self.servers)]
+                # Unreachable (the leader died?): ask the next listed node; a replica's
+                # NOT_LEADER answer then points at whoever leads now.
+                if isinstance(error, ServerUnavailableError) and self._servers.rotate():
+                    self.address = self._servers.current
                     await self._close_channel()
             self._complete_all(core.expire(now, str(error)))
             if not core.queued and not core.in_flight:
@@ -491,16 +483,6 @@ class Producer:
                 delay = min(delay, max(0.0, deadline - now))
             await asyncio.sleep(delay)
             self._complete_all(core.expire(time.monotonic(), str(error)))
-
-    async def _ask_leader(self) -> str | None:
-        """After a call-level FAILED_PRECONDITION (a replica without in-band answers): the
-        node's Status names the leader, if it knows one."""
-        try:
-            stub = boomscooter_pb2_grpc.BoomscooterStub(self._channel_for(self.address))
-            status = await stub.Status(boomscooter_pb2.StatusRequest(), timeout=5.0)
-        except grpc.aio.AioRpcError:
-            return None
-        return status.leader_address or None
 
     async def _session(self) -> None:
         """One Produce stream: write queued batches while the window has room; a reader
