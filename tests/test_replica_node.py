@@ -63,7 +63,8 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -
 
 
 def log_bytes(node: LeaderNode) -> bytes:
-    return b"".join(b.data for b in node.log.read_batches(1, max_bytes=1 << 30))
+    first = node.log.first_seqno
+    return b"".join(b.data for b in node.log.read_batches(first, max_bytes=1 << 30))
 
 
 async def produce(servers: str, count: int, *, prefix: bytes = b"r") -> list[int]:
@@ -237,3 +238,17 @@ async def test_promote_refuses_while_the_leader_answers_unless_forced(cluster: S
     assert leader.leader_address == replica.address
     status = await _status(replica.address)
     assert status.counters["batches"] == 0 and "pages_sent" in status.counters
+
+
+async def test_an_empty_replica_of_a_trimmed_log_starts_where_the_leader_does(
+    cluster: Start,
+) -> None:
+    leader = await cluster("leader", segment_bytes=64 << 10, retention_bytes=128 << 10)
+    await produce(leader.address, 20_000)
+    await leader.apply_retention()
+    first = leader.log.first_seqno
+    assert first > 1
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: replica.log.last_seqno == 20_000, 15, "replica caught up")
+    assert replica.log.first_seqno == first
+    assert log_bytes(replica) == log_bytes(leader)

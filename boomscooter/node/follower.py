@@ -40,7 +40,9 @@ from boomscooter.node import failover
 from boomscooter.node.core import StreamSession
 from boomscooter.node.replication import CommonPoint
 from boomscooter.node.state import NodeState, save_state
+from boomscooter.storage import SegmentedLog
 from boomscooter.storage.batch import Batch, split_batches
+from boomscooter.storage.recovery import create_segment
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES, fd_reader, parse_file_name
 from boomscooter.storage.segment import read_batches as read_segment_batches
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
@@ -219,8 +221,31 @@ class Follower:
                  leader_last=first.last_seqno, commit=first.commit_seqno,
                  last_seqno=node.log.last_seqno)  # fmt: skip
 
+    async def _rebase(self, base: int) -> None:
+        """An empty replica of a log whose start was deleted by retention: its log starts
+        where the leader's does (an empty segment named by that base)."""
+        node = self.node
+        directory = node.config.data_dir
+
+        def work() -> SegmentedLog:
+            config = node.log.config
+            node.log.close()
+            for name in os.listdir(directory):
+                if parse_file_name(name) is not None:
+                    os.unlink(os.path.join(directory, name))
+            os.close(create_segment(directory, base, sync=True))
+            return SegmentedLog.open(directory, config)
+
+        async with node._append_lock:
+            node.log = await asyncio.to_thread(work)
+            node.log.on_durable = node._durable_from_thread
+            node._committed_end = node.log.active_segment()
+        log.info("replica.rebased", first_seqno=base)
+
     async def _reconcile(self, stub: Any, leader_first: int) -> None:
         node = self.node
+        if node.log.last_seqno == 0 and node.log.next_seqno < leader_first:
+            await self._rebase(leader_first)
         floor = max(leader_first, node.log.first_seqno) - 1
         search = CommonPoint(node.log.last_seqno, floor=max(floor, 0))
         while (seqno := search.probe()) is not None:

@@ -497,7 +497,7 @@ class LeaderNode:
         """Stop serving, let the sender drain, close the log (fsyncing it)."""
         from boomscooter.node import housekeeping
 
-        role = self.role
+        role, commit = self.role, self.commit_seqno
         if role == "stopped":
             return
         housekeeping.stop(self)
@@ -517,7 +517,7 @@ class LeaderNode:
             await self._loop.run_in_executor(self._io, self._close_storage)
         self._io.shutdown(wait=True)
         self.role = "stopped"
-        log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=self.commit_seqno)
+        log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=commit)
 
     def _close_storage(self) -> None:
         try:
