@@ -200,6 +200,13 @@ async def test_promote_then_the_old_leader_is_fenced_and_converges(cluster: Star
     await wait_for(lambda: leader.replicas.in_sync_copies() == 3, 10, "replicas in sync")
     await wait_for(lambda: len(r1.follower.peers) == 1, 10, "replicas know each other")
     servers = ",".join(n.address for n in (leader, r1, r2))
+
+    async def follow(mode: str) -> list[int]:
+        async with Subscriber(servers, start=1, count=5000, mode=mode) as sub:
+            return [r.seqno async for r in sub]
+
+    # Subscribers on the leader, given every node: they fail over with it.
+    subscribers = [asyncio.create_task(follow(m)) for m in ("multicast", "unicast")]
     before = await produce(servers, 3000, prefix=b"before")
     old_epoch, old_address = leader.epoch, leader.address
     await leader.stop(grace_s=0.1)
@@ -211,6 +218,8 @@ async def test_promote_then_the_old_leader_is_fenced_and_converges(cluster: Star
                    and r2.session.epoch == r1.epoch, 15, "r2 follows r1")  # fmt: skip
     after = await produce(servers, 2000, prefix=b"after")
     assert min(after) == max(before) + 1 and sorted(after) == list(range(3001, 5001))
+    for seen in await asyncio.wait_for(asyncio.gather(*subscribers), 60):
+        assert seen == list(range(1, 5001))
     # The old leader returns with its own command line: it sees the higher epoch, follows.
     old = await cluster("leader", min_insync=2, listen=old_address)
     assert old.role == "replica" and old.leader_address == r1.address

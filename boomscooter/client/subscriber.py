@@ -42,9 +42,10 @@ from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
 from boomscooter.client._retry import Retry
 from boomscooter.client._rpc import create_channel
+from boomscooter.client._servers import ServerList
 from boomscooter.client._unicast import UnicastEngine
 from boomscooter.client.delivery import Delivery
-from boomscooter.errors import ConfigError, TrimmedError
+from boomscooter.errors import ConfigError, ServerUnavailableError, TrimmedError
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -89,7 +90,8 @@ class Subscriber:
             raise ConfigError("count must be at least 1")
         if until is not None and until < 1:
             raise ConfigError("until must be at least 1")
-        self.server = server
+        self._servers = ServerList(server)
+        self.server = self._servers.current  # the node followed now (failover moves it)
         self.start = start
         self.start_time_ms = start_time_ms
         self.until = until
@@ -100,7 +102,12 @@ class Subscriber:
         self.data_dir = data_dir
         self.min_interval_ms = min_interval_ms
         self.multicast_timeout_s = multicast_timeout_s
-        self.server_timeout_s = server_timeout_s
+        # With several nodes, a silent one is given up sooner: another can serve.
+        self.server_timeout_s = (
+            server_timeout_s
+            if len(self._servers.servers) == 1
+            else max(2.0, server_timeout_s / len(self._servers.servers))
+        )
         self.subscriber_id = subscriber_id
         # For tests: multicast datagrams for which it returns False are dropped (as lost).
         self.page_filter = page_filter
@@ -178,13 +185,37 @@ class Subscriber:
 
     async def _run(self) -> None:
         try:
-            await self._subscribe()
+            await self._follow_servers()
             await self._queue.put(_END)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("subscriber.failed", error=str(exc), kind=type(exc).__name__)
             await self._queue.put(exc)
+
+    async def _follow_servers(self) -> None:
+        """Subscribe on the current node; when it stays unreachable and other nodes were
+        given, go on from the next delivery seqno on the next node (failover). Gives up
+        after a whole round of the nodes without a record delivered."""
+        tried, progress = 0, -1
+        while True:
+            try:
+                await self._subscribe()
+                return
+            except ServerUnavailableError as exc:
+                delivered = self.delivery.next_seqno if self.delivery is not None else 0
+                tried = 0 if delivered != progress else tried + 1
+                progress = delivered
+                if self.mode == "notifications" or tried >= len(self._servers.servers):
+                    raise
+                if not self._servers.rotate():
+                    raise
+                log.warning("subscriber.failover", previous=self.server,
+                            server=self._servers.current, error=str(exc))  # fmt: skip
+                self.server = self._servers.current
+                if self._channel is not None:
+                    await self._channel.close()
+                self._channel = create_channel(self.server)
 
     async def _handshake(self, stub: Any) -> pb.HandshakeResponse:
         retry = Retry(self.server_timeout_s, address=self.server, connecting=True)
@@ -234,11 +265,14 @@ class Subscriber:
         assert self._channel is not None
         stub = pb_grpc.BoomscooterStub(self._channel)
         hello = await self._handshake(stub)
-        start = await self._start_seqno(stub, hello)
-        count = self.count
-        self.delivery = delivery = Delivery(
-            start, until=self.until, count=count, channel=self.channel
-        )
+        if self.delivery is None:
+            start = await self._start_seqno(stub, hello)
+            self.delivery = Delivery(start, until=self.until, count=self.count,
+                                     channel=self.channel)  # fmt: skip
+        else:  # failed over: go on where delivery stands; what was not committed may change
+            start = self.delivery.next_seqno
+            self.delivery.drop_uncommitted()
+        delivery = self.delivery
         log.info("subscriber.started", server=self.server, mode=self.mode, start=start)
         mode = self.mode
         if mode == "multicast" and not hello.session.group:
