@@ -66,6 +66,7 @@ bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.storage_bench
 	$(BIN)/python -m bench.log_bench
 	$(BIN)/python -m bench.log_producer
+	$(BIN)/python -m bench.replication_bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -64,6 +64,7 @@ class NodeProcess:
     log: list[dict[str, Any]] = field(default_factory=list)
     started: dict[str, Any] = field(default_factory=dict)
     _drain: threading.Thread | None = None
+    _signalled: bool = False
 
     def start(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Start the node; return its ``leader.started`` / ``replica.started`` event."""
@@ -116,14 +117,21 @@ class NodeProcess:
     def tail(self, lines: int = 15) -> str:
         return "\n".join(json.dumps(e) for e in list(self.log)[-lines:])
 
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (once: :meth:`stop` then only waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signalled = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
     def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
         """Stop the node (SIGKILL if it does not end within ``timeout_s``); its exit code."""
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+            if not self._signalled:  # a second SIGTERM after the loop closed would kill it
+                self.send_signal(signum)
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -140,6 +148,9 @@ class NodeProcess:
 class Cluster:
     """The nodes of one test; ``with Cluster() as c:`` stops all of them on the way out."""
 
+    log_dir: Path | None = None
+    """Where each node's log is written as ``<name>.jsonl`` once it stopped (for a
+    failure's post-mortem: pytest keeps the last runs' ``tmp_path``)."""
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def add(self, node: NodeProcess) -> NodeProcess:
@@ -149,10 +160,13 @@ class Cluster:
     def stop_all(self) -> dict[str, int | None]:
         """SIGTERM every node at once, then wait for each; their exit codes by name."""
         for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    node.proc.terminate()
-        return {node.name: node.stop() for node in self.nodes}
+            node.send_signal()
+        codes = {node.name: node.stop() for node in self.nodes}
+        if self.log_dir is not None:
+            for node in self.nodes:
+                lines = (json.dumps(event) + "\n" for event in node.log)
+                (self.log_dir / f"{node.name}.jsonl").write_text("".join(lines))
+        return codes
 
     def __enter__(self) -> Cluster:
         return self
@@ -201,7 +215,8 @@ def wait_status(
     prefix: Sequence[str] = (),
     every_s: float = 0.5,
 ) -> dict[str, Any]:
-    """Poll :func:`status` until ``predicate`` holds; the status that satisfied it."""
+    """Poll :func:`status` until ``predicate`` holds; the status that satisfied it. (Each
+    poll starts a Python process: about a second of CPU.)"""
     deadline = time.monotonic() + timeout_s
     while True:
         current = status(server, prefix)
@@ -255,10 +270,10 @@ def segment_digests(data_dir: Path) -> dict[str, str]:
     return out
 
 
-def read_payloads(data_dir: Path) -> dict[int, bytes]:
-    """Every record of a (stopped) node's log: payload by seqno."""
+def read_payloads(data_dir: Path, from_seqno: int | None = None) -> dict[int, bytes]:
+    """The records of a (stopped) node's log from ``from_seqno`` on: payload by seqno."""
     out: dict[int, bytes] = {}
-    with LogReader(data_dir) as reader:
+    with LogReader(data_dir, from_seqno=from_seqno) as reader:
         while records := reader.read():
             for record in records:
                 out[record.seqno] = bytes(record.payload)

@@ -17,9 +17,11 @@ test process, SIGKILLs, a manual failover with ``boomscooter promote``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,12 +30,14 @@ from replication_support import (
     ProducerRun,
     SubscriberRun,
     check_contiguous,
-    check_exactly_once,
     check_identical_logs,
+    check_stored,
     cli,
     cluster,
     free_port,
     in_sync,
+    produce_raw,
+    raw_batch,
     replica_view,
     segment_bytes,
     status,
@@ -53,7 +57,7 @@ pytestmark = pytest.mark.slow
 QUORUM_OPTIONS = ("--min-insync", "2", "--fsync", "always")
 
 
-def all_in_sync(*replicas: Node) -> object:
+def all_in_sync(*replicas: Node) -> Callable[[pb.StatusResponse], bool]:
     checks = [in_sync(r) for r in replicas]
     return lambda s: all(check(s) for check in checks)
 
@@ -73,12 +77,28 @@ def check_subscriber(run: SubscriberRun, log_records: list[Record]) -> None:
     assert run.records == log_records[: len(run.records)], f"{run.node.name}: not the log"
 
 
-def producer_runs(nodes: tuple[Node, ...], per_producer: int, **options: object) -> list[ProducerRun]:
+def producer_runs(nodes: tuple[Node, ...], per_producer: int) -> list[ProducerRun]:
+    """Two producers at ``acks=quorum`` given every node's address."""
     servers = ",".join(n.address for n in nodes)
     return [
-        ProducerRun(name, Producer(servers, acks="quorum", **options), per_producer)  # type: ignore[arg-type]
+        ProducerRun(
+            name, Producer(servers, acks="quorum", linger_ms=5, retry_timeout_s=60), per_producer
+        )
         for name in ("p0", "p1")
     ]
+
+
+def acked(runs: list[ProducerRun]) -> int:
+    return sum(len(r.acked) for r in runs)
+
+
+async def wait_acked(runs: list[ProducerRun], at_least: int, what: str) -> None:
+    await wait_for(lambda: acked(runs) >= at_least, 60, what)
+
+
+def producing(runs: list[ProducerRun]) -> asyncio.Future[list[None]]:
+    """Both producers at about 5k records/s each (the crashes must come under load)."""
+    return asyncio.gather(*(r.run(per_tick=100, tick_s=0.02) for r in runs))
 
 
 # -- 1. a replica SIGKILLed and restarted five times under load -------------------------------
@@ -88,29 +108,34 @@ KILLS = 5
 
 
 async def test_replica_crashes_under_load_lose_nothing(tmp_path: Path) -> None:
-    leader, steady, crashing = three_nodes(tmp_path, *QUORUM_OPTIONS)
+    # 1 MiB segments: the log (about 5 MB) rolls several times, crashes or not.
+    leader, steady, crashing = three_nodes(tmp_path, *QUORUM_OPTIONS, "--segment-bytes", "1048576")
     rng = random.Random()
     with cluster(leader, steady, crashing):
         await leader.start()
         await asyncio.gather(steady.start(), crashing.start())
-        await wait_status(leader.address, all_in_sync(steady, crashing), 20, "both in sync")  # type: ignore[arg-type]
-        runs = producer_runs((leader, steady, crashing), TOTAL // 2, linger_ms=5,
-                             retry_timeout_s=60)  # fmt: skip
+        await wait_status(leader.address, all_in_sync(steady, crashing), 20, "both in sync")
+        runs = producer_runs((leader, steady, crashing), TOTAL // 2)
         restarts = 0
-        # Sending pauses near the end until every crash happened: the crashes are under load.
+        kill_points: list[int] = []
+
+        def may_send(run: ProducerRun) -> bool:
+            # Sending pauses near the end until every crash happened: all come under load.
+            return restarts >= KILLS or run.sent < 0.9 * run.total
+
         for run in runs:
-            run.gate = lambda r=run: restarts >= KILLS or r.sent < 0.9 * r.total  # type: ignore[misc]
-        acked = lambda: sum(len(r.acked) for r in runs)  # noqa: E731
+            run.gate = functools.partial(may_send, run)
         subs = (
             SubscriberRun(leader, "multicast"),
             SubscriberRun(steady, "unicast"),
             SubscriberRun(crashing, "multicast"),
         )
         async with subscribers(*subs), runs[0].producer, runs[1].producer:
-            producing = asyncio.gather(*(r.run(per_tick=100, tick_s=0.02) for r in runs))
+            sending = producing(runs)
             try:
                 for kill in range(KILLS):
-                    await wait_for(lambda k=kill: acked() >= (k + 1) * TOTAL // 7, 60, "acks")  # type: ignore[misc]
+                    await wait_acked(runs, (kill + 1) * TOTAL // 7, f"acks before crash {kill}")
+                    kill_points.append(acked(runs))
                     await crashing.kill()
                     await subs[2].stop()  # its server is gone; resumes after the last delivered
                     await asyncio.sleep(rng.uniform(0.1, 0.6))
@@ -118,9 +143,9 @@ async def test_replica_crashes_under_load_lose_nothing(tmp_path: Path) -> None:
                     subs[2].start()
                     await crashing.wait_event("replica.session", 20)
                     restarts += 1
-                await asyncio.wait_for(producing, 120)
+                await asyncio.wait_for(sending, 120)
             finally:
-                producing.cancel()
+                sending.cancel()
             for run in runs:
                 assert not run.failed, f"{run.name}: {run.failed[:3]}"
                 assert len(run.acked) == run.total
@@ -130,14 +155,19 @@ async def test_replica_crashes_under_load_lose_nothing(tmp_path: Path) -> None:
             await wait_for(lambda: all(len(s.records) >= TOTAL or s.error for s in subs), 60,
                            "subscribers to deliver everything")  # fmt: skip
         assert crashing.starts == KILLS + 1
+        # Every crash came under load, and every restart recovered what it had stored.
+        assert max(kill_points) < TOTAL, kill_points
+        recovered = [e["last_seqno"] for e in crashing.events("replica.started")]
+        assert recovered == sorted(recovered) and recovered[1] > 0, recovered
         assert len(crashing.events("replica.session")) >= KILLS + 1
         for node in (leader, steady, crashing):
             assert await node.stop() == 0, node.stderr_tail()
 
     records = check_identical_logs(leader.data_dir, steady.data_dir, crashing.data_dir)
     assert len(records) == TOTAL
-    check_exactly_once(records, runs)
+    check_stored(records, runs, exactly_once=True)
     segments = segment_bytes(leader.data_dir)
+    assert len(segments) > 3
     assert segment_bytes(steady.data_dir) == segments
     assert segment_bytes(crashing.data_dir) == segments
     for sub in subs:
@@ -156,14 +186,13 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
     with cluster(old, new, other):
         first = await old.start()
         await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), 20, "both in sync")  # type: ignore[arg-type]
-        runs = producer_runs((old, new, other), 10**9, linger_ms=5, retry_timeout_s=60)
-        acked = lambda: sum(len(r.acked) for r in runs)  # noqa: E731
+        await wait_status(old.address, all_in_sync(new, other), 20, "both in sync")
+        runs = producer_runs((old, new, other), 10**9)  # until stopped
         subs = (SubscriberRun(new, "multicast"), SubscriberRun(other, "unicast"))
         async with subscribers(*subs), runs[0].producer, runs[1].producer:
-            producing = asyncio.gather(*(r.run(per_tick=100, tick_s=0.02) for r in runs))
+            sending = producing(runs)
             try:
-                await wait_for(lambda: acked() >= 20_000, 60, "acks before the kill")
+                await wait_acked(runs, 20_000, "acks before the kill")
                 await old.kill()
                 acked_before = {seqno: p for r in runs for seqno, p in r.acked.items()}
                 promoted = await cli("promote", "--server", new.address)
@@ -174,8 +203,7 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                 assert f"leads at epoch {epoch}" in promoted.stdout.decode()
                 # Nothing acked at quorum is lost: the new leader holds it all already.
                 assert event["last_seqno"] >= max(acked_before)
-                resumed_at = acked()
-                await wait_for(lambda: acked() >= resumed_at + 20_000, 60, "acks after promote")
+                await wait_acked(runs, acked(runs) + 20_000, "acks after the promotion")
                 # The old leader returns with its own command line: it must follow.
                 await old.start()
                 await wait_for(
@@ -183,17 +211,22 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                     20,
                     "the old leader fenced",
                 )
-                fenced = await status(old.address)
-                assert fenced.role == pb.ROLE_REPLICA, fenced
-                assert fenced.epoch == epoch and fenced.leader_address == new.address
-                await wait_status(new.address, all_in_sync(old, other), 20, "old leader in sync")  # type: ignore[arg-type]
-                resumed_at = acked()
-                await wait_for(lambda: acked() >= resumed_at + 5_000, 60, "acks after its return")
+                # (Its status shows the new epoch once its first session with the new leader
+                # began: until then it reports the epoch of its own log.)
+                fenced = await wait_status(
+                    old.address,
+                    lambda s: s.role == pb.ROLE_REPLICA and s.epoch == epoch,
+                    10,
+                    "the old leader a replica at the new epoch",
+                )
+                assert fenced.leader_address == new.address
+                await wait_status(new.address, all_in_sync(old, other), 20, "old leader in sync")
+                await wait_acked(runs, acked(runs) + 5_000, "acks after its return")
                 for run in runs:
                     run.stop.set()
-                await asyncio.wait_for(producing, 60)
+                await asyncio.wait_for(sending, 60)
             finally:
-                producing.cancel()
+                sending.cancel()
             for run in runs:
                 assert not run.failed, f"{run.name}: {run.failed[:3]}"
                 assert len(run.acked) == run.sent
@@ -214,10 +247,35 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
     for sub in subs:
         check_subscriber(sub, records)
         assert len(sub.records) == len(records)
-    check_exactly_once(records, runs)
+    # At least once only: the retry of a batch whose ack was lost with the old leader is
+    # stored again by the new one (see test_a_retry_after_failover_is_deduplicated_...).
+    check_stored(records, runs, exactly_once=False)
 
 
 # -- 3. a replica down longer than --insync-timeout ---------------------------------------------
+
+
+async def refused_at_quorum(leader: Node, payload: bytes) -> None:
+    """``acks=quorum`` fails with UNAVAILABLE (retried for 2 s) and stores nothing."""
+    before = (await status(leader.address)).last_seqno
+    started = time.monotonic()
+    async with Producer(leader.address, acks="quorum", retry_timeout_s=2) as producer:
+        refused = await producer.send(payload)
+        with pytest.raises(ServerUnavailableError, match="acks=quorum needs 3 in-sync copies"):
+            await producer.flush()
+    assert isinstance(refused.exception(), ServerUnavailableError)
+    assert time.monotonic() - started < 10
+    assert (await status(leader.address)).last_seqno == before, "a refused batch was stored"
+
+
+def silent(node: Node) -> Callable[[pb.StatusResponse], bool]:
+    """Connected but out of sync (it stopped acknowledging)."""
+
+    def check(leader_status: pb.StatusResponse) -> bool:
+        view = replica_view(leader_status, node)
+        return view is not None and view.connected and not view.in_sync
+
+    return check
 
 
 async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
@@ -230,32 +288,29 @@ async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
     with cluster(leader, steady, down):
         await leader.start()
         await asyncio.gather(steady.start(), down.start())
-        await wait_status(leader.address, all_in_sync(steady, down), 20, "both in sync")  # type: ignore[arg-type]
-        async with Producer(leader.address, acks="quorum", retry_timeout_s=2) as producer:
+        await wait_status(leader.address, all_in_sync(steady, down), 20, "both in sync")
+        async with Producer(leader.address, acks="quorum", retry_timeout_s=10) as producer:
             futures = [await producer.send(b"before-%d" % i) for i in range(1000)]
-            await producer.flush()
-            assert [f.result() for f in futures] == list(range(1, 1001))
+        assert [f.result() for f in futures] == list(range(1, 1001))
 
-            await down.kill()
-            await asyncio.sleep(1.5)  # longer than --insync-timeout
-            before = await wait_status(leader.address, lambda s: not in_sync(down)(s), 5,
-                                       "the replica out of sync")  # fmt: skip
-            view = replica_view(before, down)
-            assert view is not None and not view.in_sync
-            assert in_sync(steady)(before)
-            shown = await cli("status", "--server", leader.address, "--json")
-            replicas = {r["address"]: r for r in json.loads(shown.stdout)["replicas"]}
-            assert replicas[down.address]["in_sync"] is False
-            assert replicas[steady.address]["in_sync"] is True
+        # Frozen (SIGSTOP): its session stays open, its acks stop; after --insync-timeout
+        # it is out of sync, and quorum writes are refused rather than held.
+        await down.pause()
+        await leader.wait_event("replica.out_of_sync", 5)
+        await wait_status(leader.address, silent(down), 5, "the frozen replica out of sync")
+        await refused_at_quorum(leader, b"refused-while-frozen")
+        await down.resume()
+        await wait_status(leader.address, all_in_sync(steady, down), 10, "in sync again")
 
-            started = time.monotonic()
-            refused = await producer.send(b"refused")
-            with pytest.raises(ServerUnavailableError, match="acks=quorum needs 3 in-sync"):
-                await producer.flush()
-            assert refused.done() and isinstance(refused.exception(), ServerUnavailableError)
-            assert time.monotonic() - started < 10
-            after = await status(leader.address)
-            assert after.last_seqno == before.last_seqno == 1000, "the refused batch was stored"
+        # Dead (SIGKILL) for longer than --insync-timeout.
+        await down.kill()
+        await asyncio.sleep(1.5)
+        shown = await cli("status", "--server", leader.address, "--json")
+        replicas = {r["address"]: r for r in json.loads(shown.stdout)["replicas"]}
+        assert replicas[down.address]["in_sync"] is False
+        assert replicas[down.address]["connected"] is False
+        assert replicas[steady.address]["in_sync"] is True
+        await refused_at_quorum(leader, b"refused-while-down")
 
         # Records acked by the leader alone meanwhile: the replica misses whole segments.
         async with Producer(leader.address, acks="leader") as producer:
@@ -270,12 +325,57 @@ async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
         assert down.events("replica.segment_cast", 2), "no segment was cast to the replica"
         async with Producer(leader.address, acks="quorum", retry_timeout_s=10) as producer:
             last = await producer.send(b"after")
-            await producer.flush()
-            assert last.result() == 31_001
+        assert last.result() == 31_001
         for node in (leader, steady, down):
             assert await node.stop() == 0, node.stderr_tail()
 
     records = check_identical_logs(leader.data_dir, steady.data_dir, down.data_dir)
     assert len(records) == 31_001
     assert records[-1].payload == b"after"
-    assert b"refused" not in {r.payload for r in records}
+    assert not [r for r in records if r.payload.startswith(b"refused")]
+
+
+# -- smaller failover details ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the producer dedupe table (journal) is not replicated: a promoted replica stores "
+    "the retry of a batch it already holds a second time",
+)
+async def test_a_retry_after_failover_is_deduplicated_by_the_new_leader(tmp_path: Path) -> None:
+    """The ack of a batch is lost with the leader (it was replicated and committed); the
+    producer resends it, with its batch_sequence, to the promoted replica."""
+    old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS)
+    with cluster(old, new, other):
+        await old.start()
+        await asyncio.gather(new.start(), other.start())
+        await wait_status(old.address, all_in_sync(new, other), 20, "both in sync")
+        batch = raw_batch("px", 1, [b"once-1", b"once-2"])
+        (first,) = await produce_raw(old.address, [batch])
+        assert (first.ack.base_seqno, first.ack.record_count) == (1, 2)
+        await wait_status(old.address, lambda s: caught_up(s, new, other), 10, "replicated")
+        await old.kill()
+        promoted = await cli("promote", "--server", new.address)
+        assert promoted.returncode == 0, promoted.stderr.decode(errors="replace")
+        await wait_status(new.address, all_in_sync(other), 20, "the other replica following")
+        (again,) = await produce_raw(new.address, [batch])
+        assert again.HasField("ack"), again
+        stored = (await status(new.address)).last_seqno
+        assert (again.ack.base_seqno, again.ack.duplicate, stored) == (1, True, 2)
+
+
+async def test_a_replica_redirects_a_quorum_producer_to_the_leader(tmp_path: Path) -> None:
+    leader = Node("leader", tmp_path / "leader", "leader", list(QUORUM_OPTIONS))
+    replica = Node("replica", tmp_path / "replica", "replica", list(QUORUM_OPTIONS),
+                   leader=leader.address)  # fmt: skip
+    with cluster(leader, replica):
+        await leader.start()
+        await replica.start()
+        await wait_status(leader.address, in_sync(replica), 20, "the replica in sync")
+        (answer,) = await produce_raw(replica.address, [raw_batch("px", 1, [b"r"])])
+        assert answer.HasField("error")
+        assert (answer.error.code, answer.error.leader_address) == (
+            9,  # FAILED_PRECONDITION: NOT_LEADER
+            leader.address,
+        ), answer.error

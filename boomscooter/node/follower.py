@@ -99,6 +99,7 @@ class Follower:
         self.drops: dict[str, int] = {}
 
     def start(self) -> None:
+        _remove_catchup_files(self.node.config.data_dir)  # left by a crash mid-catch-up
         self._task = self._loop.create_task(self._run(), name="follower")
 
     async def stop(self) -> None:
@@ -284,14 +285,15 @@ class Follower:
             if bases[i] > node.log.next_seqno:
                 return  # not contiguous with our log: the live path Fetches instead
             url = f"http://{first.cast_address}/join/segments/{name}"
-            handle, path = tempfile.mkstemp(prefix=".catchup-", dir=node.config.data_dir)
+            handle, path = tempfile.mkstemp(prefix=CATCHUP_PREFIX, dir=node.config.data_dir)
             os.close(handle)
             try:
                 config = FetchConfig(
                     url=url, output=path, progress="none", interface=node.config.interface
                 )
                 result = await asyncio.to_thread(fetch, config)
-                records = await asyncio.to_thread(self._import_segment, path, bases[i])
+                async with node._append_lock:  # not beside retention or a truncation
+                    records = await asyncio.to_thread(self._import_segment, path, bases[i])
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -483,6 +485,17 @@ class Follower:
                 node._notify()
             self.peers = [a for a in response.replica_addresses if a != node.address]
         raise SessionEnded("the leader ended the Replicate stream")
+
+
+CATCHUP_PREFIX = ".catchup-"
+
+
+def _remove_catchup_files(directory: str) -> None:
+    for name in os.listdir(directory):
+        if name.startswith((CATCHUP_PREFIX, "." + CATCHUP_PREFIX)):  # and bootcast's part files
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+                log.info("replica.catchup_file_removed", file=name)
 
 
 def _ipv4(text: str) -> str | None:

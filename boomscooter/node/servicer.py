@@ -167,6 +167,8 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             which = request.WhichOneof("records")
             if which is None:
                 raise RequestError("a batch needs records (encoded_batch or record_list)")
+            if not node.is_leader:  # before anything else: the producer must go elsewhere
+                raise node.not_leader()
             if request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED):
                 node.check_quorum_possible()
             batch = ProduceBatch(

@@ -11,8 +11,11 @@ node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import threading
 from dataclasses import dataclass, field
 
 from boomscooter.errors import StorageError
@@ -44,15 +47,26 @@ def load_state(data_dir: str) -> NodeState:
     return NodeState(epoch, [p for p in peers if isinstance(p, str)])
 
 
+_save_lock = threading.Lock()
+
+
 def save_state(data_dir: str, state: NodeState) -> None:
+    """Write ``node.json`` atomically. Saves are serialized (callers run it on executor
+    threads; two at once must not interleave in one temp file), and each uses a temp file
+    of its own, so a file is always one whole state."""
     path = os.path.join(data_dir, FILE_NAME)
-    temp = path + ".tmp"
     data = json.dumps({"epoch": state.epoch, "peers": sorted(set(state.peers))}).encode()
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    fsync_dir(data_dir)
+    with _save_lock:
+        fd, temp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=data_dir)
+        try:
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        fsync_dir(data_dir)
