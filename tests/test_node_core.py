@@ -417,8 +417,10 @@ def test_commit_min_insync_two_needs_a_second_copy() -> None:
     assert tracker.commit_seqno == 4  # the second highest of {10, 4}
     assert tracker.held("r1", 12) is True
     assert tracker.commit_seqno == 10  # now the leader is the one behind
-    assert tracker.held("r2", 11) is True
-    assert tracker.commit_seqno == 11  # the second highest of {10, 12, 11}
+    assert tracker.held("r2", 11) is False
+    assert tracker.commit_seqno == 10  # {10, 12, 11}: never past the leader's own copy
+    assert tracker.held("", 13) is True
+    assert tracker.commit_seqno == 12  # the second highest of {13, 12, 11}
 
 
 def test_commit_min_insync_three() -> None:
@@ -500,6 +502,7 @@ def test_commit_rule_matches_a_model(min_insync: int, acks: list[tuple[str, int]
             held[copy] = max(held.get(copy, -1), seqno)
             assert advanced == (tracker.commit_seqno > before)
         if len(held) >= min_insync:
-            commit = max(commit, sorted(held.values(), reverse=True)[min_insync - 1])
+            quorum = sorted(held.values(), reverse=True)[min_insync - 1]
+            commit = max(commit, min(quorum, held.get("", 0)))  # capped by the leader's copy
         assert tracker.commit_seqno == commit
         assert tracker.copies() == len(held)

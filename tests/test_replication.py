@@ -338,11 +338,6 @@ async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
 # -- smaller failover details ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the producer dedupe table (journal) is not replicated: a promoted replica stores "
-    "the retry of a batch it already holds a second time",
-)
 async def test_a_retry_after_failover_is_deduplicated_by_the_new_leader(tmp_path: Path) -> None:
     """The ack of a batch is lost with the leader (it was replicated and committed); the
     producer resends it, with its batch_sequence, to the promoted replica."""

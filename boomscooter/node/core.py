@@ -10,8 +10,8 @@ duplicate it. The window must be at least the producer's in-flight window (the S
 is 16 batches; the table keeps 1024).
 
 :class:`CommitTracker` is the commit rule: the commit seqno is the highest seqno held by
-``min_insync`` copies, the leader's included (until replicas exist, the leader's own held
-seqno). It never goes backwards.
+``min_insync`` copies, the leader's included — and never above the leader's own held seqno,
+so everything committed survives a restart of the leader. It never goes backwards.
 """
 
 from __future__ import annotations
@@ -108,6 +108,10 @@ class DedupeTable:
             )
         return None
 
+    def holds(self, producer_id: str, batch_sequence: int) -> bool:
+        producer = self._producers.get(producer_id)
+        return producer is not None and batch_sequence in producer.stored
+
     def add(self, producer_id: str, batch_sequence: int, appended: Appended) -> None:
         producer = self._producers.get(producer_id)
         if producer is None:
@@ -137,6 +141,15 @@ class DedupeTable:
         for producer_id, producer in self._producers.items():
             for sequence, appended in producer.stored.items():
                 yield producer_id, sequence, appended
+
+    def recent(self, per_producer: int) -> Iterator[tuple[str, int, Appended]]:
+        """Each producer's ``per_producer`` highest sequences (what a retry can resend)."""
+        for producer_id, producer in self._producers.items():
+            for sequence in sorted(producer.stored)[-per_producer:]:
+                yield producer_id, sequence, producer.stored[sequence]
+
+
+LEADER_COPY = ""
 
 
 class CommitTracker:
@@ -170,6 +183,10 @@ class CommitTracker:
         if len(self._held) < self.min_insync:
             return False
         candidate = sorted(self._held.values(), reverse=True)[self.min_insync - 1]
+        # Never past the leader's own durable copy: a leader restarting after a power loss
+        # keeps everything committed, and replicas reconciling with it truncate nothing
+        # that was acknowledged (found by the replication simulation).
+        candidate = min(candidate, self._held.get(LEADER_COPY, 0))
         if candidate > self.commit_seqno:
             self.commit_seqno = candidate
             return True

@@ -2,20 +2,24 @@
 
 **Promotion** (:func:`promote`, the ``Promote`` RPC). The replica stops following, asks
 every node it knows (the replicas its leader named, its saved peers) for its Status, and
-copies from the one holding the most records *that extend its own log* (their batches at
-its last seqno are identical, so by log matching everything before agrees) whatever it
-lacks. A record acknowledged at quorum is held durably by ``min_insync`` copies; with the
-leader gone, at least one surviving replica holds it, so the promoted node has it whichever
-replica the operator picked (as long as that replica is reachable). Then it takes an epoch
-above every epoch it has seen or heard of, persists it, and leads. Its commit seqno starts
-at what it knew committed; the rest commits when ``min_insync`` copies hold it.
+makes its log the most up-to-date one among theirs — the log whose last batch has the
+highest epoch, then the longest (Raft's rule): it truncates after the last batch it shares
+with that log and copies the rest. A record acknowledged at quorum is held durably by
+``min_insync`` copies, the leader's among them; with the leader gone, at least one surviving
+replica holds it, so the promoted node has it whichever replica the operator picked (as long
+as the replicas that hold it answer). Then it takes an epoch above every epoch it has seen
+or heard of, persists it, and leads. Its commit seqno starts at what it knew committed; the
+rest commits when ``min_insync`` copies hold it.
 
 **Fencing** (:func:`newer_leader`, :func:`watch_for_newer_leader`). A leader asks its peers
 at start (before it takes a new epoch) and every ``WATCH_INTERVAL_S`` while it leads; if any
 names a leader of a higher epoch, it follows that leader: its Produce calls fail with
 NOT_LEADER, its stream stops, and as a replica it truncates whatever it wrote that the new
-leader does not hold (never committed: it lacked the quorum). A replica that opens a
-Replicate session with an epoch above the leader's fences the leader the same way.
+leader does not hold (never committed: it lacked the quorum). Replicas following another
+leader *at the same epoch* fence it too (an epoch taken twice: a deposed leader restarted
+seeing no one), and a replica never follows a leader older than the epoch it knows, nor a
+second leader under its epoch (:mod:`boomscooter.node.follower`). A replica whose log holds
+a newer epoch than the leader's is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import structlog
 
 from boomscooter.client._rpc import create_channel
 from boomscooter.errors import RequestError
+from boomscooter.node.replication import CommonPoint
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -70,16 +75,27 @@ async def survey(addresses: Iterable[str]) -> dict[str, pb.StatusResponse]:
     return {a: s for a, s in zip(wanted, answers, strict=True) if s is not None}
 
 
-async def newer_leader(node: LeaderNode, addresses: Iterable[str]) -> tuple[str, int] | None:
-    """``(leader address, epoch)`` of a leader with an epoch above this node's, as the
-    nodes at ``addresses`` report it; None when none does (or none answers)."""
+async def newer_leader(
+    node: LeaderNode, addresses: Iterable[str], *, or_same: bool = False
+) -> tuple[str, int] | None:
+    """``(leader address, epoch)`` of the leader with the highest epoch the nodes at
+    ``addresses`` report, if it is above this node's (``or_same``: or equal — a replica
+    looking for its leader); None when there is none (or none answers).
+
+    A replica that follows *another* leader at this node's own epoch counts too: two
+    leaders under one epoch (a deposed leader that restarted seeing no one) must not both
+    go on, and the one the replicas follow is the one that can commit."""
     answers = await survey(a for a in addresses if a and a != node.address)
+    own = max(node.epoch, node.state.epoch)
     best: tuple[str, int] | None = None
     for address, status in answers.items():
-        if status.epoch <= max(node.epoch, node.state.epoch if not node.is_leader else 0):
-            continue
         leader = address if status.role == pb.ROLE_LEADER else status.leader_address
-        if leader and leader != node.address and (best is None or status.epoch > best[1]):
+        if not leader or leader == node.address:
+            continue
+        replica_elsewhere = status.role == pb.ROLE_REPLICA and node.is_leader
+        if status.epoch < own or (status.epoch == own and not (or_same or replica_elsewhere)):
+            continue
+        if best is None or status.epoch > best[1]:
             best = (leader, status.epoch)
     return best
 
@@ -132,12 +148,64 @@ def same_batch(ours: Batch, theirs: Batch | None) -> bool:
     return theirs is not None and bytes(ours.data) == bytes(theirs.data)
 
 
-async def extends_ours(node: LeaderNode, stub: Any) -> bool:
-    """Whether the peer's log holds ours as a prefix (its batch at our last seqno is ours)."""
-    last = node.log.last_seqno
-    if last < node.log.first_seqno:
-        return True
-    return same_batch(await local_batch(node, last), await remote_batch(stub, last))
+async def reconcile(node: LeaderNode, stub: Any, peer_first: int) -> int:
+    """Truncate this node's log after the last batch it shares with the peer's
+    (:class:`~boomscooter.node.replication.CommonPoint`); returns the records dropped."""
+    floor = max(peer_first, node.log.first_seqno) - 1
+    search = CommonPoint(node.log.last_seqno, floor=max(floor, 0))
+    while (seqno := search.probe()) is not None:
+        ours = await local_batch(node, seqno)
+        if same_batch(ours, await remote_batch(stub, seqno)):
+            search.matched(ours.last_seqno)
+        else:
+            search.differs(ours.base_seqno)
+    dropped = node.log.last_seqno - search.result
+    if dropped > 0:
+        async with node._append_lock:
+            await asyncio.to_thread(node.log.truncate_after, search.result)
+            node.dedupe.forget_after(search.result)
+            node.journal.rewrite(node.dedupe)
+            node._ends.clear()
+        log.warning("log.truncated_to_common_point", after_seqno=search.result,
+                    dropped_records=dropped, probes=search.probes)  # fmt: skip
+    return max(0, dropped)
+
+
+async def _last_position(stub: Any, status: pb.StatusResponse) -> tuple[int, int]:
+    """(epoch of the last batch, last seqno) of a peer's log: how up to date it is."""
+    if status.last_seqno < status.first_seqno:
+        return (0, status.last_seqno)
+    last = await remote_batch(stub, status.last_seqno)
+    return (last.epoch if last is not None else 0, status.last_seqno)
+
+
+async def _gather(node: LeaderNode, answers: dict[str, pb.StatusResponse]) -> int:
+    """Make this node's log the most up-to-date one among the peers' (the highest epoch
+    of a last batch, then the longest): reconcile with that peer and copy what it holds
+    beyond. A log written later in a later epoch holds everything committed before it."""
+    positions: list[tuple[tuple[int, int], str]] = []
+    for address, status in answers.items():
+        channel = node_channel(address)
+        try:
+            position = await _last_position(pb_grpc.BoomscooterStub(channel), status)
+            positions.append((position, address))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("promote.peer_failed", peer=address, error=exc.code().name)
+        finally:
+            await channel.close()
+    ours = (node._last_epoch(), node.log.last_seqno)
+    if not positions or max(positions)[0] <= ours:
+        return 0
+    (_, last), address = max(positions)
+    channel = node_channel(address)
+    try:
+        stub = pb_grpc.BoomscooterStub(channel)
+        dropped = await reconcile(node, stub, answers[address].first_seqno)
+        gathered = await copy_from(node, stub, last)
+    finally:
+        await channel.close()
+    log.info("promote.gathered", peer=address, records=gathered, dropped_records=dropped)
+    return gathered
 
 
 async def copy_from(node: LeaderNode, stub: Any, to_seqno: int) -> int:
@@ -187,23 +255,11 @@ async def promote(node: LeaderNode, min_insync: int = 0, *, force: bool = False)
         )
     await node._stop_following()
     answers = await survey(peers)  # again: nothing moves on this node any more
-    gathered = 0
-    for address, status in sorted(answers.items(), key=lambda kv: -kv[1].last_seqno):
-        if status.last_seqno <= node.log.last_seqno:
-            break
-        channel = node_channel(address)
-        try:
-            stub = pb_grpc.BoomscooterStub(channel)
-            if not await extends_ours(node, stub):
-                log.warning("promote.peer_diverged", peer=address)
-                continue
-            gathered = await copy_from(node, stub, status.last_seqno)
-            log.info("promote.gathered", peer=address, records=gathered)
-            break
-        except grpc.aio.AioRpcError as exc:
-            log.warning("promote.peer_failed", peer=address, error=exc.code().name)
-        finally:
-            await channel.close()
+    gathered = await _gather(node, answers)
+    # Dedupe entries learned for batches this log does not hold (lost with the leader)
+    # must not answer a retry as "already stored".
+    node.dedupe.forget_after(node.log.last_seqno)
+    await asyncio.to_thread(node.journal.rewrite, node.dedupe)
     epochs = [node.epoch, node.state.epoch, *(s.epoch for s in answers.values())]
     epoch = max(epochs) + 1
     insync = min_insync or learned_insync or node.config.min_insync

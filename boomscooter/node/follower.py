@@ -37,8 +37,7 @@ import structlog
 
 from boomscooter.errors import BoomscooterError
 from boomscooter.node import failover
-from boomscooter.node.core import StreamSession
-from boomscooter.node.replication import CommonPoint
+from boomscooter.node.core import Appended, StreamSession
 from boomscooter.node.state import NodeState, save_state
 from boomscooter.storage import SegmentedLog
 from boomscooter.storage.batch import Batch, split_batches
@@ -136,14 +135,14 @@ class Follower:
             failures += 1
             log.info("replica.session_ended", leader=self.leader_address, reason=reason)
             found = await failover.newer_leader(
-                self.node, {*self.peers, *self.node.state.peers, self.leader_address}
+                self.node, {*self.peers, *self.node.state.peers, self.leader_address}, or_same=True
             )
             if found is not None and found[0] != self.leader_address:
                 log.info("replica.new_leader", leader=found[0], epoch=found[1])
                 self.leader_address = found[0]
                 self.node.leader_address = found[0]
                 failures = 0
-            await asyncio.sleep(_RETRY_S[min(failures, len(_RETRY_S)) - 1])
+            await asyncio.sleep(_RETRY_S[max(0, min(failures, len(_RETRY_S)) - 1)])
 
     def _hello(self) -> pb.ReplicateRequest:
         node = self.node
@@ -165,7 +164,9 @@ class Follower:
             if not isinstance(first, pb.ReplicateResponse):
                 raise SessionEnded("the leader closed the Replicate stream")
             self.stats["sessions"] += 1
+            self._check_not_stale(address, first.session.epoch)
             self._adopt(address, first)
+            self._learn_producers(first)
             await self._reconcile(stub, first.first_seqno)
             if first.sealed_segments and first.cast_address:
                 await self._catch_up_by_cast(stub, first)
@@ -194,6 +195,30 @@ class Follower:
         finally:
             await channel.close()
 
+    def _learn_producers(self, response: pb.ReplicateResponse) -> None:
+        if response.producer_batches:
+            self.node.learn_producer_batches(
+                [
+                    (
+                        e.producer_id,
+                        e.batch_sequence,
+                        Appended(e.base_seqno, e.record_count, e.epoch),
+                    )
+                    for e in response.producer_batches
+                ]
+            )
+
+    def _check_not_stale(self, address: str, epoch: int) -> None:
+        """Never follow a leader whose epoch is older than one this node has seen, nor a
+        second leader under the epoch of the one it followed (an epoch taken twice)."""
+        node = self.node
+        known = node.state.epoch
+        if epoch < known or (epoch == known and node.state.leader and node.state.leader != address):
+            raise SessionEnded(
+                f"{address} leads at epoch {epoch}, but this node has seen epoch {known} "
+                f"(led by {node.state.leader or 'another node'}): a stale leader"
+            )
+
     def _adopt(self, address: str, first: pb.ReplicateResponse) -> None:
         node = self.node
         session = first.session
@@ -212,10 +237,15 @@ class Follower:
         )
         node.epoch = session.epoch
         peers = sorted({*node.state.peers, *self.peers, address} - {node.address})
-        if session.epoch > node.state.epoch or peers != sorted(node.state.peers):
+        if (
+            session.epoch > node.state.epoch
+            or peers != sorted(node.state.peers)
+            or node.state.leader != address
+        ):
             node.state.epoch = max(node.state.epoch, session.epoch)
             node.state.peers = peers
-            state = NodeState(node.state.epoch, list(peers))
+            node.state.leader = address
+            state = NodeState(node.state.epoch, list(peers), address)
             saved = self._loop.run_in_executor(None, save_state, node.config.data_dir, state)
             saved.add_done_callback(lambda f: f.cancelled() or f.exception())
         log.info("replica.session", leader=address, epoch=session.epoch,
@@ -247,24 +277,8 @@ class Follower:
         node = self.node
         if node.log.last_seqno == 0 and node.log.next_seqno < leader_first:
             await self._rebase(leader_first)
-        floor = max(leader_first, node.log.first_seqno) - 1
-        search = CommonPoint(node.log.last_seqno, floor=max(floor, 0))
-        while (seqno := search.probe()) is not None:
-            ours = await failover.local_batch(node, seqno)
-            if failover.same_batch(ours, await failover.remote_batch(stub, seqno)):
-                search.matched(ours.last_seqno)
-            else:
-                search.differs(ours.base_seqno)
-        if search.result < node.log.last_seqno:
-            dropped = node.log.last_seqno - search.result
-            async with node._append_lock:
-                await asyncio.to_thread(node.log.truncate_after, search.result)
-                node.dedupe.forget_after(search.result)
-                node.journal.rewrite(node.dedupe)
-                node._ends.clear()
+        if await failover.reconcile(node, stub, leader_first):
             self.stats["truncations"] += 1
-            log.warning("replica.truncated", after_seqno=search.result, dropped_records=dropped,
-                        probes=search.probes)  # fmt: skip
 
     # -- catch-up through segment casts ---------------------------------------------------
 
@@ -311,9 +325,14 @@ class Follower:
             position, records = SEGMENT_HEADER_BYTES, 0
             while position < size:
                 batches, position = read_segment_batches(
-                    fd_reader(fd), path=path, position=position, end=size,
-                    from_seqno=base, to_seqno=None, max_bytes=FETCH_BYTES,
-                )  # fmt: skip
+                    fd_reader(fd),
+                    path=path,
+                    position=position,
+                    end=size,
+                    from_seqno=base,
+                    to_seqno=None,
+                    max_bytes=FETCH_BYTES,
+                )
                 if not batches:
                     break
                 for batch in batches:
@@ -484,6 +503,7 @@ class Follower:
                 node._commit_moved()
                 node._notify()
             self.peers = [a for a in response.replica_addresses if a != node.address]
+            self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
 
 

@@ -63,6 +63,8 @@ from bootcast import server as bserver
 
 log = structlog.get_logger("boomscooter.leader")
 
+FEED_ENTRIES = 100_000
+
 
 def _log_journal_sync(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and (exc := done.exception()) is not None:
@@ -118,6 +120,9 @@ class LeaderNode:
             else (log_.segment_files()[0][0], SEGMENT_HEADER_BYTES)
         )
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
+        # The leader's recent dedupe entries, numbered, for its replicas' sessions.
+        self.dedupe_feed: deque[tuple[int, str, int, Appended]] = deque(maxlen=FEED_ENTRIES)
+        self._feed_index = 0
 
     def _last_epoch(self) -> int:
         if self.log.last_seqno < self.log.first_seqno:
@@ -241,18 +246,35 @@ class LeaderNode:
                     self.journal.undo(request.producer_id, request.batch_sequence, appended)
                 raise
             if request.producer_id:
-                self.dedupe.add(request.producer_id, request.batch_sequence, appended)
-                if (fd := self.journal.sync_due()) is not None:
-                    synced = self._loop.run_in_executor(self._io, self.journal.sync_fd, fd)
-                    synced.add_done_callback(_log_journal_sync)
-                if self.journal.needs_compaction():
-                    self.journal.rewrite(self.dedupe)
+                self._remember(request.producer_id, request.batch_sequence, appended)
+                self._feed_index += 1
+                self.dedupe_feed.append(
+                    (self._feed_index, request.producer_id, request.batch_sequence, appended)
+                )
             self._ends.append((batch.last_seqno, *self.log.active_segment()))
             self.counters["batches"] += 1
             self.counters["records"] += batch.record_count
             await self.sender.enqueue(bytes(batch.data))
             self._held(self.held_seqno())
             return ProduceOutcome(appended, False)
+
+    def _remember(self, producer_id: str, batch_sequence: int, appended: Appended) -> None:
+        """A dedupe entry into the table (the journal already holds it on the leader)."""
+        self.dedupe.add(producer_id, batch_sequence, appended)
+        if (fd := self.journal.sync_due()) is not None:
+            synced = self._loop.run_in_executor(self._io, self.journal.sync_fd, fd)
+            synced.add_done_callback(_log_journal_sync)
+        if self.journal.needs_compaction():
+            self.journal.rewrite(self.dedupe)
+
+    def learn_producer_batches(self, entries: list[tuple[str, int, Appended]]) -> None:
+        """As a replica: the leader's dedupe entries, kept (and journaled) so that after a
+        promotion a producer's retry of a batch this log holds is not stored twice.
+        Entries beyond the log are pruned when it is promoted or restarted."""
+        for producer_id, sequence, appended in entries:
+            if not self.dedupe.holds(producer_id, sequence):
+                self.journal.append(producer_id, sequence, appended)
+                self._remember(producer_id, sequence, appended)
 
     def _stamp(self, request: ProduceBatch, base_seqno: int) -> Batch:
         limit = self.config.max_batch_bytes
@@ -316,8 +338,8 @@ class LeaderNode:
             self._commit_moved()
         self._notify()
 
-    def replica_closed(self, replica_id: str) -> None:
-        self.replicas.disconnected(replica_id)
+    def replica_closed(self, replica_id: str, session: int) -> None:
+        self.replicas.disconnected(replica_id, session)
         log.info("replica.disconnected", replica=replica_id)
         self._notify()
 
@@ -335,11 +357,11 @@ class LeaderNode:
                 self._notify()
 
     async def _save_state(self) -> None:
-        state = NodeState(self.state.epoch, list(self.state.peers))
+        state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
         await self._loop.run_in_executor(self._io, save_state, self.config.data_dir, state)
 
     def _save_state_soon(self) -> None:
-        state = NodeState(self.state.epoch, list(self.state.peers))
+        state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
         saved = self._loop.run_in_executor(None, save_state, self.config.data_dir, state)
         saved.add_done_callback(_log_state_save)
 
@@ -350,6 +372,7 @@ class LeaderNode:
         async with self._append_lock:
             await self._stop_following()
             self.state.epoch = max(self.state.epoch, epoch)
+            self.state.leader = self.address
             await self._save_state()
             self.epoch = epoch
             self.tracker = CommitTracker(min_insync, commit_seqno=commit_seqno)
@@ -399,7 +422,7 @@ class LeaderNode:
             await self._stop_leading()
             await self._stop_following()
             if epoch > self.state.epoch:
-                self.state.epoch = epoch
+                self.state.epoch, self.state.leader = epoch, leader_address
                 await self._save_state()
             self.role = "replica"
             self.leader_address = leader_address

@@ -32,6 +32,36 @@ UPDATE_S = 1.0
 _ROLES = {"leader": pb.ROLE_LEADER, "replica": pb.ROLE_REPLICA}
 
 
+FEED_PER_MESSAGE = 10_000
+RECENT_PER_PRODUCER = 64  # beyond an SDK producer's in-flight window (16)
+
+
+def _producer_batches(node: LeaderNode, after: int) -> tuple[list[pb.ProducerBatch], int]:
+    """Dedupe entries numbered above ``after`` (at most FEED_PER_MESSAGE) and the number of
+    the last one; when the feed no longer reaches back to ``after`` (a session's first
+    message, or a replica too slow), each producer's recent entries instead."""
+    feed = node.dedupe_feed
+    newest = feed[-1][0] if feed else 0
+    if after >= newest:
+        return [], after
+    if after < 0 or feed[0][0] > after + 1:
+        entries = list(node.dedupe.recent(RECENT_PER_PRODUCER))
+        return [_producer_batch(*e) for e in entries], newest
+    start = after + 1 - feed[0][0]
+    chosen = [feed[i] for i in range(start, min(len(feed), start + FEED_PER_MESSAGE))]
+    return [_producer_batch(p, s, a) for _, p, s, a in chosen], chosen[-1][0]
+
+
+def _producer_batch(producer_id: str, sequence: int, appended: Any) -> pb.ProducerBatch:
+    return pb.ProducerBatch(
+        producer_id=producer_id,
+        batch_sequence=sequence,
+        base_seqno=appended.base_seqno,
+        record_count=appended.record_count,
+        epoch=appended.epoch,
+    )
+
+
 def _response(node: LeaderNode, *, first: bool, replica_next: int) -> pb.ReplicateResponse:
     from boomscooter.node.servicer import session_message
 
@@ -73,7 +103,7 @@ async def replicate(
             f"the replica holds epoch {hello.last_epoch}, above this leader's {node.epoch}: "
             "this leader is stale",
         )
-    node.replica_opened(replica_id, hello.address, hello.last_epoch)
+    session = node.replica_opened(replica_id, hello.address, hello.last_epoch).sessions
     epoch = node.epoch
 
     async def read() -> None:
@@ -84,7 +114,10 @@ async def replicate(
 
     reader = asyncio.get_running_loop().create_task(read(), name=f"replicate-{replica_id}")
     try:
-        yield _response(node, first=True, replica_next=hello.last_seqno + 1)
+        response = _response(node, first=True, replica_next=hello.last_seqno + 1)
+        entries, fed = _producer_batches(node, -1)
+        response.producer_batches.extend(entries)
+        yield response
         sent = (node.commit_seqno, node.log.last_seqno)
         loop = asyncio.get_running_loop()
         last_sent_at = loop.time()
@@ -93,21 +126,24 @@ async def replicate(
             if not node.is_leader or node.epoch != epoch:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(node.not_leader()))
             now_state = (node.commit_seqno, node.log.last_seqno)
-            if now_state[0] != sent[0] or loop.time() - last_sent_at >= UPDATE_S:
-                yield _response(node, first=False, replica_next=0)
+            entries, fed = _producer_batches(node, fed)
+            if entries or now_state[0] != sent[0] or loop.time() - last_sent_at >= UPDATE_S:
+                response = _response(node, first=False, replica_next=0)
+                response.producer_batches.extend(entries)
+                yield response
                 sent, last_sent_at = now_state, loop.time()
         with contextlib.suppress(asyncio.CancelledError):
             reader.result()
     finally:
         reader.cancel()
-        node.replica_closed(replica_id)
+        node.replica_closed(replica_id, session)
 
 
 def status(node: LeaderNode) -> pb.StatusResponse:
     response = pb.StatusResponse(
         role=_ROLES.get(node.role, pb.ROLE_REPLICA),
         node_id=node.node_id,
-        epoch=node.epoch,
+        epoch=max(node.epoch, node.state.epoch),  # the newest it knows (a fenced leader's too)
         first_seqno=node.log.first_seqno,
         last_seqno=node.log.last_seqno,
         commit_seqno=node.commit_seqno,

@@ -76,9 +76,12 @@ class ReplicaSet:
             return False
         return self.tracker.held(replica_id, durable_seqno)
 
-    def disconnected(self, replica_id: str) -> None:
+    def disconnected(self, replica_id: str, session: int | None = None) -> None:
+        """The replica's session ``session`` (its number from :meth:`connected`; None: any)
+        ended. The close of an older session, noticed after the replica opened a new one,
+        changes nothing."""
         state = self.replicas.get(replica_id)
-        if state is None:
+        if state is None or (session is not None and session != state.sessions):
             return
         state.connected = False
         state.in_sync = False

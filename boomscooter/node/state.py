@@ -1,12 +1,12 @@
 """A node's small persistent state, ``node.json`` in the data directory.
 
-``{"epoch": N, "peers": ["host:port", ...]}``: the highest epoch the node has taken or
-seen (a leader takes a new one at every start and a promoted replica one above all it
-knows, so no two incarnations ever write under the same epoch, whatever their logs hold),
-and the gRPC addresses of the other nodes of the log (a restarted leader asks them
-whether someone leads with a higher epoch before it accepts a write: fencing).
-Written atomically (temp file, fsync, rename, directory fsync); a missing file is a new
-node.
+``{"epoch": N, "peers": ["host:port", ...], "leader": "host:port"}``: the highest epoch
+the node has taken or seen and who led it (a leader takes a new epoch at every start, a
+promoted replica one above all it knows; a replica never follows an older epoch, nor a
+second leader under the epoch it knows), and the gRPC addresses of the other nodes of the
+log (a restarted leader asks them whether someone leads with a higher epoch before it
+accepts a write: fencing). Written atomically (temp file, fsync, rename, directory
+fsync); a missing file is a new node.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ FILE_NAME = "node.json"
 class NodeState:
     epoch: int = 0
     peers: list[str] = field(default_factory=list)
+    leader: str = ""  # who led at ``epoch`` (this node's own address when it did)
 
 
 def load_state(data_dir: str) -> NodeState:
@@ -41,10 +42,15 @@ def load_state(data_dir: str) -> NodeState:
         raise StorageError(f"{path}: unreadable node state: {exc}") from exc
     if not isinstance(raw, dict):
         raise StorageError(f"{path}: node state is not a JSON object")
-    epoch, peers = raw.get("epoch", 0), raw.get("peers", [])
-    if not isinstance(epoch, int) or epoch < 0 or not isinstance(peers, list):
+    epoch, peers, leader = raw.get("epoch", 0), raw.get("peers", []), raw.get("leader", "")
+    if (
+        not isinstance(epoch, int)
+        or epoch < 0
+        or not isinstance(peers, list)
+        or not isinstance(leader, str)
+    ):
         raise StorageError(f"{path}: malformed node state")
-    return NodeState(epoch, [p for p in peers if isinstance(p, str)])
+    return NodeState(epoch, [p for p in peers if isinstance(p, str)], leader)
 
 
 _save_lock = threading.Lock()
@@ -55,7 +61,9 @@ def save_state(data_dir: str, state: NodeState) -> None:
     threads; two at once must not interleave in one temp file), and each uses a temp file
     of its own, so a file is always one whole state."""
     path = os.path.join(data_dir, FILE_NAME)
-    data = json.dumps({"epoch": state.epoch, "peers": sorted(set(state.peers))}).encode()
+    data = json.dumps(
+        {"epoch": state.epoch, "peers": sorted(set(state.peers)), "leader": state.leader}
+    ).encode()
     with _save_lock:
         fd, temp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=data_dir)
         try:

@@ -794,6 +794,7 @@ class ReplicateResponse(_message.Message):
     CAST_ADDRESS_FIELD_NUMBER: _builtins.int
     SEALED_SEGMENTS_FIELD_NUMBER: _builtins.int
     FIRST_SEQNO_FIELD_NUMBER: _builtins.int
+    PRODUCER_BATCHES_FIELD_NUMBER: _builtins.int
     commit_seqno: _builtins.int
     """The leader's commit seqno."""
     last_seqno: _builtins.int
@@ -826,6 +827,13 @@ class ReplicateResponse(_message.Message):
         the replica is behind the start of the leader's active segment.
         """
 
+    @_builtins.property
+    def producer_batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProducerBatch]:
+        """The leader's producer dedupe entries since the last message (the first message of a
+        session: each producer's recent ones), so a promoted replica still recognizes a
+        producer's retry of a batch it holds and does not store it twice.
+        """
+
     def __init__(
         self,
         *,
@@ -838,16 +846,50 @@ class ReplicateResponse(_message.Message):
         cast_address: _builtins.str = ...,
         sealed_segments: _abc.Iterable[_builtins.str] | None = ...,
         first_seqno: _builtins.int = ...,
+        producer_batches: _abc.Iterable[Global___ProducerBatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "cast_address", b"cast_address", "commit_seqno", b"commit_seqno", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "replica_addresses", b"replica_addresses", "sealed_segments", b"sealed_segments", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "cast_address", b"cast_address", "commit_seqno", b"commit_seqno", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "producer_batches", b"producer_batches", "replica_addresses", b"replica_addresses", "sealed_segments", b"sealed_segments", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate_after_seqno: _TypeAlias = _typing.Literal["truncate_after_seqno"]  # noqa: Y015
     _WhichOneofArgType__truncate_after_seqno: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate_after_seqno) -> _WhichOneofReturnType__truncate_after_seqno | None: ...
 
 Global___ReplicateResponse: _TypeAlias = ReplicateResponse  # noqa: Y015
+
+@_typing.final
+class ProducerBatch(_message.Message):
+    """Where a producer's batch was stored (an entry of the leader's dedupe table)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_ID_FIELD_NUMBER: _builtins.int
+    BATCH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BASE_SEQNO_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    producer_id: _builtins.str
+    batch_sequence: _builtins.int
+    base_seqno: _builtins.int
+    record_count: _builtins.int
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        producer_id: _builtins.str = ...,
+        batch_sequence: _builtins.int = ...,
+        base_seqno: _builtins.int = ...,
+        record_count: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_seqno", b"base_seqno", "batch_sequence", b"batch_sequence", "epoch", b"epoch", "producer_id", b"producer_id", "record_count", b"record_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProducerBatch: _TypeAlias = ProducerBatch  # noqa: Y015
 
 @_typing.final
 class StatusRequest(_message.Message):
