@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -23,7 +23,7 @@ from boomscooter.errors import (
     NotLeaderError,
     RequestError,
 )
-from boomscooter.storage import Batch, Entry
+from boomscooter.storage import Batch, Entry, FsyncMode
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from boomscooter.v1.serving import start_server
@@ -87,69 +87,42 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
     async def Produce(
         self, request_iterator: AsyncIterator[pb.ProduceRequest], context: Any
     ) -> AsyncIterator[pb.ProduceResponse]:
+        node = self.node
         out: asyncio.Queue[pb.ProduceResponse | None] = asyncio.Queue()
-        quorum: deque[tuple[int, pb.ProduceResponse]] = deque()
-        quorum_wake = asyncio.Event()
-        reading = True
+        # Acks that wait: for the commit (quorum), and — under fsync=always, whose appends
+        # share fdatasyncs (group commit) — for the leader's durable copy (leader).
+        commit = lambda: node.commit_seqno  # noqa: E731
+        quorum = _AckQueue(out, node.wait_commit, commit, commit, "committed")
+        durable = _AckQueue(out, node.wait_durable, node.held_seqno, commit, "durable")
+        group_commit = node.config.fsync.mode is FsyncMode.ALWAYS
 
         async def read() -> None:
-            nonlocal reading
             try:
                 async for request in request_iterator:
                     response = await self._produce_one(request)
                     if response is None:
                         continue
-                    if request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED) and (
-                        response.HasField("ack")
-                    ):
-                        quorum.append(
-                            (response.ack.base_seqno + response.ack.record_count - 1, response)
-                        )
-                        quorum_wake.set()
+                    if not response.HasField("ack"):
+                        out.put_nowait(response)
+                    elif request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED):
+                        quorum.add(response)
+                    elif group_commit:
+                        durable.add(response)
                     else:
                         out.put_nowait(response)
             finally:
-                reading = False
-                quorum_wake.set()
+                quorum.close()
+                durable.close()
 
-        async def commit_acks() -> None:
-            while True:
-                if not quorum:
-                    if not reading:
-                        out.put_nowait(None)
-                        return
-                    quorum_wake.clear()
-                    await quorum_wake.wait()
-                    continue
-                last, response = quorum[0]
-                try:
-                    committed = await self.node.wait_commit(last, QUORUM_TIMEOUT_S)
-                except NotLeaderError as exc:  # stepped down: the new leader decides
-                    quorum.popleft()
-                    response.ClearField("ack")
-                    response.error.CopyFrom(error_message(exc))
-                    out.put_nowait(response)
-                    continue
-                if not committed:
-                    quorum.popleft()
-                    response.ClearField("ack")
-                    response.error.CopyFrom(pb.Error(
-                        code=grpc.StatusCode.UNAVAILABLE.value[0],
-                        message=f"not committed within {QUORUM_TIMEOUT_S:.0f} s "
-                        "(stored on the leader; retry with the same batch_sequence)",
-                        retriable=True,
-                    ))  # fmt: skip
-                    out.put_nowait(response)
-                    continue
-                commit = self.node.commit_seqno
-                while quorum and quorum[0][0] <= commit:
-                    _, done = quorum.popleft()
-                    done.ack.commit_seqno = commit
-                    out.put_nowait(done)
-
-        tasks = [asyncio.create_task(read()), asyncio.create_task(commit_acks())]
+        tasks = [asyncio.create_task(read()), asyncio.create_task(quorum.run()),
+                 asyncio.create_task(durable.run())]  # fmt: skip
         try:
-            while (item := await out.get()) is not None:
+            ended = 0
+            while ended < 2:
+                item = await out.get()
+                if item is None:
+                    ended += 1
+                    continue
                 yield item
             await tasks[0]  # re-raise a failure of the request stream
         finally:
@@ -369,6 +342,73 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         except BoomscooterError as exc:
             await self._abort(context, exc)
         return pb.PromoteResponse(**done)
+
+
+class _AckQueue:
+    """Acks of one Produce stream waiting, in seqno order, for a position (the commit, or
+    the leader's durable seqno) to reach their batch; answered in order when it does, or
+    with a retriable UNAVAILABLE after ``QUORUM_TIMEOUT_S``, or NOT_LEADER when the node
+    stops leading meanwhile. ``None`` on ``out`` marks its end."""
+
+    def __init__(
+        self,
+        out: asyncio.Queue[pb.ProduceResponse | None],
+        wait: Callable[[int, float], Awaitable[bool]],
+        position: Callable[[], int],
+        commit: Callable[[], int],
+        what: str,
+    ) -> None:
+        self.out = out
+        self.wait = wait
+        self.position = position
+        self.commit = commit
+        self.what = what
+        self.pending: deque[tuple[int, pb.ProduceResponse]] = deque()
+        self.wake = asyncio.Event()
+        self.open = True
+
+    def add(self, response: pb.ProduceResponse) -> None:
+        self.pending.append((response.ack.base_seqno + response.ack.record_count - 1, response))
+        self.wake.set()
+
+    def close(self) -> None:
+        self.open = False
+        self.wake.set()
+
+    def _fail(self, error: pb.Error) -> None:
+        _, response = self.pending.popleft()
+        response.ClearField("ack")
+        response.error.CopyFrom(error)
+        self.out.put_nowait(response)
+
+    async def run(self) -> None:
+        pending = self.pending
+        while True:
+            if not pending:
+                if not self.open:
+                    self.out.put_nowait(None)
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                reached = await self.wait(pending[0][0], QUORUM_TIMEOUT_S)
+            except NotLeaderError as exc:  # stepped down: the new leader decides
+                self._fail(error_message(exc))
+                continue
+            if not reached:
+                self._fail(pb.Error(
+                    code=grpc.StatusCode.UNAVAILABLE.value[0],
+                    message=f"not {self.what} within {QUORUM_TIMEOUT_S:.0f} s "
+                    "(stored on the leader; retry with the same batch_sequence)",
+                    retriable=True,
+                ))  # fmt: skip
+                continue
+            position = self.position()
+            while pending and pending[0][0] <= position:
+                _, done = pending.popleft()
+                done.ack.commit_seqno = max(done.ack.commit_seqno, self.commit())
+                self.out.put_nowait(done)
 
 
 def session_message(node: LeaderNode) -> pb.MulticastSession:
