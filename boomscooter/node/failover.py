@@ -162,6 +162,7 @@ async def reconcile(node: LeaderNode, stub: Any, peer_first: int) -> int:
     dropped = node.log.last_seqno - search.result
     if dropped > 0:
         async with node._append_lock:
+            node._tail_epoch = None
             await asyncio.to_thread(node.log.truncate_after, search.result)
             node.dedupe.forget_after(search.result)
             node.journal.rewrite(node.dedupe)
@@ -226,6 +227,7 @@ async def copy_from(node: LeaderNode, stub: Any, to_seqno: int) -> int:
 
 
 def _append_all(node: LeaderNode, batches: list[Batch]) -> None:
+    node._tail_epoch = None
     for batch in batches:
         node.log.append_batch(batch)
 

@@ -268,6 +268,7 @@ class Follower:
             return SegmentedLog.open(directory, config)
 
         async with node._append_lock:
+            node._tail_epoch = None
             node.log = await asyncio.to_thread(work)
             node.log.on_durable = node._durable_from_thread
             node._committed_end = node.log.active_segment()
@@ -319,6 +320,7 @@ class Follower:
     def _import_segment(self, path: str, base: int) -> int:
         """Append the batches of a fetched segment file (each CRC-checked on decode)."""
         node = self.node
+        node._tail_epoch = None
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -451,6 +453,7 @@ class Follower:
         for batch in batches:
             log_.append_batch(batch)
             ends.append((batch.last_seqno, *log_.active_segment()))
+        self.node._tail_epoch = (batches[-1].last_seqno, batches[-1].epoch)
         return ends
 
     async def _fetcher(self, stub: Any) -> None:

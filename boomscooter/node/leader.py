@@ -84,6 +84,7 @@ class LeaderNode:
         self.log_dir = os.path.abspath(config.data_dir)  # what Notifications announce
         self.role = "starting"
         self.started_at = time.time()
+        self._tail_epoch: tuple[int, int] | None = None  # (last seqno, its batch's epoch)
         self.epoch = max(state.epoch, self._last_epoch())
         self.group, self.group_port = split_group(config.group, 7600)
         self.dedupe = DedupeTable()
@@ -127,10 +128,18 @@ class LeaderNode:
         self._feed_index = 0
 
     def _last_epoch(self) -> int:
-        if self.log.last_seqno < self.log.first_seqno:
-            return 0
-        batches = self.log.read_batches(self.log.last_seqno, max_bytes=1)
-        return batches[-1].epoch if batches else 0
+        """The epoch of the log's last batch (cached by last seqno: a replica asks at every
+        ack, and a read per ack is a cost the stream does not need)."""
+        last = self.log.last_seqno
+        cached = self._tail_epoch
+        if cached is not None and cached[0] == last:
+            return cached[1]
+        epoch = 0
+        if last >= self.log.first_seqno:
+            batches = self.log.read_batches(last, max_bytes=1)
+            epoch = batches[-1].epoch if batches else 0
+        self._tail_epoch = (last, epoch)
+        return epoch
 
     # -- state ------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("boomscooter.rpc")
 
 UPDATE_S = 1.0
+RESPONSE_EVERY_S = 0.01
 _ROLES = {"leader": pb.ROLE_LEADER, "replica": pb.ROLE_REPLICA}
 
 
@@ -132,6 +133,9 @@ async def replicate(
                 response.producer_batches.extend(entries)
                 yield response
                 sent, last_sent_at = now_state, loop.time()
+                # Coalesce: the commit reaches replicas in the stream's pages anyway; these
+                # messages carry dedupe entries and keep the session alive.
+                await asyncio.sleep(RESPONSE_EVERY_S)
         with contextlib.suppress(asyncio.CancelledError):
             reader.result()
     finally:
