@@ -358,7 +358,6 @@ async def test_notifications_min_interval_coalesces(leader: Leader) -> None:
 # -- Replicate, health, reflection ------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("service", ["", SERVICE])
 async def test_health_check_serving(leader: Leader, service: str) -> None:
     stub = health_pb2_grpc.HealthStub(leader.channel)
