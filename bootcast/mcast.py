@@ -156,3 +156,28 @@ def socket_drops(sock: socket.socket) -> int:
         return 0
     values = struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4])
     return values[SK_MEMINFO_DROPS] if len(values) > SK_MEMINFO_DROPS else 0
+
+
+def receive_from(
+    sock: socket.socket,
+    source: tuple[str | None, int | None],
+    drops: dict[str, int],
+    *,
+    limit: int = 256,
+    size: int = 65536,
+) -> list[bytes]:
+    """Up to ``limit`` datagrams waiting on a non-blocking ``sock``, keeping only those from
+    ``source`` (host, port; None: any). Others — another stream on the same group and port,
+    or a forger — are counted in ``drops["foreign_source"]``."""
+    host, port = source
+    out = []
+    for _ in range(limit):
+        try:
+            data, sender = sock.recvfrom(size)
+        except OSError:  # BlockingIOError: drained
+            break
+        if (port is not None and sender[1] != port) or (host is not None and sender[0] != host):
+            drops["foreign_source"] = drops.get("foreign_source", 0) + 1
+            continue
+        out.append(data)
+    return out

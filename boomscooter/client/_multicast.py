@@ -37,7 +37,6 @@ log = structlog.get_logger("boomscooter.subscriber")
 
 FETCH_BYTES = 4 << 20
 _DRAIN_MAX = 256
-_RECV_BYTES = 65536
 _MAX_PENDING_RECORDS = 1_000_000
 
 
@@ -136,19 +135,7 @@ class MulticastEngine:
         events = []
         drops_before = receiver.drops.total()
         pages = 0
-        source_host, source_port = self._source
-        for _ in range(_DRAIN_MAX):
-            try:
-                data, sender = sock.recvfrom(_RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            if (source_port is not None and sender[1] != source_port) or (
-                source_host is not None and sender[0] != source_host
-            ):  # another node's stream on the same group and port (or a forger)
-                self.drops["foreign_source"] = self.drops.get("foreign_source", 0) + 1
-                continue
+        for data in mcast.receive_from(sock, self._source, self.drops, limit=_DRAIN_MAX):
             if self.page_filter is not None and not self.page_filter(data):
                 continue  # a test's simulated loss
             pages += 1

@@ -37,7 +37,8 @@ import structlog
 
 from boomscooter.errors import BoomscooterError
 from boomscooter.node import failover
-from boomscooter.node.core import Appended, StreamSession
+from boomscooter.node.core import Appended
+from boomscooter.node.servicer import session_from_pb
 from boomscooter.node.state import NodeState, save_state
 from boomscooter.storage import SegmentedLog
 from boomscooter.storage.batch import Batch, split_batches
@@ -58,7 +59,6 @@ KEEPALIVE_S = 1.0
 FETCH_BYTES = 4 << 20
 MAX_PENDING_BYTES = 64 << 20
 _DRAIN_MAX = 256
-_RECV_BYTES = 65536
 _RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -92,7 +92,7 @@ class Follower:
         self._pending_bytes = 0
         self._sock: socket.socket | None = None
         self._receiver: StreamReceiver | None = None
-        self._source: tuple[str | None, int] = (None, 0)
+        self._source: tuple[str | None, int | None] = (None, None)
         self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
         self.drops: dict[str, int] = {}
@@ -225,16 +225,7 @@ class Follower:
         self.peers = [a for a in first.replica_addresses if a != node.address]
         self.min_insync = first.min_insync
         node.leader_address = address
-        node.session = StreamSession(
-            group=session.group,
-            port=session.port,
-            cast_id=session.cast_id,
-            page_size_bytes=session.page_size_bytes,
-            epoch=session.epoch,
-            interface_hint=session.interface_hint,
-            heartbeat_ms=session.heartbeat_interval_ms,
-            source_port=session.source_port,
-        )
+        node.session = session_from_pb(session)
         node.epoch = session.epoch
         peers = sorted({*node.state.peers, *self.peers, address} - {node.address})
         if (
@@ -353,7 +344,7 @@ class Follower:
         self._receiver = StreamReceiver(
             session.epoch, self.node.log.next_seqno, page_size_bytes=session.page_size_bytes
         )
-        self._source = (_ipv4(session.interface_hint), session.source_port)
+        self._source = (_ipv4(session.interface_hint), session.source_port or None)
         self._restart.clear()
         self._loop.add_reader(self._sock.fileno(), self._readable)
 
@@ -381,15 +372,7 @@ class Follower:
             return
         now = self._loop.time()
         events: list[Any] = []
-        host, port = self._source
-        for _ in range(_DRAIN_MAX):
-            try:
-                data, sender = sock.recvfrom(_RECV_BYTES)
-            except OSError:
-                break
-            if (port and sender[1] != port) or (host is not None and sender[0] != host):
-                self.drops["foreign_source"] = self.drops.get("foreign_source", 0) + 1
-                continue
+        for data in mcast.receive_from(sock, self._source, self.drops, limit=_DRAIN_MAX):
             self.stats["pages"] += 1
             events.extend(receiver.datagram(data, now))
         self._handle(events)

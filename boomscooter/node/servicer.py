@@ -23,6 +23,7 @@ from boomscooter.errors import (
     NotLeaderError,
     RequestError,
 )
+from boomscooter.node.core import StreamSession
 from boomscooter.storage import Batch, Entry, FsyncMode
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -425,6 +426,19 @@ def session_message(node: LeaderNode) -> pb.MulticastSession:
         interface_hint=session.interface_hint,
         heartbeat_interval_ms=session.heartbeat_ms,
         source_port=session.source_port,
+    )
+
+
+def session_from_pb(message: pb.MulticastSession) -> StreamSession:
+    return StreamSession(
+        group=message.group,
+        port=message.port,
+        cast_id=message.cast_id,
+        page_size_bytes=message.page_size_bytes,
+        epoch=message.epoch,
+        interface_hint=message.interface_hint,
+        heartbeat_ms=message.heartbeat_interval_ms,
+        source_port=message.source_port,
     )
 
 
