@@ -89,6 +89,11 @@ async def test_replicas_store_the_stream_and_the_commit_needs_a_quorum(cluster: 
     async with Subscriber(replicas[0].address, start=1, count=5000, mode="unicast") as sub:
         got = [r.seqno async for r in sub]
     assert got == list(range(1, 5001))
+    # A reader of a replica's files, told by the replica where its committed batches end.
+    async with Subscriber(replicas[1].address, start=1, count=5000, mode="notifications",
+                          data_dir=replicas[1].config.data_dir) as sub:  # fmt: skip
+        got = [r.seqno async for r in sub]
+    assert got == list(range(1, 5001))
     status = await _status(leader.address)
     assert [(r.in_sync, r.durable_seqno) for r in status.replicas] == [(True, 5000)] * 2
 
