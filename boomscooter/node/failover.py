@@ -164,6 +164,7 @@ async def reconcile(node: LeaderNode, stub: Any, peer_first: int) -> int:
         async with node._append_lock:
             node._tail_epoch = None
             await asyncio.to_thread(node.log.truncate_after, search.result)
+            node.held_seen = min(node.held_seen, search.result)
             node.dedupe.forget_after(search.result)
             node.journal.rewrite(node.dedupe)
             node._ends.clear()

@@ -126,6 +126,9 @@ class LeaderNode:
         # The leader's recent dedupe entries, numbered, for its replicas' sessions.
         self.dedupe_feed: deque[tuple[int, str, int, Appended]] = deque(maxlen=FEED_ENTRIES)
         self._feed_index = 0
+        # The held seqno as the event loop last learned it (the syncer thread reports it
+        # through call_soon_threadsafe): what acks=leader waits for, in step with the commit.
+        self.held_seen = 0
 
     def _last_epoch(self) -> int:
         """The epoch of the log's last batch (cached by last seqno: a replica asks at every
@@ -171,6 +174,7 @@ class LeaderNode:
             self.sender.commit_advanced()
 
     def _held(self, seqno: int) -> None:
+        self.held_seen = max(self.held_seen, seqno)
         if self.is_leader and self.tracker.held("", seqno):
             self._commit_moved()
         if self.follower is not None:
@@ -206,7 +210,7 @@ class LeaderNode:
     async def wait_durable(self, seqno: int, timeout_s: float) -> bool:
         """Wait until the leader holds ``seqno`` durably (False after ``timeout_s``)."""
         deadline = self._loop.time() + timeout_s
-        while self.held_seqno() < seqno:
+        while self.held_seen < seqno:
             left = deadline - self._loop.time()
             if left <= 0:
                 return False
@@ -422,6 +426,7 @@ class LeaderNode:
             self.leader_address = self.address
             from boomscooter.node import failover
 
+            self.held_seen = self.held_seqno()  # as a replica it may have truncated since
             self._tasks = [
                 self._loop.create_task(self._expire_replicas(), name="replica-expiry"),
                 self._loop.create_task(failover.watch_for_newer_leader(self), name="fencing"),
