@@ -86,3 +86,12 @@ async def start_bootcast(tmp_path: Path, mcast_slot: McastSlot) -> AsyncIterator
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sim-seed",
+        type=int,
+        default=None,
+        help="replay one seed of the replication simulation (tests/test_simulation.py)",
+    )

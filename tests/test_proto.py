@@ -39,6 +39,8 @@ CONTRACT_RPCS = {
     "Replicate": (True, True),
     "Status": (False, False),
 }
+# Extensions beyond the contract (DESIGN.md §3.2 allows adding, never changing).
+EXTENSION_RPCS = {"Promote": (False, False)}
 
 
 def _generated(root: Path) -> set[str]:
@@ -74,7 +76,7 @@ def test_service_has_the_contract_rpcs() -> None:
     service = pb.DESCRIPTOR.services_by_name["Boomscooter"]
     assert service.full_name == SERVICE_NAME == "boomscooter.v1.Boomscooter"
     kinds = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
-    assert kinds == CONTRACT_RPCS
+    assert kinds == CONTRACT_RPCS | EXTENSION_RPCS
     for method in service.methods:
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"
@@ -209,8 +211,23 @@ def _messages() -> list[Message]:
             replica_id="r-1", address="[::1]:7001", durable_seqno=18, last_seqno=20, last_epoch=3
         ),
         pb.ReplicateResponse(
-            session=session, commit_seqno=19, last_seqno=20, truncate_after_seqno=0, min_insync=2
+            session=session,
+            commit_seqno=19,
+            last_seqno=20,
+            truncate_after_seqno=0,
+            min_insync=2,
+            replica_addresses=["[::1]:7002"],
+            cast_address="[::1]:7800",
+            sealed_segments=["00000000000000000001.log"],
+            first_seqno=1,
+            producer_batches=[
+                pb.ProducerBatch(
+                    producer_id="p-1", batch_sequence=7, base_seqno=11, record_count=3, epoch=3
+                )
+            ],
         ),
+        pb.PromoteRequest(min_insync=2, force=True),
+        pb.PromoteResponse(epoch=4, last_seqno=20, commit_seqno=19, gathered_records=2),
         pb.StatusRequest(),
         pb.StatusResponse(
             role=pb.ROLE_LEADER,
@@ -237,7 +254,8 @@ def test_message_round_trip(message: Message) -> None:
 
 def test_every_message_is_exercised() -> None:
     exercised = {type(m).DESCRIPTOR.name for m in _messages()}
-    helpers = {"Record", "RecordList", "Error", "ProduceAck", "MulticastSession", "ReplicaStatus"}
+    helpers = {"Record", "RecordList", "Error", "ProduceAck", "MulticastSession", "ReplicaStatus",
+               "ProducerBatch"}  # fmt: skip
     assert set(pb.DESCRIPTOR.message_types_by_name) - exercised <= helpers
 
 
@@ -337,4 +355,4 @@ async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Chan
         for raw in replies[1].file_descriptor_response.file_descriptor_proto
     ]
     (described,) = [f for f in files if f.package == "boomscooter.v1"]
-    assert {m.name for m in described.service[0].method} == set(CONTRACT_RPCS)
+    assert {m.name for m in described.service[0].method} == set(CONTRACT_RPCS) | set(EXTENSION_RPCS)

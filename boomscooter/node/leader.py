@@ -444,7 +444,7 @@ class LeaderNode:
             was = self.role
             await self._stop_leading()
             await self._stop_following()
-            if epoch > self.state.epoch:
+            if epoch and epoch >= self.state.epoch:  # fenced by a leader of this epoch too
                 self.state.epoch, self.state.leader = epoch, leader_address
                 await self._save_state()
             self.role = "replica"

@@ -870,10 +870,15 @@ class ProducerBatch(_message.Message):
     RECORD_COUNT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     producer_id: _builtins.str
+    """The producer's identity (ProduceRequest.producer_id)."""
     batch_sequence: _builtins.int
+    """Its number for the batch (ProduceRequest.batch_sequence)."""
     base_seqno: _builtins.int
+    """Where the batch was stored: seqnos base_seqno .. base_seqno + record_count - 1."""
     record_count: _builtins.int
+    """How many records the batch holds."""
     epoch: _builtins.int
+    """The epoch that stored it."""
     def __init__(
         self,
         *,
@@ -1068,6 +1073,7 @@ class PromoteRequest(_message.Message):
     MIN_INSYNC_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     min_insync: _builtins.int
+    """Durable copies (the new leader's included) that commit a batch; 0: as before."""
     force: _builtins.bool
     """Promote even though the current leader still answers (a planned switchover). Without
     it such a promotion fails with FAILED_PRECONDITION: until the old leader notices the
