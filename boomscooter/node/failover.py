@@ -161,16 +161,21 @@ async def reconcile(node: LeaderNode, stub: Any, peer_first: int) -> int:
             search.differs(ours.base_seqno)
     dropped = node.log.last_seqno - search.result
     if dropped > 0:
-        async with node._append_lock:
-            node._tail_epoch = None
-            await asyncio.to_thread(node.log.truncate_after, search.result)
-            node.held_seen = min(node.held_seen, search.result)
-            node.dedupe.forget_after(search.result)
-            node.journal.rewrite(node.dedupe)
-            node._ends.clear()
+        # Shielded: a cancelled caller (stop, promote) must not leave the truncation done
+        # and the dedupe table, journal and held seqno still describing the old tail.
+        await node.exclusive(lambda: _truncate(node, search.result))
         log.warning("log.truncated_to_common_point", after_seqno=search.result,
                     dropped_records=dropped, probes=search.probes)  # fmt: skip
     return max(0, dropped)
+
+
+async def _truncate(node: LeaderNode, seqno: int) -> None:
+    node._tail_epoch = None
+    await asyncio.to_thread(node.log.truncate_after, seqno)
+    node.held_seen = min(node.held_seen, seqno)
+    node.dedupe.forget_after(seqno)
+    node.journal.rewrite(node.dedupe)
+    node._ends.clear()
 
 
 async def _last_position(stub: Any, status: pb.StatusResponse) -> tuple[int, int]:
@@ -237,6 +242,13 @@ def _append_all(node: LeaderNode, batches: list[Batch]) -> None:
 
 
 async def promote(node: LeaderNode, min_insync: int = 0, *, force: bool = False) -> dict[str, int]:
+    if node.promote_lock.locked():
+        raise RequestError(f"{node.address} is being promoted already", code="FAILED_PRECONDITION")
+    async with node.promote_lock:
+        return await _promote(node, min_insync, force)
+
+
+async def _promote(node: LeaderNode, min_insync: int, force: bool) -> dict[str, int]:
     if node.is_leader:
         raise RequestError(f"{node.address} is already the leader", code="FAILED_PRECONDITION")
     if node.role != "replica":
@@ -256,7 +268,27 @@ async def promote(node: LeaderNode, min_insync: int = 0, *, force: bool = False)
             "seconds, before it notices the new epoch, may be lost)",
             code="FAILED_PRECONDITION",
         )
-    await node._stop_following()
+    async with node._append_lock:  # no append of the follower is under way past here
+        await node._stop_following()
+    try:
+        return await _take_over(node, peers, min_insync or learned_insync)
+    except BaseException as exc:
+        # Not promoted: follow again rather than stay a node that neither follows nor leads.
+        if not node.is_leader and node.follower is None and node.role == "replica":
+            await node.follow(node.leader_address)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise RequestError(
+                f"promotion failed, still a replica: a peer failed ({exc.code().name}: "
+                f"{exc.details()})",
+                code="UNAVAILABLE",
+            ) from exc
+        if isinstance(exc, OSError):
+            raise RequestError(f"promotion failed, still a replica: {exc}",
+                               code="UNAVAILABLE") from exc  # fmt: skip
+        raise
+
+
+async def _take_over(node: LeaderNode, peers: set[str], min_insync: int) -> dict[str, int]:
     answers = await survey(peers)  # again: nothing moves on this node any more
     gathered = await _gather(node, answers)
     # Dedupe entries learned for batches this log does not hold (lost with the leader)
@@ -265,7 +297,7 @@ async def promote(node: LeaderNode, min_insync: int = 0, *, force: bool = False)
     await asyncio.to_thread(node.journal.rewrite, node.dedupe)
     epochs = [node.epoch, node.state.epoch, *(s.epoch for s in answers.values())]
     epoch = max(epochs) + 1
-    insync = min_insync or learned_insync or node.config.min_insync
+    insync = min_insync or node.config.min_insync
     commit = node.commit_seqno
     await node.lead(epoch=epoch, min_insync=insync, commit_seqno=commit)
     log.warning("node.promoted", epoch=epoch, last_seqno=node.log.last_seqno, commit_seqno=commit,

@@ -244,8 +244,9 @@ class Follower:
                  last_seqno=node.log.last_seqno)  # fmt: skip
 
     async def _rebase(self, base: int) -> None:
-        """An empty replica of a log whose start was deleted by retention: its log starts
-        where the leader's does (an empty segment named by that base)."""
+        """A replica whose log ends before the leader's starts (empty, or behind retention):
+        its log starts again where the leader's does (an empty segment named by that base).
+        Runs under :meth:`LeaderNode.exclusive`."""
         node = self.node
         directory = node.config.data_dir
 
@@ -258,17 +259,26 @@ class Follower:
             os.close(create_segment(directory, base, sync=True))
             return SegmentedLog.open(directory, config)
 
-        async with node._append_lock:
-            node._tail_epoch = None
-            node.log = await asyncio.to_thread(work)
-            node.log.on_durable = node._durable_from_thread
-            node._committed_end = node.log.active_segment()
+        node._tail_epoch = None
+        node.log = await asyncio.to_thread(work)
+        node.log.on_durable = node._durable_from_thread
+        node._committed_end = node.log.active_segment()
+        node._committed_end_seqno = base - 1
+        node.held_seen = min(node.held_seen, base - 1)
+        node.dedupe.forget_after(base - 1)
+        node.journal.rewrite(node.dedupe)
         log.info("replica.rebased", first_seqno=base)
 
     async def _reconcile(self, stub: Any, leader_first: int) -> None:
         node = self.node
-        if node.log.last_seqno == 0 and node.log.next_seqno < leader_first:
-            await self._rebase(leader_first)
+        if node.log.next_seqno < leader_first:
+            # Empty, or everything it holds is older than what the leader still stores
+            # (retention deleted the records between): start again where the leader's log
+            # starts. Nothing lost: those records were committed and trimmed everywhere.
+            if node.log.last_seqno:
+                log.warning("replica.behind_retention", last_seqno=node.log.last_seqno,
+                            leader_first_seqno=leader_first)  # fmt: skip
+            await node.exclusive(lambda: self._rebase(leader_first))
         if await failover.reconcile(node, stub, leader_first):
             self.stats["truncations"] += 1
 

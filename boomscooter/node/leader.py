@@ -33,6 +33,7 @@ import contextlib
 import os
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ from boomscooter.errors import (
     NotLeaderError,
     RequestError,
     ServerUnavailableError,
+    StorageError,
 )
 from boomscooter.node.config import DEFAULT_GROUP as DEFAULT_GROUP
 from boomscooter.node.config import DEFAULT_MAX_BATCH_BYTES as DEFAULT_MAX_BATCH_BYTES
@@ -102,6 +104,7 @@ class LeaderNode:
         self.follower: Any = None  # boomscooter.node.follower.Follower while a replica
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boomscooter-append")
         self._append_lock = asyncio.Lock()
+        self.promote_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
         self.grpc_server: Any = None
@@ -116,12 +119,10 @@ class LeaderNode:
         self._tasks: list[asyncio.Task[None]] = []  # the leader's background duties
         # (last seqno, segment file, size after it) of appended, not yet committed batches.
         self._ends: deque[tuple[int, str, int]] = deque()
-        # Where committed batches end (Notifications): the file end when all is committed.
-        self._committed_end = (
-            log_.active_segment()
-            if start_commit >= log_.last_seqno
-            else (log_.segment_files()[0][0], SEGMENT_HEADER_BYTES)
-        )
+        # Where committed batches end (Notifications), and the seqno that ends there; found
+        # in the log (committed_end) when no appended batch of this process says.
+        self._committed_end = (log_.segment_files()[0][0], SEGMENT_HEADER_BYTES)
+        self._committed_end_seqno = log_.first_seqno - 1
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
         # The leader's recent dedupe entries, numbered, for its replicas' sessions.
         self.dedupe_feed: deque[tuple[int, str, int, Appended]] = deque(maxlen=FEED_ENTRIES)
@@ -168,8 +169,8 @@ class LeaderNode:
     def _commit_moved(self) -> None:
         commit = self.commit_seqno
         while self._ends and self._ends[0][0] <= commit:
-            _, name, size = self._ends.popleft()
-            self._committed_end = (name, size)
+            seqno, name, size = self._ends.popleft()
+            self._committed_end, self._committed_end_seqno = (name, size), seqno
         if self.sender is not None:
             self.sender.commit_advanced()
 
@@ -184,6 +185,13 @@ class LeaderNode:
     def committed_end(self) -> tuple[str, int]:
         """``(segment file, size)`` where the committed batches end (what Notifications
         announce: a reader of the files never reads an uncommitted record)."""
+        commit = self.commit_seqno
+        if self._committed_end_seqno < commit and commit >= self.log.first_seqno:
+            # Committed before this process appended anything (a restart, a promotion, a
+            # catch-up): the log says where that batch ends.
+            with contextlib.suppress(StorageError):
+                self._committed_end = self.log.end_of(commit)
+                self._committed_end_seqno = commit
         return self._committed_end
 
     async def wait_change(self, timeout_s: float) -> None:
@@ -208,9 +216,14 @@ class LeaderNode:
         return True
 
     async def wait_durable(self, seqno: int, timeout_s: float) -> bool:
-        """Wait until the leader holds ``seqno`` durably (False after ``timeout_s``)."""
+        """Wait until the leader holds ``seqno`` durably (False after ``timeout_s``); raises
+        :class:`NotLeaderError` when this node stops leading meanwhile (as a replica it may
+        truncate the record)."""
         deadline = self._loop.time() + timeout_s
+        epoch = self.epoch
         while self.held_seen < seqno:
+            if not self.is_leader or self.epoch != epoch:
+                raise self.not_leader()
             left = deadline - self._loop.time()
             if left <= 0:
                 return False
@@ -297,6 +310,20 @@ class LeaderNode:
             if not self.dedupe.holds(producer_id, sequence):
                 self.journal.append(producer_id, sequence, appended)
                 self._remember(producer_id, sequence, appended)
+
+    async def exclusive(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` under the append lock, to its end even if the caller is cancelled
+        meanwhile (a truncation, a rebase: the log and what describes it must change
+        together); the lock is released only when ``work`` is done."""
+        await self._append_lock.acquire()
+
+        async def run() -> None:
+            try:
+                await work()
+            finally:
+                self._append_lock.release()
+
+        await asyncio.shield(self._loop.create_task(run()))
 
     def _stamp(self, request: ProduceBatch, base_seqno: int) -> Batch:
         limit = self.config.max_batch_bytes
@@ -396,6 +423,9 @@ class LeaderNode:
             self.state.epoch = max(self.state.epoch, epoch)
             self.state.leader = self.address
             await self._save_state()
+            if self.sender is not None:  # never two streams
+                await self.sender.close()
+                self.sender = None
             self.epoch = epoch
             self.tracker = CommitTracker(min_insync, commit_seqno=commit_seqno)
             self.replicas = ReplicaSet(self.tracker, insync_timeout_s=self.config.insync_timeout_s)

@@ -135,6 +135,9 @@ records gets :class:`~boomscooter.errors.LogTruncatedError` rather than stale by
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 from boomscooter.storage.api import (
     DEFAULT_READ_BYTES,
     FsyncMode,
@@ -153,9 +156,21 @@ from boomscooter.storage.batch import (
     encode_batch,
     split_batches,
 )
-from boomscooter.storage.log import SegmentedLog, open_log
+from boomscooter.storage.log import SegmentedLog
 from boomscooter.storage.memory import MemoryLog
 from boomscooter.storage.reader import LogReader
+
+
+def open_log(
+    directory: str | os.PathLike[str],
+    config: LogConfig | None = None,
+    *,
+    repair: bool = False,
+    clock_ms: Callable[[], int] | None = None,
+) -> SegmentedLog:
+    """Open the log in ``directory`` (see :meth:`SegmentedLog.open`)."""
+    return SegmentedLog.open(directory, config, repair=repair, clock_ms=clock_ms)
+
 
 __all__ = [
     "DEFAULT_READ_BYTES",

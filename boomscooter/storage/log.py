@@ -200,6 +200,16 @@ class SegmentedLog:
         """``(file name, size)`` of every segment, oldest first (what notifications carry)."""
         return [(os.path.basename(s.path), s.index.end) for s in self._segments]
 
+    def end_of(self, seqno: int) -> tuple[str, int]:
+        """``(file name, offset)`` just past the batch holding the stored ``seqno``."""
+        with self._lock:
+            self._check_open()
+            if not self.first_seqno <= seqno < self._next_seqno:
+                raise SeqnoOutOfRangeError(f"seqno {seqno} is not stored")
+            segment = self._segments[bisect_right(self._bases, seqno) - 1]
+            batch, start = self._batch_holding(segment, seqno)
+            return os.path.basename(segment.path), start + batch.header.length
+
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosedError(f"log {self.directory} is closed")
@@ -578,14 +588,3 @@ class SegmentedLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def open_log(
-    directory: str | os.PathLike[str],
-    config: LogConfig | None = None,
-    *,
-    repair: bool = False,
-    clock_ms: Callable[[], int] | None = None,
-) -> SegmentedLog:
-    """Open the log in ``directory`` (see :meth:`SegmentedLog.open`)."""
-    return SegmentedLog.open(directory, config, repair=repair, clock_ms=clock_ms)

@@ -1,0 +1,176 @@
+"""Replication edge cases a review found broken (now fixed): a promotion that fails half-way
+goes back to following; two promotions at once lead once; a replica behind the leader's
+retention starts again where the leader's log starts; Notifications of a restarted replica
+or of a restarted leader with min_insync > 1 announce exactly the committed end."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from log_support import random_group
+
+from boomscooter import Producer, Subscriber
+from boomscooter.errors import RequestError
+from boomscooter.node import failover
+from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, SegmentedLog
+from boomscooter.storage.batch import encode_batch
+
+ALWAYS = FsyncPolicy(mode=FsyncMode.ALWAYS)
+Start = Callable[..., Awaitable[LeaderNode]]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Start]:
+    group = random_group()
+    nodes: list[LeaderNode] = []
+
+    async def start(name: str, **options: Any) -> LeaderNode:
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "group": group,
+            "interface": "127.0.0.1",
+            "heartbeat_ms": 50,
+            "fsync": ALWAYS,
+        }
+        settings.update(options)
+        node = await start_leader(LeaderConfig(data_dir=str(tmp_path / name), **settings))
+        nodes.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in reversed(nodes):
+            await node.stop(grace_s=0.1)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert predicate(), what
+
+
+async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int]:
+    async with Producer(servers, acks=acks, linger_ms=1, retry_timeout_s=20) as producer:
+        futures = [await producer.send(b"r-%06d" % i) for i in range(count)]
+        await producer.flush()
+    return [int(f.result() or 0) for f in futures]
+
+
+async def test_two_concurrent_promotes_lead_once(cluster: Start) -> None:
+    leader = await cluster("leader")
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await leader.stop(grace_s=0.1)
+    results = await asyncio.gather(replica.promote(), replica.promote(), return_exceptions=True)
+    ok = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, RequestError)]
+    assert len(ok) == 1 and len(refused) == 1, results
+
+
+async def test_a_failed_promotion_leaves_the_node_following(
+    cluster: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leader = await cluster("leader")
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await leader.stop(grace_s=0.1)
+
+    async def peer_vanished(node: LeaderNode, answers: Any) -> int:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "peer gone"
+        )
+
+    monkeypatch.setattr(failover, "_gather", peer_vanished)
+    with pytest.raises(RequestError, match="promotion failed, still a replica") as info:
+        await replica.promote()
+    assert info.value.grpc_status == "UNAVAILABLE"
+    # The promotion failed: the node must still be a working replica (or a leader).
+    assert replica.is_leader or replica.follower is not None, replica.role
+
+
+async def test_a_replica_behind_the_leaders_retention_catches_up(cluster: Start) -> None:
+    options: dict[str, Any] = {"segment_bytes": 16 << 10, "retention_bytes": 32 << 10}
+    leader = await cluster("leader", **options)
+    replica = await cluster("r1", follow=leader.address, **options)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await produce(leader.address, 50)
+    await wait_for(lambda: replica.log.last_seqno == 50, 10, "replica caught up")
+    await replica.stop(grace_s=0.1)
+    for _ in range(4):
+        await produce(leader.address, 2000)
+    await leader.apply_retention()
+    assert leader.log.first_seqno > 51, leader.log.segment_files()
+    replica = await cluster("r1", follow=leader.address, **options)
+    await wait_for(lambda: replica.log.last_seqno == leader.log.last_seqno, 10, "caught up")
+
+
+def _write_log(path: Path, batches: list[tuple[int, int, list[bytes]]]) -> None:
+    """Batches as (base seqno, epoch, payloads), appended in order."""
+    with SegmentedLog.open(path) as log:
+        for base, epoch, payloads in batches:
+            entries = [Entry(1000 + i, p) for i, p in enumerate(payloads)]
+            log.append_batch(encode_batch(entries, base_seqno=base, epoch=epoch))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_notifications_on_a_restarted_replica_never_deliver_its_uncommitted_tail(
+    cluster: Start, tmp_path: Path
+) -> None:
+    common = [(1 + 10 * i, 1, [b"c%d-%d" % (i, j) for j in range(10)]) for i in range(10)]
+    _write_log(tmp_path / "leader", [*common, (101, 2, [b"new"] * 50)])
+    _write_log(tmp_path / "r1", [*common, (101, 1, [b"stale"] * 35)])
+    leader_address = f"127.0.0.1:{_free_port()}"
+    replica = await cluster("r1", follow=leader_address)  # the leader is not up yet
+
+    async def read() -> list[bytes]:
+        async with Subscriber(replica.address, start=1, count=150, mode="notifications",
+                              data_dir=replica.config.data_dir) as sub:  # fmt: skip
+            return [r.payload async for r in sub]
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.5)  # the reader has read the replica's files
+    leader = await cluster("leader", listen=leader_address)
+    await wait_for(lambda: replica.log.last_seqno == 150, 10, "replica caught up")
+    assert leader.log.last_seqno == 150
+    try:
+        payloads = await asyncio.wait_for(reader, 10)
+    finally:
+        reader.cancel()
+    assert b"stale" not in payloads
+    assert payloads[100:] == [b"new"] * 50
+
+
+async def test_notifications_after_a_restart_with_min_insync_2_deliver_the_committed_log(
+    cluster: Start,
+) -> None:
+    leader = await cluster("leader", min_insync=2)
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await produce(leader.address, 100)
+    await wait_for(lambda: replica.log.last_seqno == 100, 10, "replica caught up")
+    address = leader.address
+    await leader.stop(grace_s=0.1)
+    leader = await cluster("leader", min_insync=2, listen=address)
+    await wait_for(lambda: leader.commit_seqno == 100, 10, "the restarted leader commits")
+    async with Subscriber(leader.address, start=1, count=100, mode="notifications",
+                          data_dir=leader.config.data_dir) as sub:  # fmt: skip
+        got = await asyncio.wait_for(_seqnos(sub), 5)
+    assert got == list(range(1, 101))
+
+
+async def _seqnos(sub: Subscriber) -> list[int]:
+    return [r.seqno async for r in sub]
