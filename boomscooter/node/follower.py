@@ -197,7 +197,8 @@ class Follower:
 
     def _learn_producers(self, response: pb.ReplicateResponse) -> None:
         if response.producer_batches:
-            self.node.learn_producer_batches(
+            learn_producer_batches(
+                self.node,
                 [
                     (
                         e.producer_id,
@@ -205,7 +206,7 @@ class Follower:
                         Appended(e.base_seqno, e.record_count, e.epoch),
                     )
                     for e in response.producer_batches
-                ]
+                ],
             )
 
     def _check_not_stale(self, address: str, epoch: int) -> None:
@@ -501,6 +502,16 @@ class Follower:
             self.peers = [a for a in response.replica_addresses if a != node.address]
             self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
+
+
+def learn_producer_batches(node: LeaderNode, entries: list[tuple[str, int, Appended]]) -> None:
+    """As a replica: the leader's dedupe entries, kept (and journaled) so that after a
+    promotion a producer's retry of a batch this log holds is not stored twice.
+    Entries beyond the log are pruned when it is promoted or restarted."""
+    for producer_id, sequence, appended in entries:
+        if not node.dedupe.holds(producer_id, sequence):
+            node.journal.append(producer_id, sequence, appended)
+            node._remember(producer_id, sequence, appended)
 
 
 CATCHUP_PREFIX = ".catchup-"

@@ -12,8 +12,8 @@ becomes leader through :meth:`LeaderNode.promote`, and a leader that learns of a
 epoch becomes a replica (:meth:`LeaderNode.follow`). Appends run one at a time, inline (a
 pwrite into the page cache costs less than a thread hop); fdatasyncs run on the storage's
 syncer thread — under ``fsync=always`` back to back, each covering every batch appended
-meanwhile (group commit, :func:`storage_fsync`), and nothing counts as held before its
-fdatasync returned.
+meanwhile (group commit, :func:`~boomscooter.node.config.storage_fsync`), and nothing
+counts as held before its fdatasync returned.
 
 What the leader *holds* (its vote in the commit rule) is its durable seqno — fsynced under
 ``always`` and ``interval``; under ``never`` every appended record counts, since that
@@ -55,12 +55,13 @@ from boomscooter.node.config import LeaderConfig as LeaderConfig
 from boomscooter.node.config import ProduceBatch as ProduceBatch
 from boomscooter.node.config import ProduceOutcome as ProduceOutcome
 from boomscooter.node.config import split_hostport as split_hostport
+from boomscooter.node.config import storage_fsync
 from boomscooter.node.core import Appended, CommitTracker, DedupeTable, StreamSession
 from boomscooter.node.journal import ProducerJournal
 from boomscooter.node.multicast import StreamSender, split_group
-from boomscooter.node.replication import ReplicaSet, ReplicaState
+from boomscooter.node.replication import ReplicaSet
 from boomscooter.node.state import NodeState, load_state, save_state
-from boomscooter.storage import Batch, FsyncMode, FsyncPolicy, LogConfig, SegmentedLog
+from boomscooter.storage import Batch, FsyncMode, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
 from bootcast import server as bserver
@@ -302,15 +303,6 @@ class LeaderNode:
         if self.journal.needs_compaction():
             self.journal.rewrite(self.dedupe)
 
-    def learn_producer_batches(self, entries: list[tuple[str, int, Appended]]) -> None:
-        """As a replica: the leader's dedupe entries, kept (and journaled) so that after a
-        promotion a producer's retry of a batch this log holds is not stored twice.
-        Entries beyond the log are pruned when it is promoted or restarted."""
-        for producer_id, sequence, appended in entries:
-            if not self.dedupe.holds(producer_id, sequence):
-                self.journal.append(producer_id, sequence, appended)
-                self._remember(producer_id, sequence, appended)
-
     async def exclusive(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` under the append lock, to its end even if the caller is cancelled
         meanwhile (a truncation, a rebase: the log and what describes it must change
@@ -364,47 +356,6 @@ class LeaderNode:
 
     # -- replicas (leader side) -------------------------------------------------------------
 
-    def replica_opened(self, replica_id: str, address: str, last_epoch: int) -> ReplicaState:
-        """A replica opened its Replicate session. Its first message is not counted: its
-        tail may have diverged; its acks count once it has reconciled with this log."""
-        if last_epoch > self.epoch:
-            raise self.not_leader()  # the caller fences this node (see servicer)
-        state = self.replicas.connected(replica_id, address, self._loop.time())
-        if address and address not in self.state.peers:
-            self.state.peers.append(address)
-            self._save_state_soon()
-        log.info("replica.connected", replica=replica_id, address=address)
-        return state
-
-    def replica_acked(self, replica_id: str, durable: int, last: int, last_epoch: int) -> None:
-        if self.replicas.ack(
-            replica_id,
-            durable_seqno=min(durable, self.log.last_seqno),
-            last_seqno=last,
-            last_epoch=last_epoch,
-            now=self._loop.time(),
-        ):
-            self._commit_moved()
-        self._notify()
-
-    def replica_closed(self, replica_id: str, session: int) -> None:
-        self.replicas.disconnected(replica_id, session)
-        log.info("replica.disconnected", replica=replica_id)
-        self._notify()
-
-    async def _expire_replicas(self) -> None:
-        while True:
-            await asyncio.sleep(min(0.5, self.config.insync_timeout_s / 4))
-            for replica_id in self.replicas.expire(self._loop.time()):
-                log.warning(
-                    "replica.out_of_sync",
-                    replica=replica_id,
-                    timeout_s=self.config.insync_timeout_s,
-                    in_sync_copies=self.replicas.in_sync_copies(),
-                    min_insync=self.tracker.min_insync,
-                )
-                self._notify()
-
     async def _save_state(self) -> None:
         state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
         await self._loop.run_in_executor(self._io, save_state, self.config.data_dir, state)
@@ -454,11 +405,11 @@ class LeaderNode:
             )
             self.role = "leader"
             self.leader_address = self.address
-            from boomscooter.node import failover
+            from boomscooter.node import failover, replicate
 
             self.held_seen = self.held_seqno()  # as a replica it may have truncated since
             self._tasks = [
-                self._loop.create_task(self._expire_replicas(), name="replica-expiry"),
+                self._loop.create_task(replicate.expire_replicas(self), name="replica-expiry"),
                 self._loop.create_task(failover.watch_for_newer_leader(self), name="fencing"),
             ]
             self._held(self.held_seqno())
@@ -600,17 +551,6 @@ class LeaderNode:
             self.journal.close()
         finally:
             self.log.close()
-
-
-def storage_fsync(policy: FsyncPolicy) -> FsyncPolicy:
-    """The storage policy behind a node's ``--fsync``. ``always`` is *group commit*: appends
-    go to the page cache and the syncer thread fdatasyncs whatever is unsynced, back to back
-    (one fdatasync covers every batch appended meanwhile); nothing counts — for the commit,
-    a replica's ack or an ``acks=leader`` answer — before its fdatasync returned. Same
-    promise as one fdatasync per append, at a fraction of the fdatasyncs under load."""
-    if policy.mode is FsyncMode.ALWAYS:
-        return FsyncPolicy(mode=FsyncMode.INTERVAL, interval_ms=1)
-    return policy
 
 
 def _log_state_save(done: asyncio.Future[None]) -> None:

@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from boomscooter.node.core import MAX_PRODUCER_ID_BYTES
+from boomscooter.node.replication import ReplicaState
 from boomscooter.storage.segment import parse_file_name
 from boomscooter.v1 import boomscooter_pb2 as pb
 
@@ -104,13 +105,13 @@ async def replicate(
             f"the replica holds epoch {hello.last_epoch}, above this leader's {node.epoch}: "
             "this leader is stale",
         )
-    session = node.replica_opened(replica_id, hello.address, hello.last_epoch).sessions
+    session = replica_opened(node, replica_id, hello.address, hello.last_epoch).sessions
     epoch = node.epoch
 
     async def read() -> None:
         async for request in requests:
             if request.replica_id == replica_id:
-                node.replica_acked(replica_id, request.durable_seqno, request.last_seqno,
+                replica_acked(node, replica_id, request.durable_seqno, request.last_seqno,
                                    request.last_epoch)  # fmt: skip
 
     reader = asyncio.get_running_loop().create_task(read(), name=f"replicate-{replica_id}")
@@ -140,7 +141,56 @@ async def replicate(
             reader.result()
     finally:
         reader.cancel()
-        node.replica_closed(replica_id, session)
+        replica_closed(node, replica_id, session)
+
+
+def replica_opened(
+    node: LeaderNode, replica_id: str, address: str, last_epoch: int
+) -> ReplicaState:
+    """A replica opened its Replicate session. Its first message is not counted: its
+    tail may have diverged; its acks count once it has reconciled with this log."""
+    if last_epoch > node.epoch:
+        raise node.not_leader()
+    state = node.replicas.connected(replica_id, address, asyncio.get_running_loop().time())
+    if address and address not in node.state.peers:
+        node.state.peers.append(address)
+        node._save_state_soon()
+    log.info("replica.connected", replica=replica_id, address=address)
+    return state
+
+
+def replica_acked(
+    node: LeaderNode, replica_id: str, durable: int, last: int, last_epoch: int
+) -> None:
+    if node.replicas.ack(
+        replica_id,
+        durable_seqno=min(durable, node.log.last_seqno),
+        last_seqno=last,
+        last_epoch=last_epoch,
+        now=asyncio.get_running_loop().time(),
+    ):
+        node._commit_moved()
+    node._notify()
+
+
+def replica_closed(node: LeaderNode, replica_id: str, session: int) -> None:
+    node.replicas.disconnected(replica_id, session)
+    log.info("replica.disconnected", replica=replica_id)
+    node._notify()
+
+
+async def expire_replicas(node: LeaderNode) -> None:
+    while True:
+        await asyncio.sleep(min(0.5, node.config.insync_timeout_s / 4))
+        for replica_id in node.replicas.expire(asyncio.get_running_loop().time()):
+            log.warning(
+                "replica.out_of_sync",
+                replica=replica_id,
+                timeout_s=node.config.insync_timeout_s,
+                in_sync_copies=node.replicas.in_sync_copies(),
+                min_insync=node.tracker.min_insync,
+            )
+            node._notify()
 
 
 def status(node: LeaderNode) -> pb.StatusResponse:
