@@ -76,7 +76,11 @@ async def survey(addresses: Iterable[str]) -> dict[str, pb.StatusResponse]:
 
 
 async def newer_leader(
-    node: LeaderNode, addresses: Iterable[str], *, or_same: bool = False
+    node: LeaderNode,
+    addresses: Iterable[str],
+    *,
+    or_same: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> tuple[str, int] | None:
     """``(leader address, epoch)`` of the leader with the highest epoch the nodes at
     ``addresses`` report, if it is above this node's (``or_same``: or equal — a replica
@@ -84,15 +88,16 @@ async def newer_leader(
 
     A replica that follows *another* leader at this node's own epoch counts too: two
     leaders under one epoch (a deposed leader that restarted seeing no one) must not both
-    go on, and the one the replicas follow is the one that can commit."""
+    go on, and the one the replicas follow is the one that can commit — also for a leader
+    still starting. Leaders in ``skip`` (a replica refused them as stale) are passed over."""
     answers = await survey(a for a in addresses if a and a != node.address)
     own = max(node.epoch, node.state.epoch)
     best: tuple[str, int] | None = None
     for address, status in answers.items():
         leader = address if status.role == pb.ROLE_LEADER else status.leader_address
-        if not leader or leader == node.address:
+        if not leader or leader == node.address or leader in skip:
             continue
-        replica_elsewhere = status.role == pb.ROLE_REPLICA and node.is_leader
+        replica_elsewhere = status.role == pb.ROLE_REPLICA and node.role != "replica"
         if status.epoch < own or (status.epoch == own and not (or_same or replica_elsewhere)):
             continue
         if best is None or status.epoch > best[1]:

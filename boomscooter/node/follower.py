@@ -66,6 +66,15 @@ class SessionEnded(Exception):
     """The session with the leader is over (the reason is the message)."""
 
 
+class StaleLeader(SessionEnded):
+    """The node at ``address`` leads an epoch this replica must not follow."""
+
+    def __init__(self, message: str, address: str, epoch: int) -> None:
+        super().__init__(message)
+        self.address = address
+        self.epoch = epoch
+
+
 class Follower:
     def __init__(self, node: LeaderNode, leader_address: str) -> None:
         self.node = node
@@ -86,6 +95,7 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self._ack_wake = asyncio.Event()
         self._append_wake = asyncio.Event()
+        self._refused: dict[str, int] = {}  # stale leaders seen: address -> their epoch
         self._restart = asyncio.Event()
         self._drained = asyncio.Event()
         self._pending: list[Batch] = []
@@ -123,6 +133,9 @@ class Follower:
                 raise
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+            except StaleLeader as exc:
+                self._refused[exc.address] = exc.epoch
+                reason = str(exc)
             except (SessionEnded, BoomscooterError, OSError) as exc:
                 reason = str(exc)
             except Exception as exc:  # a bug must not stop the replica for good
@@ -134,8 +147,13 @@ class Follower:
                 self._leave()
             failures += 1
             log.info("replica.session_ended", leader=self.leader_address, reason=reason)
+            known = self.node.state.epoch
+            skip = frozenset(a for a, e in self._refused.items() if e <= known)
             found = await failover.newer_leader(
-                self.node, {*self.peers, *self.node.state.peers, self.leader_address}, or_same=True
+                self.node,
+                {*self.peers, *self.node.state.peers, self.leader_address},
+                or_same=True,
+                skip=skip,
             )
             if found is not None and found[0] != self.leader_address:
                 log.info("replica.new_leader", leader=found[0], epoch=found[1])
@@ -215,9 +233,11 @@ class Follower:
         node = self.node
         known = node.state.epoch
         if epoch < known or (epoch == known and node.state.leader and node.state.leader != address):
-            raise SessionEnded(
+            raise StaleLeader(
                 f"{address} leads at epoch {epoch}, but this node has seen epoch {known} "
-                f"(led by {node.state.leader or 'another node'}): a stale leader"
+                f"(led by {node.state.leader or 'another node'}): a stale leader",
+                address,
+                epoch,
             )
 
     def _adopt(self, address: str, first: pb.ReplicateResponse) -> None:
