@@ -497,12 +497,17 @@ class Follower:
                 start = response.last_seqno + 1
 
     async def _acks(self, call: Any) -> None:
+        sent: tuple[int, int] | None = None
+        sent_at = 0.0
         while True:
-            hello = self._hello()
             self._ack_wake.clear()
-            # Sent when the state moved, and unchanged as a keepalive: the leader counts
-            # a silent replica as out of sync.
-            await call.write(hello)
+            hello = self._hello()
+            state = (hello.durable_seqno, hello.last_seqno)
+            # Sent when the durable seqno moved (the ack the commit waits for), and as a
+            # keepalive every KEEPALIVE_S: the leader counts a silent replica out of sync.
+            if sent is None or state[0] != sent[0] or self._loop.time() - sent_at >= KEEPALIVE_S:
+                await call.write(hello)
+                sent, sent_at = state, self._loop.time()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(KEEPALIVE_S):
                     await self._ack_wake.wait()
