@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of a bootcast server casting sealed segments (/join/segments/<file>)",
     )
     node.add_argument(
+        "--cast-group",
+        help="base multicast group of the segment casts (one group per concurrent cast; "
+        "default: bootcast's 239.255.66.1) — give each log on a network its own",
+    )
+    node.add_argument(
+        "--cast-port-base", type=_positive_int, help="first UDP port of the segment casts"
+    )
+    node.add_argument(
         "--min-insync",
         type=_positive_int,
         default=1,

@@ -35,6 +35,8 @@ async def run_leader(args: argparse.Namespace) -> int:
         group=args.group,
         interface=args.interface,
         cast_listen=args.cast_listen,
+        cast_group=args.cast_group,
+        cast_port_base=args.cast_port_base,
         min_insync=args.min_insync,
         fsync=FsyncPolicy.parse(args.fsync),
         page_size_bytes=args.page_size,

@@ -268,6 +268,17 @@ def test_bad_listen_address_is_a_usage_error(tmp_path: Path) -> None:
     assert not data_dir.exists()
 
 
+def test_a_cast_group_that_is_not_multicast_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_cli(
+        "--log-level", "error", "leader", "--data-dir", str(tmp_path / "log"), "--listen",
+        "127.0.0.1:0", "--cast-listen", "127.0.0.1:0", "--cast-group", "10.0.0.1",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert lines == ["boomscooter leader: segment casts: --cast-group 10.0.0.1 is not a "
+                     "multicast address"], lines  # fmt: skip
+
+
 def test_leader_on_port_0_logs_the_bound_address(leader: LeaderProcess) -> None:
     assert leader.port != 0
     assert leader.started["listen"] == f"127.0.0.1:{leader.port}"

@@ -24,6 +24,8 @@ class LeaderConfig:
     group: str = DEFAULT_GROUP
     interface: str | None = None
     cast_listen: str | None = None
+    cast_group: str | None = None  # base multicast group of the segment casts (bootcast's)
+    cast_port_base: int | None = None  # their first UDP port (bootcast's default)
     min_insync: int = 1
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     page_size_bytes: int = DEFAULT_PAGE_SIZE

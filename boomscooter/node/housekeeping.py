@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from boomscooter.errors import ConfigError
 from bootcast import server as bserver
+from bootcast.errors import ConfigError as BootcastConfigError
 
 if TYPE_CHECKING:
     from boomscooter.node.leader import LeaderNode
@@ -55,19 +57,26 @@ async def start_segment_casts(node: LeaderNode) -> None:
     config = node.config
     assert config.cast_listen is not None
     host, port = split_hostport(config.cast_listen, "--cast-listen")
-    serve = bserver.ServeConfig(
-        root=Path(config.data_dir),
-        host=host,
-        port=port,
-        interface=config.interface,
-        ttl=config.ttl,
-        page_size=config.page_size_bytes,  # the stream's page size fits this network too
-        prehash_bytes=0,
-        path_prefix=SEGMENT_PREFIX,
-        allow=node.sealed_segment,
-    )
-    if config.rate_mbit > 0:
-        serve = dataclasses.replace(serve, rate_mbit=config.rate_mbit)
+    try:
+        serve = bserver.ServeConfig(
+            root=Path(config.data_dir),
+            host=host,
+            port=port,
+            interface=config.interface,
+            ttl=config.ttl,
+            page_size=config.page_size_bytes,  # the stream's page size fits this network too
+            prehash_bytes=0,
+            path_prefix=SEGMENT_PREFIX,
+            allow=node.sealed_segment,
+        )
+        if config.rate_mbit > 0:
+            serve = dataclasses.replace(serve, rate_mbit=config.rate_mbit)
+        if config.cast_group is not None:  # ServeConfig checks it (a ConfigError on bad input)
+            serve = dataclasses.replace(serve, group=config.cast_group)
+        if config.cast_port_base is not None:
+            serve = dataclasses.replace(serve, port_base=config.cast_port_base)
+    except BootcastConfigError as exc:
+        raise ConfigError(f"segment casts: {exc}".replace("--group", "--cast-group")) from None
     node.cast_server, node.cast_runner, node.cast_port = await bserver.start_server(serve)
     if host in ("0.0.0.0", "::"):  # bound to any: name the host replicas reach us at
         host = node.address.rpartition(":")[0] or "127.0.0.1"
