@@ -87,6 +87,7 @@ class Follower:
             "gaps": 0,
             "fetched_batches": 0,
             "appended_batches": 0,
+            "imported_batches": 0,
             "truncations": 0,
             "segments_cast": 0,
             "segment_cast_bytes": 0,
@@ -363,6 +364,7 @@ class Follower:
                     if batch.base_seqno == node.log.next_seqno:
                         node.log.append_batch(Batch.from_bytes(bytes(batch.data)))
                         records += batch.record_count
+                        self.stats["imported_batches"] += 1
             return records
         finally:
             os.close(fd)

@@ -525,6 +525,7 @@ class LeaderNode:
         from boomscooter.node import housekeeping
 
         role, commit = self.role, self.commit_seqno
+        stats = dict(self.follower.stats) if self.follower is not None else {}
         if role == "stopped":
             return
         housekeeping.stop(self)
@@ -544,7 +545,7 @@ class LeaderNode:
             await self._loop.run_in_executor(self._io, self._close_storage)
         self._io.shutdown(wait=True)
         self.role = "stopped"
-        log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=commit)
+        log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=commit, **stats)
 
     def _close_storage(self) -> None:
         try:
