@@ -155,17 +155,21 @@ class Cluster:
     def _follow(self, node: Node, leader: int, epoch: int) -> None:
         """LeaderNode.follow (a leader steps down: fenced); node.epoch is left as it was."""
         node.role, node.follow, node.leader_commit = "replica", leader, 0
-        if epoch > node.state_epoch:  # saved, awaited
+        above = epoch > node.state_epoch if self.config.bug == "follow-above" else True
+        if epoch and epoch >= node.state_epoch and above:  # saved, awaited (own epoch too)
             node.state_epoch, node.state_leader = epoch, leader
             node.saved = (epoch, leader)
-        node.streams, node.session, node.failures = {}, None, 0
+        node.streams, node.session, node.failures, node.refused = {}, None, 0, {}
         self._open(node, node.inc)
 
-    def _newer_leader(self, node: Node, *, or_same: bool = False) -> tuple[int, int] | None:
+    def _newer_leader(
+        self, node: Node, *, or_same: bool = False, skip: frozenset[int] = frozenset()
+    ) -> tuple[int, int] | None:
         """failover.newer_leader over the reachable peers' Status."""
         peers = [p for p in self.nodes if p is not node and self.link(node.id, p.id)]
-        strict = self.config.bug == "strict-newer"
-        return newer_leader(node, peers, or_same=or_same, strict=strict)
+        strict, running = self.config.bug == "strict-newer", self.config.bug == "running-only"
+        skip = frozenset() if self.config.bug == "no-skip" else skip
+        return newer_leader(node, peers, or_same=or_same, skip=skip, strict=strict, running=running)
 
     def _save_soon(self, node: Node) -> None:
         """Follower._adopt's node.json save: not awaited, so a crash can come first."""
@@ -261,6 +265,7 @@ class Cluster:
             return
         if stale_leader(node, leader.id, epoch) and self.config.bug != "no-stale-check":
             self.stats["stale_leader_refused"] += 1
+            node.refused[leader.id] = epoch  # StaleLeader(address, epoch)
             self._end_session(node, f"{leader.name} is stale (epoch {epoch})")
             return
         node.epoch = epoch  # Follower._adopt
@@ -292,7 +297,8 @@ class Cluster:
         if not node.up or node.role != "replica":
             return
         node.failures += 1
-        found = self._newer_leader(node, or_same=True)
+        skip = frozenset(a for a, e in node.refused.items() if e <= node.state_epoch)
+        found = self._newer_leader(node, or_same=True, skip=skip)
         if found is not None and found[0] != node.follow:
             self.note(f"{node.name} follows n{found[0]} (epoch {found[1]})")
             node.follow, node.failures = found[0], 0

@@ -25,7 +25,10 @@ from boomscooter.storage.memory import MemoryLog
 # Planted bugs. BUGS: the random search must catch each. REGRESSIONS: the fixed production
 # bugs put back, each caught by its scenario in test_simulation.py.
 BUGS = ("single-ack", "no-reconcile", "no-gather")
-REGRESSIONS = ("uncapped-commit", "stale-close", "extends-gather", "strict-newer", "no-stale-check")
+REGRESSIONS = (
+    *("uncapped-commit", "stale-close", "extends-gather", "strict-newer", "no-stale-check"),
+    *("follow-above", "running-only", "no-skip"),
+)
 TICK_S = 0.1  # heartbeats, replica keepalives, in-sync expiry; fencing checks every 3rd
 INSYNC_S = 0.4  # a replica silent this long leaves the in-sync set
 FSYNC_S = 0.05  # fsync=interval: the syncer runs this long after an unsynced append
@@ -146,6 +149,7 @@ class Node:
         self.replicas = ReplicaSet(self.tracker)
         self.streams: dict[tuple[str, int], int] = {}  # a leader's open Replicate streams
         self.session: Session | None = None
+        self.refused: dict[int, int] = {}  # Follower._refused: stale leaders seen -> epoch
         self.failures, self.sync_due = 0, False
         self.checked = 0  # log[1..checked] was verified against the committed history
 
@@ -161,12 +165,20 @@ class Node:
 
 
 def newer_leader(
-    node: Node, peers: list[Node], *, or_same: bool = False, strict: bool = False
+    node: Node,
+    peers: list[Node],
+    *,
+    or_same: bool = False,
+    skip: frozenset[int] = frozenset(),
+    strict: bool = False,
+    running: bool = False,
 ) -> tuple[int, int] | None:
     """failover.newer_leader: (leader, epoch) of the highest epoch the peers report, if
     above this node's, or equal to it when ``or_same`` (a replica looking for its leader), or
-    when this node leads and the peer is a replica following another leader (an epoch taken
-    twice: the followed one wins). ``strict``: the rule before the fix (planted bug)."""
+    when this node is no replica (leading, or a leader still starting) and the peer is a
+    replica following another leader (an epoch taken twice: the followed one wins). Leaders
+    in ``skip`` (refused as stale) are passed over. ``strict``, ``running`` (the replica rule
+    for a running leader only): the rules before the fixes (planted bugs)."""
     own = max(node.epoch, node.state_epoch)
     if strict:
         own = node.epoch if node.role == "leader" else own
@@ -176,10 +188,14 @@ def newer_leader(
         leader, epoch = peer.status_leader(), peer.status_epoch()
         if strict:
             epoch = peer.epoch
-        if leader == node.id:
+        if leader == node.id or leader in skip:
             continue
-        elsewhere = peer.role == "replica" and node.role == "leader" and not strict
-        if epoch < own or (epoch == own and not (or_same or elsewhere)):
+        # Status reports ROLE_REPLICA for every role but "leader"
+        leading = node.role == "leader" if running else node.role != "replica"
+        elsewhere = peer.role != "leader" and leading and not strict
+        # failover.newer_leader: a node still starting follows another leader of its epoch
+        while_starting = peer.role == "leader" and node.role == "starting" and not strict
+        if epoch < own or (epoch == own and not (or_same or elsewhere or while_starting)):
             continue
         if best is None or epoch > best[1]:
             best = (leader, epoch)

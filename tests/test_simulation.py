@@ -1,8 +1,8 @@
 """The replication simulation (``sim_cluster.py``, ``sim_nodes.py``): many seeds without a
 violation, planted bugs it must catch, determinism; the production bugs it found, fixed,
 as scenarios that pass and that fail with the old rule planted back (``REGRESSIONS``); and
-— as strict xfails — the ways acknowledged records are still lost, or replication stalls,
-when the operator's care for unique epochs (``expose_epoch_reuse``) is lifted.
+— a strict xfail — the ways acknowledged records are still lost when the operator's care
+for unique epochs (``expose_epoch_reuse``) is lifted.
 
 Replay one seed of the main run with ``pytest tests/test_simulation.py --sim-seed N -s``
 (or ``SIM_SEED=N``): it prints the trace of that seed.
@@ -275,22 +275,13 @@ def test_a_second_leader_of_an_epoch_is_fenced_by_the_replicas_of_the_first(
     assert n2.session is not None and (n2.session.leader, n2.session.live) == (1, True)
 
 
-# Remaining gaps (production as of the fixes; a coordination service is the real answer).
-
-STALE_LEADER_ADVERTISED = (
-    "Production gap (epoch taken twice): a replica that refuses the second leader of its "
-    "epoch (Follower._check_not_stale) still names it in Status (leader_address, set from "
-    "--leader or failover.newer_leader, which with or_same returns the first leader of the "
-    "top epoch by address, the refused one again). The first leader's fencing watch "
-    "(newer_leader: a replica following another leader at our epoch) then steps it down in "
-    "favour of the refused one: n1 fenced by n0 at epoch 2; no leader can commit (n1 and n2 "
-    "refuse n0), and n0, the only leader, lacks what n1 acknowledged (seed 0, t=1.48 s)."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Violation, reason=STALE_LEADER_ADVERTISED)
-def test_a_replica_refusing_a_second_leader_of_its_epoch_keeps_the_first() -> None:
-    cluster = reused_epoch_scenario(0)
+@pytest.mark.parametrize("bug", regression("no-skip"))
+def test_a_replica_refusing_a_second_leader_of_its_epoch_keeps_the_first(bug: str | None) -> None:
+    """n2 refused n0 as stale: looking for its leader it passes n0 over (Follower._refused,
+    newer_leader's ``skip``) and names n1, so n1's fencing watch keeps it leading. Before,
+    newer_leader (or_same, first by address) gave n0 again, n2 named it in Status, n1 was
+    fenced by n0 at epoch 2, and n0, the only leader, lacked what n1 acknowledged."""
+    cluster = reused_epoch_scenario(0, bug=bug)
     refused_once(cluster)
     cluster.run(until_s=cluster.now + 1.0)
     n0, n1, n2 = cluster.nodes
@@ -298,44 +289,29 @@ def test_a_replica_refusing_a_second_leader_of_its_epoch_keeps_the_first() -> No
     assert n2.session is not None and (n2.session.leader, n2.session.live) == (1, True)
 
 
-FENCED_AT_OWN_EPOCH = (
-    "Production bug (liveness): a leader fenced by one of its own epoch (newer_leader's "
-    "'replica following another leader' rule) follows it with LeaderNode.follow(address, "
-    "epoch), which saves the leader only when the epoch is above node.json's; it keeps "
-    "'leader': its own address, so Follower._check_not_stale refuses the winner for good "
-    "('n1 is stale (epoch 2)', again and again, seed 0). Restarted as a leader it then takes "
-    "epoch 3 and wins: see test_an_epoch_taken_unseen_loses_no_acknowledged_record."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=FENCED_AT_OWN_EPOCH)
-def test_a_leader_fenced_under_its_own_epoch_replicates_from_the_winner() -> None:
-    cluster = reused_epoch_scenario(0)
+@pytest.mark.parametrize("bug", regression("follow-above"))
+def test_a_leader_fenced_under_its_own_epoch_replicates_from_the_winner(bug: str | None) -> None:
+    """n0, fenced by n1 at its own epoch 2, saves n1 as the leader of epoch 2
+    (LeaderNode.follow: ``epoch >= state.epoch``) and replicates from it once the cut heals.
+    Before (``>``) node.json kept n0 itself and _check_not_stale refused n1 for good."""
+    cluster = reused_epoch_scenario(0, bug=bug)
     cluster.run(until_s=2.0)
     n0 = cluster.nodes[0]
-    assert (n0.role, n0.follow) == ("replica", 1)
+    assert (n0.role, n0.follow, n0.saved) == ("replica", 1, (2, 1))
     cluster.cuts.clear()
     cluster.run(until_s=3.0)
     assert n0.session is not None and (n0.session.leader, n0.session.live) == (1, True)
 
 
-UNSEEN_EPOCH = (
-    "Production gap (epoch taken twice, unseen): n0 restarts cut off and leads epoch 2 "
-    "(start_leader: its epoch + 1), writes acks=leader records no replica gets, dies; the "
-    "operator promotes n1, whose survey sees epoch 1 only: epoch 2 again; n1 commits with n2; "
-    "n1 dies; n0 restarts (node.json: epoch 2, leader n0). At start newer_leader counts only "
-    "a higher epoch (n2 reports 2, following n1; the 'replica follows another leader of my "
-    "epoch' rule applies to a running leader only), so n0 leads epoch 3 without n1's records "
-    "(the check flags it at once: 'acknowledged record lost: n0 holds up to 26, needs 34'), "
-    "and n2, seeing epoch 3 > 2, truncates them: committed prefixes disagree (seeds 0-2). "
-    "Random search: SimConfig(expose_epoch_reuse=True) seeds 3 and 31."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Violation, reason=UNSEEN_EPOCH)
-def test_an_epoch_taken_unseen_loses_no_acknowledged_record() -> None:
-    cluster = Cluster(0, scripted(reuse=True))
-    n0, n1, _ = cluster.nodes
+@pytest.mark.parametrize("bug", regression("running-only"))
+def test_an_epoch_taken_unseen_loses_no_acknowledged_record(bug: str | None) -> None:
+    """n0 restarts cut off and leads epoch 2 unseen, writes acks=leader records, dies; n1 is
+    promoted to epoch 2 too and commits with n2, dies; n0 restarts. Starting, it counts n2
+    (following n1 at its own epoch) as a newer leader and follows n1 instead of taking
+    epoch 3; n1 restarts, takes 3, and both replicate from it. Before (the rule for a running
+    leader only) n0 led epoch 3 without n1's records: acknowledged record lost."""
+    cluster = Cluster(0, scripted(bug, reuse=True))
+    n0, n1, n2 = cluster.nodes
     cluster.run(until_s=0.5)
     cluster.crash(n0, power=False)
     cluster.cuts |= {frozenset((0, 1)), frozenset((0, 2))}
@@ -348,24 +324,37 @@ def test_an_epoch_taken_unseen_loses_no_acknowledged_record() -> None:
     cluster.run(until_s=1.2)
     cluster.crash(n1, power=False)
     cluster.restart(n0)
+    assert (n0.role, n0.follow, n0.saved) == ("replica", 1, (2, 1))
     cluster.run(until_s=2.0)
+    cluster.restart(n1)
+    assert (n1.role, n1.epoch) == ("leader", 3)
+    cluster.run(until_s=3.0)
+    for replica in (n0, n2):
+        assert replica.session is not None and (replica.session.leader, replica.session.live) == (
+            1,
+            True,
+        )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Violation,
-    reason="Production gap: epochs are not unique (start_leader takes its own epoch + 1 "
-    "seeing no newer one; a promotion takes one above those its survey sees, missing a leader "
-    "that restarted and died unseen, or a replica that switched to a newer leader but has not "
-    "opened its session yet and reports its old epoch). Fixes 4-5 keep two leaders of one "
-    "epoch from both getting replicas, but a later restart or promotion can still lead from "
-    "the stale log. Seed 3: n0 is promoted to epoch 3 while n2, switching to it, still "
-    "reports epoch 2; n1, the deposed epoch-2 leader, restarts cut off from n0, sees only n2 "
-    "and takes epoch 3 too, writes acks=leader records; restarted again it finds n0's epoch "
-    "3 not newer than its own and takes 4, lacking what n0 and n2 committed. Seed 31 is the "
-    "unseen-epoch sequence. Needs epochs agreed by a quorum (a coordination service).",
+# Remaining gaps (production as of the fixes; a coordination service is the real answer).
+
+EPOCH_REUSE = (
+    "Production gap: epochs are not unique. The fixes above keep two leaders of one epoch "
+    "from both getting replicas, and a starting leader follows another leader of its epoch "
+    "it sees, but an epoch is still taken twice where no rule can see the first taker, and "
+    "the second taker may lead from a log without what the first committed "
+    "(SimConfig(expose_epoch_reuse=True): 3 of seeds 0-299: 123, 170, 254). (a) A deposed "
+    "leader restarts cut off from every peer: start_leader takes its epoch + 1, the current "
+    "leader's (seeds 170, 254: then that leader dies and the duplicate, which the replicas "
+    "refuse, is the only leader up). (b) A promoted leader dies before any replica saved "
+    "its epoch (seed 123), or a replica that switched to it reports its old epoch until its "
+    "session opens: the next promotion or start takes it again. Needs epochs agreed by a "
+    "quorum (a coordination service)."
 )
+
+
+@pytest.mark.xfail(strict=True, raises=Violation, reason=EPOCH_REUSE)
 def test_without_operator_care_epochs_stay_unique() -> None:
-    found = first_violation(SimConfig(expose_epoch_reuse=True), range(100))
+    found = first_violation(SimConfig(expose_epoch_reuse=True), range(300))
     if found is not None:
         raise found

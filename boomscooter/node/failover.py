@@ -98,7 +98,11 @@ async def newer_leader(
         if not leader or leader == node.address or leader in skip:
             continue
         replica_elsewhere = status.role == pb.ROLE_REPLICA and node.role != "replica"
-        if status.epoch < own or (status.epoch == own and not (or_same or replica_elsewhere)):
+        # A node still starting that finds another leader of its own epoch follows it
+        # rather than take the next epoch from a log that may lack what that one committed.
+        leader_while_starting = status.role == pb.ROLE_LEADER and node.role == "starting"
+        same_counts = or_same or replica_elsewhere or leader_while_starting
+        if status.epoch < own or (status.epoch == own and not same_counts):
             continue
         if best is None or status.epoch > best[1]:
             best = (leader, status.epoch)
