@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import node_cluster
 import pytest
 from aiohttp import web
+from log_support import random_group
 
+from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
 from bootcast.server import BootcastServer, ServeConfig, start_server
 
 
@@ -95,3 +98,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="replay one seed of the replication simulation (tests/test_simulation.py)",
     )
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[node_cluster.Start]:
+    """``await start(name, **LeaderConfig options)``: a node in ``tmp_path/name`` on one
+    group for the whole test; every node still running is stopped at the end."""
+    group = random_group()
+    nodes: list[LeaderNode] = []
+
+    async def start(name: str, **options: Any) -> LeaderNode:
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "group": group,
+            "interface": "127.0.0.1",
+            "heartbeat_ms": 50,
+            "fsync": node_cluster.ALWAYS,
+        }
+        settings.update(options)
+        node = await start_leader(LeaderConfig(data_dir=str(tmp_path / name), **settings))
+        nodes.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in reversed(nodes):
+            await node.stop(grace_s=0.1)  # a no-op for a node the test stopped

@@ -7,55 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from log_support import random_group
+from node_cluster import Start, wait_for
 
 from boomscooter import Producer, Subscriber
 from boomscooter.errors import RequestError
 from boomscooter.node import failover
-from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
-from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, SegmentedLog
+from boomscooter.node.leader import LeaderNode
+from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
-
-ALWAYS = FsyncPolicy(mode=FsyncMode.ALWAYS)
-Start = Callable[..., Awaitable[LeaderNode]]
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Start]:
-    group = random_group()
-    nodes: list[LeaderNode] = []
-
-    async def start(name: str, **options: Any) -> LeaderNode:
-        settings: dict[str, Any] = {
-            "listen": "127.0.0.1:0",
-            "group": group,
-            "interface": "127.0.0.1",
-            "heartbeat_ms": 50,
-            "fsync": ALWAYS,
-        }
-        settings.update(options)
-        node = await start_leader(LeaderConfig(data_dir=str(tmp_path / name), **settings))
-        nodes.append(node)
-        return node
-
-    try:
-        yield start
-    finally:
-        for node in reversed(nodes):
-            await node.stop(grace_s=0.1)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert predicate(), what
 
 
 async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int]:

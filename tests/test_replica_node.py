@@ -9,57 +9,18 @@ test_replication*.py; these are the fast ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from log_support import random_group
+from node_cluster import Start, wait_for
 
 from boomscooter import Producer, Subscriber
-from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
-from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, SegmentedLog
+from boomscooter.node.leader import LeaderNode
+from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
-
-ALWAYS = FsyncPolicy(mode=FsyncMode.ALWAYS)
-Start = Callable[..., Awaitable[LeaderNode]]
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Start]:
-    """``await start(name, **LeaderConfig options)``: a node in ``tmp_path/name`` on one
-    group for the whole test; every node still running is stopped at the end."""
-    group = random_group()
-    nodes: list[LeaderNode] = []
-
-    async def start(name: str, **options: Any) -> LeaderNode:
-        settings: dict[str, Any] = {
-            "listen": "127.0.0.1:0",
-            "group": group,
-            "interface": "127.0.0.1",
-            "heartbeat_ms": 50,
-            "fsync": ALWAYS,
-        }
-        settings.update(options)
-        node = await start_leader(LeaderConfig(data_dir=str(tmp_path / name), **settings))
-        nodes.append(node)
-        return node
-
-    try:
-        yield start
-    finally:
-        for node in reversed(nodes):
-            await node.stop(grace_s=0.1)  # a no-op for a node the test stopped
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (polling node state in a test)
-            await asyncio.sleep(0.02)
-    assert predicate(), what
 
 
 def log_bytes(node: LeaderNode) -> bytes:

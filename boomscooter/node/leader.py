@@ -205,24 +205,20 @@ class LeaderNode:
     async def wait_commit(self, seqno: int, timeout_s: float) -> bool:
         """Wait until ``seqno`` is committed (False after ``timeout_s``); raises
         :class:`NotLeaderError` when this node stops leading meanwhile."""
-        deadline = self._loop.time() + timeout_s
-        epoch = self.epoch
-        while self.tracker.commit_seqno < seqno:
-            if not self.is_leader or self.epoch != epoch:
-                raise self.not_leader()
-            left = deadline - self._loop.time()
-            if left <= 0:
-                return False
-            await self.wait_change(left)
-        return True
+        return await self._wait_leading(lambda: self.tracker.commit_seqno, seqno, timeout_s)
 
     async def wait_durable(self, seqno: int, timeout_s: float) -> bool:
         """Wait until the leader holds ``seqno`` durably (False after ``timeout_s``); raises
         :class:`NotLeaderError` when this node stops leading meanwhile (as a replica it may
         truncate the record)."""
+        return await self._wait_leading(lambda: self.held_seen, seqno, timeout_s)
+
+    async def _wait_leading(
+        self, position: Callable[[], int], seqno: int, timeout_s: float
+    ) -> bool:
         deadline = self._loop.time() + timeout_s
         epoch = self.epoch
-        while self.held_seen < seqno:
+        while position() < seqno:
             if not self.is_leader or self.epoch != epoch:
                 raise self.not_leader()
             left = deadline - self._loop.time()
