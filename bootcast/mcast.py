@@ -158,6 +158,17 @@ def socket_drops(sock: socket.socket) -> int:
     return values[SK_MEMINFO_DROPS] if len(values) > SK_MEMINFO_DROPS else 0
 
 
+def expected_source(interface_hint: str, port: int) -> tuple[str | None, int | None]:
+    """The (host, port) a stream's datagrams must come from, for :func:`receive_from`: the
+    host only when the hint is an IPv4 address (names and IPv6 hints, whose recvfrom form
+    varies, are left to the port check); port 0 means unknown."""
+    try:
+        host: str | None = str(ipaddress.IPv4Address(interface_hint))
+    except ValueError:
+        host = None
+    return host, port or None
+
+
 def receive_from(
     sock: socket.socket,
     source: tuple[str | None, int | None],

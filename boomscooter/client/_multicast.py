@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,15 +37,6 @@ log = structlog.get_logger("boomscooter.subscriber")
 FETCH_BYTES = 4 << 20
 _DRAIN_MAX = 256
 _MAX_PENDING_RECORDS = 1_000_000
-
-
-def _ipv4(text: str) -> str | None:
-    """An IPv4 interface address as the expected source of pages (names and IPv6 hints,
-    whose recvfrom form varies, are left to the port check)."""
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        return None
 
 
 class NoMulticast(Exception):
@@ -107,7 +97,7 @@ class MulticastEngine:
         )
         self._loop.add_reader(self._sock.fileno(), self._readable)
         self._joined_at = self._loop.time()
-        self._source = (_ipv4(self.session.interface_hint), self.session.source_port or None)
+        self._source = mcast.expected_source(self.session.interface_hint, self.session.source_port)
         log.info(
             "subscriber.joined",
             group=f"{session.group}:{session.port}",

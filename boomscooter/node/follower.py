@@ -377,7 +377,7 @@ class Follower:
         self._receiver = StreamReceiver(
             session.epoch, self.node.log.next_seqno, page_size_bytes=session.page_size_bytes
         )
-        self._source = (_ipv4(session.interface_hint), session.source_port or None)
+        self._source = mcast.expected_source(session.interface_hint, session.source_port)
         self._restart.clear()
         self._loop.add_reader(self._sock.fileno(), self._readable)
 
@@ -552,12 +552,3 @@ def _remove_catchup_files(directory: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
                 log.info("replica.catchup_file_removed", file=name)
-
-
-def _ipv4(text: str) -> str | None:
-    import ipaddress
-
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        return None
