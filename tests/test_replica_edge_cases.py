@@ -20,6 +20,7 @@ from boomscooter.node import failover
 from boomscooter.node.leader import LeaderNode
 from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
+from boomscooter.v1 import boomscooter_pb2 as pb
 
 
 async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int]:
@@ -138,3 +139,36 @@ async def test_notifications_after_a_restart_with_min_insync_2_deliver_the_commi
 
 async def _seqnos(sub: Subscriber) -> list[int]:
     return [r.seqno async for r in sub]
+
+
+async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
+    cluster: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI found two nodes fencing each other: the deposed leader, saving the new epoch on
+    its way to follow the promoted one, answered "replica of myself, epoch 2"; the promoted
+    leader's fencing check took that for a leader of its epoch and followed it."""
+    leader = await cluster("leader")
+    replica = await cluster("r1", follow=leader.address)
+    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await replica.promote(force=True)
+    saving, release = asyncio.Event(), asyncio.Event()
+    save_state = leader._save_state
+
+    async def slow_save() -> None:
+        saving.set()
+        await release.wait()
+        await save_state()
+
+    monkeypatch.setattr(leader, "_save_state", slow_save)
+    stepping_down = asyncio.create_task(leader.follow(replica.address, epoch=replica.epoch))
+    await asyncio.wait_for(saving.wait(), 10)
+    try:
+        status = (await failover.survey([leader.address]))[leader.address]
+        assert status.role == pb.ROLE_UNSPECIFIED and not status.leader_address
+        assert await failover.newer_leader(replica, [leader.address]) is None
+    finally:
+        release.set()
+        await stepping_down
+    assert leader.role == "replica" and leader.leader_address == replica.address
+    assert replica.is_leader
+    assert await failover.newer_leader(replica, [leader.address]) is None

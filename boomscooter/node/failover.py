@@ -97,6 +97,8 @@ async def newer_leader(
         leader = address if status.role == pb.ROLE_LEADER else status.leader_address
         if not leader or leader == node.address or leader in skip:
             continue
+        if status.role != pb.ROLE_LEADER and leader == address:
+            continue  # a node naming itself without leading: in transition, not a leader
         replica_elsewhere = status.role == pb.ROLE_REPLICA and node.role != "replica"
         # A node still starting that finds another leader of its own epoch follows it
         # rather than take the next epoch from a log that may lack what that one committed.

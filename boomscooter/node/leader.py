@@ -441,7 +441,10 @@ class LeaderNode:
         if self.sender is not None:
             sender, self.sender = self.sender, None
             await sender.close()
-        self.role = "stepping-down" if self.role == "leader" else self.role
+        if self.role == "leader":
+            # It names no leader until it knows whom it follows: a peer asking meanwhile
+            # must not take it for a replica of itself (two leaders fencing each other).
+            self.role, self.leader_address = "stepping-down", ""
         self._notify()  # quorum waiters see the role change
 
     async def _stop_following(self) -> None:

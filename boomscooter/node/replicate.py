@@ -31,6 +31,7 @@ log = structlog.get_logger("boomscooter.rpc")
 
 UPDATE_S = 1.0
 RESPONSE_EVERY_S = 0.01
+# Starting, stepping down, stopped: neither (ROLE_UNSPECIFIED), so no peer counts it.
 _ROLES = {"leader": pb.ROLE_LEADER, "replica": pb.ROLE_REPLICA}
 
 
@@ -195,7 +196,7 @@ async def expire_replicas(node: LeaderNode) -> None:
 
 def status(node: LeaderNode) -> pb.StatusResponse:
     response = pb.StatusResponse(
-        role=_ROLES.get(node.role, pb.ROLE_REPLICA),
+        role=_ROLES.get(node.role, pb.ROLE_UNSPECIFIED),
         node_id=node.node_id,
         epoch=max(node.epoch, node.state.epoch),  # the newest it knows (a fenced leader's too)
         first_seqno=node.log.first_seqno,

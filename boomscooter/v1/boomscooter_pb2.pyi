@@ -82,7 +82,7 @@ class _Role:
 class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ROLE_UNSPECIFIED: _Role.ValueType  # 0
-    """Not set (never sent by a node)."""
+    """Neither: a node starting, stepping down (fenced) or stopping; it names no leader."""
     ROLE_LEADER: _Role.ValueType  # 1
     """Assigns seqnos, accepts Produce and Replicate, multicasts batches."""
     ROLE_REPLICA: _Role.ValueType  # 2
@@ -92,7 +92,7 @@ class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """The part a node plays in its log."""
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0
-"""Not set (never sent by a node)."""
+"""Neither: a node starting, stepping down (fenced) or stopping; it names no leader."""
 ROLE_LEADER: Role.ValueType  # 1
 """Assigns seqnos, accepts Produce and Replicate, multicasts batches."""
 ROLE_REPLICA: Role.ValueType  # 2
