@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from boomscooter.node.core import CommitTracker
 from boomscooter.node.replication import CommonPoint, ReplicaSet
+from boomscooter.node.state import NodeState, load_state, next_version, save_state
 
 # -- ReplicaSet --------------------------------------------------------------------------------
 
@@ -156,3 +158,16 @@ def test_common_point_is_deterministic_for_a_seeded_random_history() -> None:
     theirs = ours[:1500] + _log([50], ["new"], ours[1500][0])
     result, probes = _search(ours, theirs)
     assert result == ours[1499][1] and probes <= 30
+
+
+def test_node_state_saves_never_land_older_over_newer(tmp_path: Path) -> None:
+    """Saves run on executor threads and may finish out of order: a snapshot made before a
+    fencing (epoch 1) must not overwrite the fenced node's newer one (epoch 2)."""
+    old, new = next_version(), next_version()
+    save_state(str(tmp_path), NodeState(2, ["b:1"], "b:1"), new)
+    save_state(str(tmp_path), NodeState(1, ["b:1"], "a:1"), old)
+    assert load_state(str(tmp_path)) == NodeState(2, ["b:1"], "b:1")
+    # A node restarted in the same process numbers its saves after every earlier one.
+    save_state(str(tmp_path), NodeState(3, [], "a:1"), next_version())
+    assert load_state(str(tmp_path)).epoch == 3
+    assert not [p for p in tmp_path.iterdir() if p.name != "node.json"]  # no temp file left

@@ -39,7 +39,6 @@ from boomscooter.errors import BoomscooterError
 from boomscooter.node import failover
 from boomscooter.node.core import Appended
 from boomscooter.node.servicer import session_from_pb
-from boomscooter.node.state import NodeState, save_state
 from boomscooter.storage import SegmentedLog
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.storage.recovery import create_segment
@@ -258,9 +257,7 @@ class Follower:
             node.state.epoch = max(node.state.epoch, session.epoch)
             node.state.peers = peers
             node.state.leader = address
-            state = NodeState(node.state.epoch, list(peers), address)
-            saved = self._loop.run_in_executor(None, save_state, node.config.data_dir, state)
-            saved.add_done_callback(lambda f: f.cancelled() or f.exception())
+            node._save_state_soon()
         log.info("replica.session", leader=address, epoch=session.epoch,
                  leader_last=first.last_seqno, commit=first.commit_seqno,
                  last_seqno=node.log.last_seqno)  # fmt: skip

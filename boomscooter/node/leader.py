@@ -60,7 +60,7 @@ from boomscooter.node.core import Appended, CommitTracker, DedupeTable, StreamSe
 from boomscooter.node.journal import ProducerJournal
 from boomscooter.node.multicast import StreamSender, split_group
 from boomscooter.node.replication import ReplicaSet
-from boomscooter.node.state import NodeState, load_state, save_state
+from boomscooter.node.state import NodeState, load_state, next_version, save_state
 from boomscooter.storage import Batch, FsyncMode, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
@@ -352,14 +352,19 @@ class LeaderNode:
 
     # -- replicas (leader side) -------------------------------------------------------------
 
-    async def _save_state(self) -> None:
+    def _state_save(self) -> asyncio.Future[None]:
+        """Write a snapshot of ``self.state`` now, numbered so that a slower thread's older
+        snapshot never overwrites it."""
         state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
-        await self._loop.run_in_executor(self._io, save_state, self.config.data_dir, state)
+        return self._loop.run_in_executor(
+            None, save_state, self.config.data_dir, state, next_version()
+        )
+
+    async def _save_state(self) -> None:
+        await self._state_save()
 
     def _save_state_soon(self) -> None:
-        state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
-        saved = self._loop.run_in_executor(None, save_state, self.config.data_dir, state)
-        saved.add_done_callback(_log_state_save)
+        self._state_save().add_done_callback(_log_state_save)
 
     # -- roles ------------------------------------------------------------------------------
 

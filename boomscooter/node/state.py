@@ -12,6 +12,7 @@ fsync); a missing file is a new node.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -54,17 +55,30 @@ def load_state(data_dir: str) -> NodeState:
 
 
 _save_lock = threading.Lock()
+_written: dict[str, int] = {}  # data dir -> version of the snapshot last written
+_versions = itertools.count(1)  # one sequence for every node of the process (restarts too)
 
 
-def save_state(data_dir: str, state: NodeState) -> None:
+def next_version() -> int:
+    """A number above every earlier one: a snapshot's place among all saves."""
+    return next(_versions)
+
+
+def save_state(data_dir: str, state: NodeState, version: int = 0) -> None:
     """Write ``node.json`` atomically. Saves are serialized (callers run it on executor
     threads; two at once must not interleave in one temp file), and each uses a temp file
-    of its own, so a file is always one whole state."""
+    of its own, so a file is always one whole state. ``version`` orders snapshots of one
+    node's state: one older than the last written is skipped (two executor threads may run
+    saves in another order than they were made; an older epoch must never land last)."""
     path = os.path.join(data_dir, FILE_NAME)
     data = json.dumps(
         {"epoch": state.epoch, "peers": sorted(set(state.peers)), "leader": state.leader}
     ).encode()
     with _save_lock:
+        if version:
+            if version <= _written.get(data_dir, 0):
+                return
+            _written[data_dir] = version
         fd, temp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=data_dir)
         try:
             try:
