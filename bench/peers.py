@@ -366,7 +366,7 @@ def run_bootcast(spec: RunSpec) -> Outcome:
             # bootcast's --rate counts bytes on the wire (Ethernet, IP, UDP and page
             # headers), so the link rate itself is the right limit; the qdisc's backpressure
             # on the socket keeps the sender from overrunning it.
-            *(os.environ["BC_RATE"].split() if os.environ.get("BC_RATE") else ["--rate", f"{spec.link_mbit:g}"]), "--log-json",
+            "--rate", f"{spec.link_mbit:g}", "--log-json",
         ]  # fmt: skip
         procs.append(_start(spec, logs, topo.server, "bootcast-serve", server_argv))
         if not _wait_tcp(topo, topo.clients[0], topo.server.addr, BOOTCAST_PORT, 15.0):
