@@ -21,9 +21,6 @@ from boomscooter.errors import ConfigError
 
 log = structlog.get_logger("boomscooter.cli")
 
-# A node starting, stepping down or stopping reports ROLE_UNSPECIFIED ("transition").
-_ROLE_NAMES = {1: "leader", 2: "replica"}
-
 
 async def run_leader(args: argparse.Namespace) -> int:
     """``boomscooter leader`` and ``boomscooter replica`` (the same node, started as a
@@ -258,7 +255,10 @@ async def run_status(args: argparse.Namespace) -> int:
         for r in status.replicas
     ]
     fields: dict[str, Any] = {
-        "role": _ROLE_NAMES.get(status.role, "transition"),
+        # A node starting, stepping down or stopping reports ROLE_UNSPECIFIED.
+        "role": {pb.ROLE_LEADER: "leader", pb.ROLE_REPLICA: "replica"}.get(
+            status.role, "transition"
+        ),
         "node_id": status.node_id,
         "epoch": status.epoch,
         "first_seqno": status.first_seqno,
