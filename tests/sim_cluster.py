@@ -33,6 +33,7 @@ from sim_nodes import (
     FSYNC_S,
     HELLO_S,
     INSYNC_S,
+    NOBODY,
     RETRY_S,
     SAVE_S,
     STREAM_DEAD_S,
@@ -131,7 +132,7 @@ class Cluster:
                 self.note(f"{node.name}: {name} out of sync")
             if beat % 3 == 2 and (found := self._newer_leader(node)) is not None:
                 self.note(f"{node.name} fenced by n{found[0]} epoch {found[1]}")
-                self._follow(node, *found)
+                self._step_down(node, *found)
         self.at(TICK_S, partial(self._tick, node, inc, beat + 1))
 
     def _lead(self, node: Node, epoch: int, commit: int) -> None:
@@ -144,6 +145,8 @@ class Cluster:
         node.role, node.epoch, node.follow = "leader", epoch, node.id
         node.state_epoch, node.state_leader = max(node.state_epoch, epoch), node.id
         node.saved = (node.state_epoch, node.state_leader)  # awaited before it leads
+        node.save_seq += 1
+        node.saved_seq = node.save_seq
         insync = 1 if self.config.bug == "single-ack" else self.config.min_insync
         uncapped = self.config.bug == "uncapped-commit"
         node.tracker = (UncappedTracker if uncapped else CommitTracker)(insync, commit_seqno=commit)
@@ -159,8 +162,25 @@ class Cluster:
         if epoch and epoch >= node.state_epoch and above:  # saved, awaited (own epoch too)
             node.state_epoch, node.state_leader = epoch, leader
             node.saved = (epoch, leader)
+            node.save_seq += 1
+            node.saved_seq = node.save_seq
         node.streams, node.session, node.failures, node.refused = {}, None, 0, {}
         self._open(node, node.inc)
+
+    def _step_down(self, node: Node, leader: int, epoch: int) -> None:
+        """LeaderNode.follow from the leader role: it stops leading and names no leader,
+        takes the new epoch in memory, awaits its node.json save (peers may ask meanwhile),
+        then follows."""
+        node.role, node.streams, node.session = "stepping-down", {}, None
+        node.follow = NOBODY
+        if epoch >= node.state_epoch:
+            node.state_epoch, node.state_leader = epoch, leader
+        inc = node.inc
+        self.at(self.rng.uniform(*SAVE_S), partial(self._stepped_down, node, inc, leader, epoch))
+
+    def _stepped_down(self, node: Node, inc: int, leader: int, epoch: int) -> None:
+        if node.up and node.inc == inc and node.role == "stepping-down":
+            self._follow(node, leader, epoch)
 
     def _newer_leader(
         self, node: Node, *, or_same: bool = False, skip: frozenset[int] = frozenset()
@@ -169,16 +189,22 @@ class Cluster:
         peers = [p for p in self.nodes if p is not node and self.link(node.id, p.id)]
         strict, running = self.config.bug == "strict-newer", self.config.bug == "running-only"
         skip = frozenset() if self.config.bug == "no-skip" else skip
-        return newer_leader(node, peers, or_same=or_same, skip=skip, strict=strict, running=running)
+        self_named = self.config.bug == "self-named"
+        return newer_leader(node, peers, or_same=or_same, skip=skip, strict=strict,
+                            running=running, self_named=self_named)  # fmt: skip
 
     def _save_soon(self, node: Node) -> None:
         """Follower._adopt's node.json save: not awaited, so a crash can come first."""
         state, inc = (node.state_epoch, node.state_leader), node.inc
-        self.at(self.rng.uniform(*SAVE_S), partial(self._saved, node, inc, state))
+        node.save_seq += 1
+        self.at(self.rng.uniform(*SAVE_S), partial(self._saved, node, inc, state, node.save_seq))
 
-    def _saved(self, node: Node, inc: int, state: tuple[int, int]) -> None:
-        if node.inc == inc:  # else the crash came first
-            node.saved = state
+    def _saved(self, node: Node, inc: int, state: tuple[int, int], seq: int) -> None:
+        """state.save_state: a snapshot older than the one written is skipped."""
+        if node.inc != inc:  # the crash came first
+            return
+        if seq > node.saved_seq or self.config.bug == "unordered-saves":
+            node.saved, node.saved_seq = state, max(seq, node.saved_seq)
 
     def _produce(self) -> None:
         rng = self.rng

@@ -27,7 +27,7 @@ from boomscooter.storage.memory import MemoryLog
 BUGS = ("single-ack", "no-reconcile", "no-gather")
 REGRESSIONS = (
     *("uncapped-commit", "stale-close", "extends-gather", "strict-newer", "no-stale-check"),
-    *("follow-above", "running-only", "no-skip"),
+    *("follow-above", "running-only", "no-skip", "self-named", "unordered-saves"),
 )
 TICK_S = 0.1  # heartbeats, replica keepalives, in-sync expiry; fencing checks every 3rd
 INSYNC_S = 0.4  # a replica silent this long leaves the in-sync set
@@ -144,6 +144,7 @@ class Node:
         self.epoch = 0  # node.epoch
         self.state_epoch, self.state_leader = 0, NOBODY  # node.state: node.json in memory
         self.saved = (0, NOBODY)  # node.json on disk: what a restart loads
+        self.save_seq = self.saved_seq = 0  # state.next_version: the newest snapshot, written
         self.follow = self.leader_commit = 0  # a replica's leader (leader_address), its commit
         self.tracker = CommitTracker(1)
         self.replicas = ReplicaSet(self.tracker)
@@ -163,6 +164,11 @@ class Node:
     def status_leader(self) -> int:  # Status: the node itself when it leads, else whom it follows
         return self.id if self.role == "leader" else self.follow
 
+    def status_role(self) -> str:
+        """Status.role: a leader stepping down reports neither (ROLE_UNSPECIFIED); a node
+        being promoted is still a replica there."""
+        return "none" if self.role == "stepping-down" else self.role
+
 
 def newer_leader(
     node: Node,
@@ -172,27 +178,33 @@ def newer_leader(
     skip: frozenset[int] = frozenset(),
     strict: bool = False,
     running: bool = False,
+    self_named: bool = False,
 ) -> tuple[int, int] | None:
     """failover.newer_leader: (leader, epoch) of the highest epoch the peers report, if
     above this node's, or equal to it when ``or_same`` (a replica looking for its leader), or
     when this node is no replica (leading, or a leader still starting) and the peer is a
     replica following another leader (an epoch taken twice: the followed one wins). Leaders
-    in ``skip`` (refused as stale) are passed over. ``strict``, ``running`` (the replica rule
-    for a running leader only): the rules before the fixes (planted bugs)."""
+    in ``skip`` (refused as stale) are passed over, and so is a node naming itself without
+    leading. ``strict``, ``running`` (the replica rule for a running leader only),
+    ``self_named`` (a leader stepping down reported itself a replica of itself): the rules
+    before the fixes (planted bugs)."""
     own = max(node.epoch, node.state_epoch)
     if strict:
         own = node.epoch if node.role == "leader" else own
         or_same = False
     best: tuple[int, int] | None = None
     for peer in sorted(peers, key=lambda p: p.name):  # survey: answers by address
-        leader, epoch = peer.status_leader(), peer.status_epoch()
+        leader, epoch, role = peer.status_leader(), peer.status_epoch(), peer.status_role()
+        if self_named and role == "none":
+            leader, role = peer.id, "replica"
         if strict:
             epoch = peer.epoch
-        if leader == node.id or leader in skip:
+        if leader in (NOBODY, node.id) or leader in skip:
             continue
-        # Status reports ROLE_REPLICA for every role but "leader"
+        if role != "leader" and leader == peer.id and not self_named:
+            continue  # in transition, not a leader
         leading = node.role == "leader" if running else node.role != "replica"
-        elsewhere = peer.role != "leader" and leading and not strict
+        elsewhere = role == "replica" and leading and not strict
         # failover.newer_leader: a node still starting follows another leader of its epoch
         while_starting = peer.role == "leader" and node.role == "starting" and not strict
         if epoch < own or (epoch == own and not (or_same or elsewhere or while_starting)):

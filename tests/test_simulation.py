@@ -303,6 +303,38 @@ def test_a_leader_fenced_under_its_own_epoch_replicates_from_the_winner(bug: str
     assert n0.session is not None and (n0.session.leader, n0.session.live) == (1, True)
 
 
+@pytest.mark.parametrize("bug", regression("self-named"))
+def test_a_leader_stepping_down_is_not_taken_for_a_leader(bug: str | None) -> None:
+    """n1 leads epoch 2 (a forced switchover) and n0 steps down (its fencing check). While
+    n0 awaits its node.json save, n1's own check asks it: it names no leader. Before (found
+    by CI), it answered "replica of myself, epoch 2", n1 followed it, n0 then followed n1,
+    and no node led."""
+    cluster = Cluster(0, scripted(bug))
+    n0, n1, _ = cluster.nodes
+    cluster.run(until_s=0.5)
+    cluster._lead(n1, 2, n1.commit())
+    cluster._step_down(n0, 1, 2)
+    assert n0.role == "stepping-down" and n0.status_epoch() == 2
+    assert cluster._newer_leader(n1) is None
+    cluster.run(until_s=cluster.now + 0.05)
+    assert (n0.role, n0.follow, n0.saved) == ("replica", 1, (2, 1))
+
+
+@pytest.mark.parametrize("bug", regression("unordered-saves"))
+def test_an_older_node_state_snapshot_never_lands_last(bug: str | None) -> None:
+    """A replica's session save (not awaited) is still on its way when the node learns a
+    newer epoch and saves that (awaited); the older snapshot, written later, is skipped.
+    Before, it landed last and a restart cut off from every peer knew the older epoch."""
+    cluster = Cluster(0, scripted(bug))
+    n2 = cluster.nodes[2]
+    cluster.run(until_s=0.5)
+    assert n2.saved == (1, 0)
+    cluster._save_soon(n2)  # Follower._adopt's save of (1, n0), still queued
+    cluster._follow(n2, 1, 2)  # then LeaderNode.follow saves (2, n1)
+    cluster.run(until_s=cluster.now + 0.1)
+    assert n2.saved == (2, 1)
+
+
 @pytest.mark.parametrize("bug", regression("running-only"))
 def test_an_epoch_taken_unseen_loses_no_acknowledged_record(bug: str | None) -> None:
     """n0 restarts cut off and leads epoch 2 unseen, writes acks=leader records, dies; n1 is
