@@ -33,7 +33,6 @@ from sim_nodes import (
     FSYNC_S,
     HELLO_S,
     INSYNC_S,
-    NOBODY,
     RETRY_S,
     SAVE_S,
     STREAM_DEAD_S,
@@ -168,11 +167,11 @@ class Cluster:
         self._open(node, node.inc)
 
     def _step_down(self, node: Node, leader: int, epoch: int) -> None:
-        """LeaderNode.follow from the leader role: it stops leading and names no leader,
-        takes the new epoch in memory, awaits its node.json save (peers may ask meanwhile),
-        then follows."""
+        """LeaderNode.follow from the leader role: it stops leading, names the new leader
+        and takes its epoch in memory, awaits its node.json save (peers may ask meanwhile:
+        it reports no role), then follows."""
         node.role, node.streams, node.session = "stepping-down", {}, None
-        node.follow = NOBODY
+        node.follow = leader  # named before the save (an await); ROLE_UNSPECIFIED meanwhile
         if epoch >= node.state_epoch:
             node.state_epoch, node.state_leader = epoch, leader
         inc = node.inc

@@ -164,7 +164,8 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
     await asyncio.wait_for(saving.wait(), 10)
     try:
         status = (await failover.survey([leader.address]))[leader.address]
-        assert status.role == pb.ROLE_UNSPECIFIED and not status.leader_address
+        assert status.role == pb.ROLE_UNSPECIFIED and status.epoch == replica.epoch
+        assert status.leader_address == replica.address  # whom it is about to follow
         assert await failover.newer_leader(replica, [leader.address]) is None
     finally:
         release.set()

@@ -426,6 +426,9 @@ class LeaderNode:
             was = self.role
             await self._stop_leading()
             await self._stop_following()
+            # Named before the save below (an await): a peer asking meanwhile sees the node
+            # report the epoch it is taking with the leader of that epoch, never its old one.
+            self.leader_address = leader_address
             if epoch and epoch >= self.state.epoch:  # fenced by a leader of this epoch too
                 self.state.epoch, self.state.leader = epoch, leader_address
                 await self._save_state()
@@ -447,8 +450,9 @@ class LeaderNode:
             sender, self.sender = self.sender, None
             await sender.close()
         if self.role == "leader":
-            # It names no leader until it knows whom it follows: a peer asking meanwhile
-            # must not take it for a replica of itself (two leaders fencing each other).
+            # It names no leader until it knows whom it follows (follow() names it): a peer
+            # asking meanwhile must not take it for a replica of itself (two leaders fencing
+            # each other).
             self.role, self.leader_address = "stepping-down", ""
         self._notify()  # quorum waiters see the role change
 
