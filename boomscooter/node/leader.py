@@ -352,19 +352,15 @@ class LeaderNode:
 
     # -- replicas (leader side) -------------------------------------------------------------
 
-    def _state_save(self) -> asyncio.Future[None]:
-        """Write a snapshot of ``self.state`` now, numbered so that a slower thread's older
-        snapshot never overwrites it."""
+    def _save_state(self) -> asyncio.Future[None]:
+        """Write a snapshot of ``self.state``, numbered: an older one never lands last."""
         state = NodeState(self.state.epoch, list(self.state.peers), self.state.leader)
         return self._loop.run_in_executor(
             None, save_state, self.config.data_dir, state, next_version()
         )
 
-    async def _save_state(self) -> None:
-        await self._state_save()
-
     def _save_state_soon(self) -> None:
-        self._state_save().add_done_callback(_log_state_save)
+        self._save_state().add_done_callback(_log_state_save)
 
     # -- roles ------------------------------------------------------------------------------
 
@@ -426,14 +422,13 @@ class LeaderNode:
             was = self.role
             await self._stop_leading()
             await self._stop_following()
-            # Named before the save below (an await): a peer asking meanwhile sees the node
-            # report the epoch it is taking with the leader of that epoch, never its old one.
+            # Named before the save (an await): a peer asking meanwhile sees the new epoch
+            # only with the leader of that epoch.
             self.leader_address = leader_address
             if epoch and epoch >= self.state.epoch:  # fenced by a leader of this epoch too
                 self.state.epoch, self.state.leader = epoch, leader_address
                 await self._save_state()
             self.role = "replica"
-            self.leader_address = leader_address
             self.leader_commit = 0  # known again once the follower reconciled
             self.session = None
             self.follower = Follower(self, leader_address)
