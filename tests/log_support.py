@@ -3,14 +3,20 @@ records with checkable payloads, and the checks every subscriber view must pass.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from boomscooter.client._rpc import create_channel
 from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 
 
 def random_group() -> str:
@@ -63,3 +69,33 @@ def check_producer_order(records: Iterable[Record], producers: dict[str, int]) -
         assert int(index) == seen[key], f"{key}: record {int(index)} where {seen[key]} was due"
         seen[key] += 1
     assert seen == producers, f"per-producer counts {seen}, wanted {producers}"
+
+
+async def produce_raw(address: str, requests: list[pb.ProduceRequest]) -> list[pb.ProduceResponse]:
+    """One Produce stream: each request written, its answer read before the next."""
+    channel = create_channel(address)
+    try:
+        call = pb_grpc.BoomscooterStub(channel).Produce()
+        responses: list[pb.ProduceResponse] = []
+        for request in requests:
+            await call.write(request)
+            response = await asyncio.wait_for(call.read(), 20)
+            assert isinstance(response, pb.ProduceResponse), response
+            responses.append(response)
+        await call.done_writing()
+        return responses
+    finally:
+        await channel.close()
+
+
+def raw_batch(
+    producer_id: str, sequence: int, payloads: list[bytes], ack_level: int = pb.ACK_LEVEL_LEADER
+) -> pb.ProduceRequest:
+    """What the SDK sends: an encoded batch (placeholder seqnos)."""
+    entries = [Entry(int(time.time() * 1000), p, None, None) for p in payloads]
+    return pb.ProduceRequest(
+        producer_id=producer_id,
+        batch_sequence=sequence,
+        ack_level=ack_level,  # type: ignore[arg-type]
+        encoded_batch=bytes(encode_batch(entries, base_seqno=1, epoch=0).data),
+    )

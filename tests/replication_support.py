@@ -25,11 +25,12 @@ from typing import Any
 
 import grpc
 from log_support import random_group
+from log_support import raw_batch as log_raw_batch
 
 from boomscooter.client._rpc import create_channel
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
-from boomscooter.storage import Entry, LogReader, encode_batch
+from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -350,32 +351,9 @@ async def subscribers(*runs: SubscriberRun) -> AsyncIterator[tuple[SubscriberRun
             await run.stop()
 
 
-async def produce_raw(address: str, requests: list[pb.ProduceRequest]) -> list[pb.ProduceResponse]:
-    """One Produce stream: each request written, its answer read before the next."""
-    channel = create_channel(address)
-    try:
-        call = pb_grpc.BoomscooterStub(channel).Produce()
-        responses: list[pb.ProduceResponse] = []
-        for request in requests:
-            await call.write(request)
-            response = await asyncio.wait_for(call.read(), 20)
-            assert isinstance(response, pb.ProduceResponse), response
-            responses.append(response)
-        await call.done_writing()
-        return responses
-    finally:
-        await channel.close()
-
-
 def raw_batch(producer_id: str, sequence: int, payloads: list[bytes]) -> pb.ProduceRequest:
-    """What the SDK sends: an encoded batch (placeholder seqnos) at ``acks=quorum``."""
-    entries = [Entry(int(time.time() * 1000), p, None, None) for p in payloads]
-    return pb.ProduceRequest(
-        producer_id=producer_id,
-        batch_sequence=sequence,
-        ack_level=pb.ACK_LEVEL_QUORUM,
-        encoded_batch=bytes(encode_batch(entries, base_seqno=1, epoch=0).data),
-    )
+    """What the SDK sends at ``acks=quorum``."""
+    return log_raw_batch(producer_id, sequence, payloads, pb.ACK_LEVEL_QUORUM)
 
 
 # -- checks on stopped nodes' logs -----------------------------------------------------------

@@ -30,18 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from log_support import check_exactly_once, payload, random_group, running_leader
+from log_support import (
+    check_exactly_once,
+    payload,
+    produce_raw,
+    random_group,
+    raw_batch,
+    running_leader,
+)
 
-from boomscooter.client._rpc import create_channel
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.errors import ServerUnavailableError
 from boomscooter.node.leader import ProduceBatch
 from boomscooter.node.multicast import StreamSender
-from boomscooter.storage import Entry, FsyncPolicy, LogReader, encode_batch
+from boomscooter.storage import Entry, FsyncPolicy, LogReader
 from boomscooter.storage.batch import Record
-from boomscooter.v1 import boomscooter_pb2 as pb
-from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -306,33 +310,6 @@ async def test_a_leader_down_longer_than_server_timeout_is_an_error(
         await subscriber.close()
     check_exactly_once(records, 10)
     assert timeout_s * 0.9 <= waited < timeout_s + 6, waited
-
-
-async def produce_raw(server: str, requests: list[pb.ProduceRequest]) -> list[pb.ProduceResponse]:
-    """One Produce stream: send ``requests``, return one response per request."""
-    channel = create_channel(server)
-    try:
-        call = pb_grpc.BoomscooterStub(channel).Produce()
-        responses: list[pb.ProduceResponse] = []
-        for request in requests:
-            await call.write(request)
-            response = await asyncio.wait_for(call.read(), 10)
-            assert isinstance(response, pb.ProduceResponse)
-            responses.append(response)
-        await call.done_writing()
-        return responses
-    finally:
-        await channel.close()
-
-
-def raw_batch(producer_id: str, sequence: int, payloads: list[bytes]) -> pb.ProduceRequest:
-    entries = [Entry(int(time.time() * 1000), p, None, None) for p in payloads]
-    return pb.ProduceRequest(
-        producer_id=producer_id,
-        batch_sequence=sequence,
-        ack_level=pb.ACK_LEVEL_LEADER,
-        encoded_batch=bytes(encode_batch(entries, base_seqno=1, epoch=0).data),
-    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from log_support import produce_raw
 from replication_support import (
     Node,
     ProducerRun,
@@ -36,7 +37,6 @@ from replication_support import (
     cluster,
     free_port,
     in_sync,
-    produce_raw,
     raw_batch,
     replica_view,
     segment_bytes,
