@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from log_support import produce_raw, raw_batch
 from node_cluster import Start, wait_for
 
 from boomscooter import Producer, Subscriber
@@ -69,7 +68,16 @@ async def _status(address: str) -> pb.StatusResponse:
 
 
 async def _produce_raw(address: str, ack_level: int) -> pb.ProduceResponse:
-    (response,) = await produce_raw(address, [raw_batch("", 1, [b"x"], ack_level)])
+    # Its own channel with default options: the SDK's channels to a restarted node may
+    # still be backing off (gRPC shares subchannels between channels of equal options).
+    batch = encode_batch([Entry(1, b"x")], base_seqno=1, epoch=0)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.BoomscooterStub(channel).Produce()
+        await call.write(pb.ProduceRequest(batch_sequence=1, ack_level=ack_level,  # type: ignore[arg-type]
+                                           encoded_batch=bytes(batch.data)))  # fmt: skip
+        response = await call.read()
+        call.cancel()
+    assert isinstance(response, pb.ProduceResponse)
     return response
 
 
