@@ -62,6 +62,7 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.files_bench --http-loss skip
+	$(BIN)/python -m bench.files_floor
 	$(BIN)/python -m bench.loopback_bench
 	$(BIN)/python -m bench.storage_bench
 	$(BIN)/python -m bench.log_bench

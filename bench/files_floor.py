@@ -1,0 +1,237 @@
+"""How close to the ideal can a Python client of one multicast get here? The floor under
+:mod:`bench.files_bench`'s bootcast figures, measured on the same topology.
+
+Run as root::
+
+    python -m bench.files_floor [--clients 8] [--size-mib 64] [--link-mbit 100] [--repeats 3]
+
+The wall time of N clients is bounded below by two things no client can avoid, printed
+with the ideal (``size * 8 / link``) they are compared with:
+
+* **wire** (computed): every page is one frame of ``PAGESIZE`` + page header (16) +
+  trailer (4) + UDP (8) + IPv4 (20) + Ethernet (14) bytes, and ``tbf`` passes
+  ``link`` bits of frames per second (also shown for the largest page a 1500-byte frame
+  holds, without the trailer: the least any page format can cost);
+* **start** (measured): N Python interpreters (``import socket``, nothing else) launched
+  at once as the bench launches clients (``ip netns exec``, one per client namespace),
+  until the last has exited; the median of at least 5. Here all hosts share the machine's
+  cores, so N starts queue for them.
+
+Their sum is the floor for any Python client that joins after it starts. Two measured
+rows follow, each best of ``--repeats``, from launching the N clients until all exited,
+against ``bootcast serve`` as :mod:`bench.peers` runs it:
+
+* **minimal receivers** (:mod:`bench.floor_client`): join, count distinct pages, exit — no
+  CRC, no file, no SHA-256, no leave;
+* **bootcast fetch**: the real client, copies verified by the harness (SHA-256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench.files_bench import FILE_NAME, _exit_on_sigterm, make_source
+from bench.netns import Topology, cleanup_stale, netns_available
+from bench.peers import (
+    BOOTCAST_PORT,
+    Outcome,
+    RunSpec,
+    _Logs,
+    _start,
+    _start_clients,
+    _stop,
+    _wait_all,
+    _wait_tcp,
+    find_bootcast,
+    run_bootcast,
+)
+
+PREFIX = "bcf"
+PAGE_SIZE = 1400  # bootcast serve's default, as the bench runs it
+FRAME_OVERHEAD = 16 + 4 + 8 + 20 + 14  # page header, trailer, UDP, IPv4, Ethernet
+# The largest page a 1500-byte MTU carries unfragmented with the spec's 16-byte header and
+# no trailer: the least any page format of the protocol can put on the wire.
+LARGEST_PAGE = 1500 - 20 - 8 - 16
+CLIENT = Path(__file__).resolve().with_name("floor_client.py")
+
+
+def wire_s(
+    size_bytes: int, link_mbit: float, page_size: int = PAGE_SIZE, overhead: int = FRAME_OVERHEAD
+) -> float:
+    """Seconds the link needs for every page of the file, once, in its own frame."""
+    pages = math.ceil(size_bytes / page_size)
+    return pages * (page_size + overhead) * 8 / (link_mbit * 1e6)
+
+
+def interpreter_starts_s(topo: Topology) -> float:
+    """Launch ``python -c 'import socket'`` in every client namespace at once; seconds
+    until the last exited."""
+    argv = [sys.executable, "-c", "import socket"]
+    t0 = time.monotonic()
+    procs = [topo.run(host, argv) for host in topo.clients]
+    for proc in procs:
+        proc.wait(timeout=60)
+    end = time.monotonic()
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError("a bare interpreter failed to start")
+    return end - t0
+
+
+def run_minimal(spec: RunSpec) -> Outcome:
+    """``bootcast serve`` as in :func:`bench.peers.run_bootcast`, with the minimal
+    receivers of :mod:`bench.floor_client` as clients."""
+    exe = find_bootcast()
+    if exe is None:
+        return Outcome(wall_s=None, note="bootcast: not installed")
+    topo = spec.topo
+    logs = _Logs(spec.logdir)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server_argv = [
+            exe, "serve", "--dir", str(spec.src.parent),
+            "--listen", f"{topo.server.addr}:{BOOTCAST_PORT}",
+            "--interface", topo.server.addr, "--rate", f"{spec.link_mbit:g}",
+        ]  # fmt: skip
+        procs.append(_start(spec, logs, topo.server, "floor-serve", server_argv))
+        if not _wait_tcp(topo, topo.clients[0], topo.server.addr, BOOTCAST_PORT, 15.0):
+            return Outcome(wall_s=None, note="bootcast serve did not start")
+        url = f"http://{topo.server.addr}:{BOOTCAST_PORT}/join/{spec.src.name}"
+        t0 = time.monotonic()
+        clients = _start_clients(
+            spec,
+            logs,
+            "floor-client",
+            lambda host, _: [sys.executable, str(CLIENT), url, host.addr],
+        )
+        procs.extend(clients)
+        end = _wait_all(clients, t0 + spec.timeout_s)
+        if end is None:
+            return Outcome(wall_s=None, note="timeout")
+        if any(c.returncode for c in clients):
+            return Outcome(wall_s=None, note="a receiver failed: " + logs.tail("floor-client-0"))
+        return Outcome(wall_s=end - t0)
+    finally:
+        _stop(procs)
+        logs.close()
+
+
+def _verified(outputs: Sequence[Path], sha: str) -> bool:
+    for out in outputs:
+        digest = hashlib.sha256()
+        try:
+            with out.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            return False
+        if digest.hexdigest() != sha:
+            return False
+    return True
+
+
+def best_of(
+    repeats: int, run: Callable[[int], Outcome], check: Callable[[], bool] = lambda: True
+) -> tuple[float | None, str]:
+    walls: list[float] = []
+    notes: list[str] = []
+    for i in range(repeats):
+        outcome = run(i)
+        if outcome.wall_s is not None and not outcome.note and check():
+            walls.append(outcome.wall_s)
+        else:
+            notes.append(outcome.note or "copies did not verify")
+    return (min(walls) if walls else None), "; ".join(notes)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.files_floor",
+        description="The floor under bootcast's files_bench figures: wire time, Python "
+        "start-up and minimal receivers, measured on the same topology.",
+    )
+    parser.add_argument("--clients", type=int, default=8, help="N clients (8)")
+    parser.add_argument("--size-mib", type=int, default=64, help="file size in MiB (64)")
+    parser.add_argument("--link-mbit", type=float, default=100.0, help="tbf rate (100)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; best shown (3)")
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.size_mib < 1 or args.repeats < 1 or args.link_mbit <= 0:
+        parser.error("--clients, --size-mib, --repeats and --link-mbit must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    available, reason = netns_available()
+    if not available:
+        print(f"files_floor: cannot run: {reason}", file=sys.stderr)
+        return 2
+    cleanup_stale(PREFIX)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    size = args.size_mib * 1024 * 1024
+    ideal = size * 8 / (args.link_mbit * 1e6)
+    wire = wire_s(size, args.link_mbit)
+    work = Path(tempfile.mkdtemp(prefix="bcf-floor-"))
+    try:
+        src = work / "src" / FILE_NAME
+        src.parent.mkdir()
+        sha = make_source(src, size)
+        with Topology(
+            n_clients=args.clients, server_rate_mbit=args.link_mbit, prefix=PREFIX
+        ) as topo:
+            starts = sorted(interpreter_starts_s(topo) for _ in range(max(5, args.repeats)))
+            start = starts[len(starts) // 2]
+            outputs = [work / f"copy-{i}" for i in range(args.clients)]
+
+            def spec(i: int, kind: str) -> RunSpec:
+                logdir = work / f"{kind}-{i}"
+                logdir.mkdir()
+                return RunSpec(
+                    topo=topo, src=src, outputs=outputs, logdir=logdir,
+                    timeout_s=max(60.0, 10 * ideal), send_rate_mbit=args.link_mbit,
+                    udpcast_fec="", link_mbit=args.link_mbit,
+                )  # fmt: skip
+
+            def fetch(i: int) -> Outcome:
+                for out in outputs:
+                    out.unlink(missing_ok=True)
+                return run_bootcast(spec(i, "fetch"))
+
+            minimal, minimal_note = best_of(args.repeats, lambda i: run_minimal(spec(i, "min")))
+            real, real_note = best_of(args.repeats, fetch, lambda: _verified(outputs, sha))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    n = args.clients
+    print(
+        f"N={n}, {args.size_mib} MiB, link {args.link_mbit:g} Mbit/s (tbf), pages of "
+        f"{PAGE_SIZE} B in {PAGE_SIZE + FRAME_OVERHEAD}-B frames; ideal {ideal:.3f} s"
+    )
+
+    def row(label: str, seconds: float | None, note: str = "") -> None:
+        if seconds is None:
+            print(f"  {label:<66} failed: {note}")
+        else:
+            print(f"  {label:<66} {seconds:7.3f} s  {seconds / ideal:6.3f}×")
+
+    row("wire: every page once at the link rate (computed)", wire)
+    best_wire = wire_s(size, args.link_mbit, LARGEST_PAGE, FRAME_OVERHEAD - 4)
+    row(f"  the same with {LARGEST_PAGE}-B pages and no trailer (computed)", best_wire)
+    row(f"start: {n} Python interpreters at once, median (measured)", start)
+    row("floor for any Python client: wire + start", wire + start)
+    row(f"{n} minimal Python receivers, best of {args.repeats} (measured)", minimal, minimal_note)
+    row(f"{n} bootcast fetch, verified, best of {args.repeats} (measured)", real, real_note)
+    return 0 if minimal is not None and real is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
