@@ -255,16 +255,23 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare_netns(prog: str, prefix: str) -> bool:
+    """Check that namespaces can be built (else say why and return False), remove stale
+    ones of ``prefix`` and turn SIGTERM (e.g. from `timeout` or make) into SystemExit, so
+    the Topology context managers still delete their namespaces and stop their processes."""
     available, reason = netns_available()
     if not available:
-        print(f"files_bench: cannot run: {reason}", file=sys.stderr)
-        return 2
-    cleanup_stale(PREFIX)
-    # SIGTERM (e.g. from `timeout` or make) becomes SystemExit, so the Topology context
-    # managers still delete their namespaces and stop their processes.
+        print(f"{prog}: cannot run: {reason}", file=sys.stderr)
+        return False
+    cleanup_stale(prefix)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not prepare_netns("files_bench", PREFIX):
+        return 2
 
     size_bytes = args.size_mib * 1024 * 1024
     ideal_s = size_bytes * 8 / (args.link_mbit * 1e6)

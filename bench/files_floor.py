@@ -32,29 +32,15 @@ import argparse
 import hashlib
 import math
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.files_bench import FILE_NAME, _exit_on_sigterm, make_source
-from bench.netns import Topology, cleanup_stale, netns_available
-from bench.peers import (
-    BOOTCAST_PORT,
-    Outcome,
-    RunSpec,
-    _Logs,
-    _start,
-    _start_clients,
-    _stop,
-    _wait_all,
-    _wait_tcp,
-    find_bootcast,
-    run_bootcast,
-)
+from bench.files_bench import FILE_NAME, make_source, prepare_netns
+from bench.netns import Topology
+from bench.peers import Outcome, RunSpec, run_bootcast
 
 PREFIX = "bcf"
 PAGE_SIZE = 1400  # bootcast serve's default, as the bench runs it
@@ -90,39 +76,7 @@ def interpreter_starts_s(topo: Topology) -> float:
 def run_minimal(spec: RunSpec) -> Outcome:
     """``bootcast serve`` as in :func:`bench.peers.run_bootcast`, with the minimal
     receivers of :mod:`bench.floor_client` as clients."""
-    exe = find_bootcast()
-    if exe is None:
-        return Outcome(wall_s=None, note="bootcast: not installed")
-    topo = spec.topo
-    logs = _Logs(spec.logdir)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        server_argv = [
-            exe, "serve", "--dir", str(spec.src.parent),
-            "--listen", f"{topo.server.addr}:{BOOTCAST_PORT}",
-            "--interface", topo.server.addr, "--rate", f"{spec.link_mbit:g}",
-        ]  # fmt: skip
-        procs.append(_start(spec, logs, topo.server, "floor-serve", server_argv))
-        if not _wait_tcp(topo, topo.clients[0], topo.server.addr, BOOTCAST_PORT, 15.0):
-            return Outcome(wall_s=None, note="bootcast serve did not start")
-        url = f"http://{topo.server.addr}:{BOOTCAST_PORT}/join/{spec.src.name}"
-        t0 = time.monotonic()
-        clients = _start_clients(
-            spec,
-            logs,
-            "floor-client",
-            lambda host, _: [sys.executable, str(CLIENT), url, host.addr],
-        )
-        procs.extend(clients)
-        end = _wait_all(clients, t0 + spec.timeout_s)
-        if end is None:
-            return Outcome(wall_s=None, note="timeout")
-        if any(c.returncode for c in clients):
-            return Outcome(wall_s=None, note="a receiver failed: " + logs.tail("floor-client-0"))
-        return Outcome(wall_s=end - t0)
-    finally:
-        _stop(procs)
-        logs.close()
+    return run_bootcast(spec, lambda url, host, _: [sys.executable, str(CLIENT), url, host.addr])
 
 
 def _verified(outputs: Sequence[Path], sha: str) -> bool:
@@ -171,12 +125,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    available, reason = netns_available()
-    if not available:
-        print(f"files_floor: cannot run: {reason}", file=sys.stderr)
+    if not prepare_netns("files_floor", PREFIX):
         return 2
-    cleanup_stale(PREFIX)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     size = args.size_mib * 1024 * 1024
     ideal = size * 8 / (args.link_mbit * 1e6)
     wire = wire_s(size, args.link_mbit)

@@ -351,7 +351,12 @@ def find_bootcast() -> str | None:
     return str(venv) if venv.is_file() and os.access(venv, os.X_OK) else None
 
 
-def run_bootcast(spec: RunSpec) -> Outcome:
+ClientArgv = Callable[[str, Host, Path], list[str]]
+"""``(join URL, client host, output path) -> argv`` of one client process."""
+
+
+def run_bootcast(spec: RunSpec, client_argv: ClientArgv | None = None) -> Outcome:
+    """``bootcast serve`` and N ``bootcast fetch`` (or the clients ``client_argv`` makes)."""
     exe = find_bootcast()
     if exe is None:
         return Outcome(wall_s=None, note="bootcast: not installed")
@@ -378,6 +383,8 @@ def run_bootcast(spec: RunSpec) -> Outcome:
         timeout = f"{spec.timeout_s:.0f}"
 
         def fetch_argv(host: Host, out: Path) -> list[str]:
+            if client_argv is not None:
+                return client_argv(url, host, out)
             return [
                 exe, "fetch", url, "-O", str(out), "--interface", host.addr, "--quiet",
                 "--timeout", timeout,
