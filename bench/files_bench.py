@@ -75,7 +75,8 @@ class Result:
         return None if self.wall_s is None else self.wall_s / self.ideal_s
 
 
-def _sha256(path: Path) -> str | None:
+def sha256_of(path: Path) -> str | None:
+    """The file's SHA-256 (hex), or None if it cannot be read."""
     digest = hashlib.sha256()
     try:
         with path.open("rb") as fh:
@@ -163,7 +164,7 @@ def _one_run(
     finally:
         dropped = sum(topo.loss_counters(c) for c in topo.clients)
         topo.set_all_loss(0)
-    verified = sum(1 for out in outputs if _sha256(out) == src_sha)
+    verified = sum(1 for out in outputs if sha256_of(out) == src_sha)
     if outcome.wall_s is not None and verified != n:
         note = f"{outcome.note} only {verified}/{n} verified".strip()
     else:

@@ -29,7 +29,6 @@ against ``bootcast serve`` as :mod:`bench.peers` runs it:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import shutil
 import sys
@@ -38,16 +37,20 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.files_bench import FILE_NAME, make_source, prepare_netns
+from bench.files_bench import FILE_NAME, make_source, prepare_netns, sha256_of
 from bench.netns import Topology
 from bench.peers import Outcome, RunSpec, run_bootcast
+from bootcast.defaults import DEFAULT_GROUP_V4, DEFAULT_PAGE_SIZE
+from bootcast.page import HEADER_BYTES, TRAILER_BYTES
+from bootcast.sender import wire_bytes
 
 PREFIX = "bcf"
-PAGE_SIZE = 1400  # bootcast serve's default, as the bench runs it
-FRAME_OVERHEAD = 16 + 4 + 8 + 20 + 14  # page header, trailer, UDP, IPv4, Ethernet
-# The largest page a 1500-byte MTU carries unfragmented with the spec's 16-byte header and
-# no trailer: the least any page format of the protocol can put on the wire.
-LARGEST_PAGE = 1500 - 20 - 8 - 16
+PAGE_SIZE = DEFAULT_PAGE_SIZE  # bootcast serve's default, as the bench runs it
+# Page header, trailer, UDP, IPv4, Ethernet: what the sender's pacing counts per frame.
+FRAME_OVERHEAD = wire_bytes(0, DEFAULT_GROUP_V4)
+# The largest page a 1500-byte MTU carries unfragmented with the spec's header and no
+# trailer: the least any page format of the protocol can put on the wire.
+LARGEST_PAGE = 1500 - 20 - 8 - HEADER_BYTES
 CLIENT = Path(__file__).resolve().with_name("floor_client.py")
 
 
@@ -77,20 +80,6 @@ def run_minimal(spec: RunSpec) -> Outcome:
     """``bootcast serve`` as in :func:`bench.peers.run_bootcast`, with the minimal
     receivers of :mod:`bench.floor_client` as clients."""
     return run_bootcast(spec, lambda url, host, _: [sys.executable, str(CLIENT), url, host.addr])
-
-
-def _verified(outputs: Sequence[Path], sha: str) -> bool:
-    for out in outputs:
-        digest = hashlib.sha256()
-        try:
-            with out.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-        except OSError:
-            return False
-        if digest.hexdigest() != sha:
-            return False
-    return True
 
 
 def best_of(
@@ -157,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_bootcast(spec(i, "fetch"))
 
             minimal, minimal_note = best_of(args.repeats, lambda i: run_minimal(spec(i, "min")))
-            real, real_note = best_of(args.repeats, fetch, lambda: _verified(outputs, sha))
+
+            def copies_verify() -> bool:
+                return all(sha256_of(out) == sha for out in outputs)
+
+            real, real_note = best_of(args.repeats, fetch, copies_verify)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -174,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {label:<66} {seconds:7.3f} s  {seconds / ideal:6.3f}×")
 
     row("wire: every page once at the link rate (computed)", wire)
-    best_wire = wire_s(size, args.link_mbit, LARGEST_PAGE, FRAME_OVERHEAD - 4)
+    best_wire = wire_s(size, args.link_mbit, LARGEST_PAGE, FRAME_OVERHEAD - TRAILER_BYTES)
     row(f"  the same with {LARGEST_PAGE}-B pages and no trailer (computed)", best_wire)
     row(f"start: {n} Python interpreters at once, median (measured)", start)
     row("floor for any Python client: wire + start", wire + start)
