@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test bench lint system-deps bench-deps clean
+.PHONY: all venv demo test flakehunt bench lint system-deps bench-deps clean
 
 all: test
 
@@ -57,8 +57,15 @@ demo: $(STAMP)
 
 # pytest's exit code 5 (no tests collected) is a failure, never a pass.
 test: $(STAMP) system-deps
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -p no:randomly $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+# The flaky-test hunt (scripts/flakehunt.py): the whole suite RUNS times, shuffled, beside busy
+# loops on every core (LOAD=normal|low|mixed|none); a summary by test in .flakehunt/report.md.
+RUNS ?= 10
+LOAD ?= normal
+flakehunt: $(STAMP) system-deps
+	$(BIN)/python scripts/flakehunt.py --runs $(RUNS) --load $(LOAD) -- $(PYTEST_ARGS)
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.files_bench --http-loss skip

@@ -3,7 +3,6 @@ records with checkable payloads, and the checks every subscriber view must pass.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -11,7 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from waiting import eventually, within
+
 from boomscooter.client._rpc import create_channel
+from boomscooter.client.subscriber import Subscriber
 from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
 from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
@@ -41,6 +43,19 @@ async def running_leader(data_dir: Path, **options: Any) -> AsyncIterator[Leader
         yield node
     finally:
         await node.stop()
+
+
+async def following(sub: Subscriber) -> None:
+    """Until ``sub`` follows its log: in multicast mode it has read a page of the stream (an
+    idle leader heartbeats every 50 ms), in the other modes it has taken its start."""
+
+    def ready() -> bool:
+        stats = sub.stats
+        if stats["mode"] == "multicast":
+            return int(stats.get("pages", 0)) > 0
+        return bool(stats["mode"]) and "next_seqno" in stats
+
+    await eventually(ready, "the subscriber follows its log")
 
 
 def payload(producer: str, index: int) -> bytes:
@@ -79,7 +94,7 @@ async def produce_raw(address: str, requests: list[pb.ProduceRequest]) -> list[p
         responses: list[pb.ProduceResponse] = []
         for request in requests:
             await call.write(request)
-            response = await asyncio.wait_for(call.read(), 20)
+            response = await within(call.read(), "the produce response")
             assert isinstance(response, pb.ProduceResponse), response
             responses.append(response)
         await call.done_writing()

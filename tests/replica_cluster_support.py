@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waiting import PATIENCE_S
+
 from boomscooter.storage import LogReader
 from boomscooter.storage.segment import LOG_SUFFIX, parse_file_name
 
@@ -66,7 +68,7 @@ class NodeProcess:
     _drain: threading.Thread | None = None
     _signalled: bool = False
 
-    def start(self, timeout_s: float = 30.0) -> dict[str, Any]:
+    def start(self, timeout_s: float = PATIENCE_S) -> dict[str, Any]:
         """Start the node; return its ``leader.started`` / ``replica.started`` event."""
         assert self.proc is None, f"{self.name} already started"
         self.proc = self.spawn(
@@ -100,7 +102,10 @@ class NodeProcess:
         return [e for e in list(self.log) if e.get("event") == name]
 
     def wait_for(
-        self, name: str, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float
+        self,
+        name: str,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        timeout_s: float = PATIENCE_S,
     ) -> list[dict[str, Any]]:
         """Wait until ``predicate(self.events(name))`` holds; return those events."""
         deadline = time.monotonic() + timeout_s
@@ -124,7 +129,7 @@ class NodeProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signum)
 
-    def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+    def stop(self, signum: int = signal.SIGTERM, timeout_s: float = PATIENCE_S) -> int | None:
         """Stop the node (SIGKILL if it does not end within ``timeout_s``); its exit code."""
         proc = self.proc
         if proc is None:
@@ -194,7 +199,9 @@ def node_argv(
     return argv
 
 
-def status(server: str, prefix: Sequence[str] = (), timeout_s: float = 20.0) -> dict[str, Any]:
+def status(
+    server: str, prefix: Sequence[str] = (), timeout_s: float = PATIENCE_S
+) -> dict[str, Any]:
     """``boomscooter status --server SERVER --json`` (run under ``prefix``, e.g. the
     ``ip netns exec NS`` of the namespace that can reach SERVER)."""
     argv = [*prefix, sys.executable, "-m", "boomscooter.cli", "status", "--server", server,
@@ -211,7 +218,7 @@ def wait_status(
     server: str,
     predicate: Callable[[dict[str, Any]], bool],
     *,
-    timeout_s: float,
+    timeout_s: float = PATIENCE_S,
     prefix: Sequence[str] = (),
     every_s: float = 0.5,
 ) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from log_support import random_group
 from log_support import raw_batch as log_raw_batch
+from waiting import PATIENCE_S, eventually
 
 from boomscooter.client._rpc import create_channel
 from boomscooter.client.producer import Producer
@@ -137,7 +138,7 @@ class Node:
         if proc.poll() is None:
             proc.send_signal(signum)
             try:
-                proc.wait(15)
+                proc.wait(PATIENCE_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
@@ -168,9 +169,9 @@ class Node:
             if e["event"] == name and incarnation in (None, e["incarnation"])
         ]
 
-    async def wait_event(self, name: str, timeout_s: float, incarnation: int | None = None) -> None:
+    async def wait_event(self, name: str, incarnation: int | None = None) -> None:
         where = self.starts if incarnation is None else incarnation
-        await wait_for(lambda: bool(self.events(name, where)), timeout_s, f"{self.name}: {name}")
+        await eventually(lambda: bool(self.events(name, where)), f"{self.name}: {name}")
 
     def stderr_tail(self, lines: int = 30) -> str:
         return "\n".join(json.dumps(e) for e in list(self.log)[-lines:])
@@ -196,14 +197,7 @@ def three_nodes(root: Path, *options: str) -> tuple[Node, Node, Node]:
     return leader, replicas[0], replicas[1]
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def status(address: str, timeout_s: float = 10.0) -> pb.StatusResponse:
+async def status(address: str, timeout_s: float = PATIENCE_S) -> pb.StatusResponse:
     """The node's Status. Retried while it is unreachable: a node just (re)started on a port
     this process failed to reach shortly before is reached once gRPC's reconnect backoff
     (at most 2 s in the SDK's channels) has passed."""
@@ -213,7 +207,7 @@ async def status(address: str, timeout_s: float = 10.0) -> pb.StatusResponse:
         stub = pb_grpc.BoomscooterStub(channel)
         while True:
             try:
-                response: pb.StatusResponse = await stub.Status(pb.StatusRequest(), timeout=5)
+                response: pb.StatusResponse = await stub.Status(pb.StatusRequest(), timeout=30)
                 return response
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
@@ -224,7 +218,11 @@ async def status(address: str, timeout_s: float = 10.0) -> pb.StatusResponse:
 
 
 async def wait_status(
-    address: str, predicate: Callable[[pb.StatusResponse], bool], timeout_s: float, what: str
+    address: str,
+    predicate: Callable[[pb.StatusResponse], bool],
+    what: str,
+    *,
+    timeout_s: float = PATIENCE_S,
 ) -> pb.StatusResponse:
     deadline = time.monotonic() + timeout_s
     while True:

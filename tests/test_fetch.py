@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from waiting import eventually, within
 
 from bootcast import page
 from bootcast.mcast import sender_socket
@@ -81,7 +82,7 @@ async def run_fetch(*args: str, cwd: Path, limit_s: float = 120) -> tuple[int, b
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    out, err = await within(proc.communicate(), f"bootcast fetch {args}", timeout_s=limit_s)
     assert proc.returncode is not None
     return proc.returncode, out, err
 
@@ -287,7 +288,7 @@ async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
     assert drops and drops[0].get("foreign", 0) > 0 and drops[0].get("short", 0) > 0
 
 
-@pytest.mark.parametrize("served", [{"rate_mbit": 20.0}], indirect=True)
+@pytest.mark.parametrize("served", [{"rate_mbit": 5.0}], indirect=True)  # 13 s for the file
 async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path: Path) -> None:
     write_random(served.root / "big.img", 8_000_000)
     proc = await asyncio.create_subprocess_exec(
@@ -301,13 +302,13 @@ async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path
         cwd=tmp_path,
         stderr=asyncio.subprocess.PIPE,
     )
-    for _ in range(200):
-        await asyncio.sleep(0.05)
-        if served.server.stats()["bootcast_clients_active"] == 1:
-            break
-    await asyncio.sleep(0.5)
+    # Joined, and writing its partial file: interrupted mid-transfer.
+    await eventually(
+        lambda: served.server.stats()["bootcast_clients_active"] == 1 and leftovers(tmp_path),
+        "the fetch joined and writing",
+    )
     proc.send_signal(signal.SIGINT)
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    _, err = await within(proc.communicate(), "the interrupted fetch's exit")
     assert proc.returncode == 130, err
     assert b"interrupted" in err
     assert served.server.stats()["bootcast_clients_active"] == 0
@@ -325,11 +326,10 @@ async def test_eight_concurrent_fetches_of_64_mib_and_a_late_joiner(
 
     async def mid_cast() -> None:
         """Until a quarter of the file went out: the late joiner comes in mid-cast."""
-        for _ in range(6000):
-            if served.server.stats().get("bootcast_pages_sent_total", 0) >= pages // 4:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the cast never got a quarter through")
+        await eventually(
+            lambda: served.server.stats().get("bootcast_pages_sent_total", 0) >= pages // 4,
+            "a quarter of the cast sent",
+        )
 
     async def one(i: int, late: bool) -> tuple[int, bytes]:
         if late:

@@ -5,6 +5,7 @@ answered with the right code and a clear message."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from leader_rpc_support import (
     three_batches,
 )
 from log_support import running_leader
+from waiting import stays_quiet, within
 
 from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -124,17 +126,11 @@ async def test_fetch_include_uncommitted(start: StartLeader) -> None:
 # -- Subscribe --------------------------------------------------------------------------------
 
 
-async def subscribe(
-    leader: Leader, timeout_s: float = 1.5, **fields: Any
-) -> list[pb.SubscribeResponse]:
-    """Every response of a Subscribe stream that must end (with OK) within ``timeout_s``."""
+async def subscribe(leader: Leader, **fields: Any) -> list[pb.SubscribeResponse]:
+    """Every response of a Subscribe stream that must end (with OK)."""
     call = leader.stub.Subscribe(pb.SubscribeRequest(**fields))
-
-    async def read() -> list[pb.SubscribeResponse]:
-        return [r async for r in call]
-
     try:
-        responses = await asyncio.wait_for(read(), timeout_s)
+        responses = await within(_collect(call), f"the end of Subscribe({fields})")
     finally:
         call.cancel()
     assert await call.code() == OK
@@ -199,9 +195,13 @@ async def test_subscribe_latest_waits_for_new_records(leader: Leader) -> None:
     await three_batches(leader)
     call = leader.stub.Subscribe(pb.SubscribeRequest(latest=True, count=2))
     try:
-        await asyncio.sleep(0.05)  # let the subscription start at commit + 1 = 7
+        # An idle subscription's first message is a heartbeat (after a second): by then it
+        # has taken its start, commit + 1 = 7.
+        idle = await within(call.read(), "the idle subscription's heartbeat")
+        assert isinstance(idle, pb.SubscribeResponse)
+        assert (idle.batches, idle.commit_seqno) == (b"", 6)
         await produce(leader, good(4, b"p7"), good(5, b"p8", b"p9"))
-        responses = await asyncio.wait_for(_collect(call), 1.5)
+        responses = await within(_collect(call), "the two new records")
     finally:
         call.cancel()
     assert await call.code() == OK
@@ -209,7 +209,11 @@ async def test_subscribe_latest_waits_for_new_records(leader: Leader) -> None:
 
 
 async def _collect(call: Any) -> list[pb.SubscribeResponse]:
-    return [r async for r in call]
+    """Every response up to the end of the stream (read(): the tests read some first)."""
+    responses = []
+    while (response := await call.read()) != grpc.aio.EOF:
+        responses.append(response)
+    return responses
 
 
 async def test_subscribe_by_time(leader: Leader) -> None:
@@ -314,7 +318,7 @@ async def test_status(leader: Leader) -> None:
 async def test_notifications_one_per_change(leader: Leader) -> None:
     call = leader.stub.Notifications(pb.NotificationsRequest())
     try:
-        first = await asyncio.wait_for(call.read(), 0.5)  # immediately
+        first = await within(call.read(), "the first notification")
         assert isinstance(first, pb.NotificationsResponse)
         assert (first.last_seqno, first.commit_seqno, first.first_seqno) == (0, 0, 1)
         assert first.log_dir == str(leader.node.log.directory)
@@ -323,34 +327,42 @@ async def test_notifications_one_per_change(leader: Leader) -> None:
         for sequence in (1, 2, 3):
             await produce(leader, good(sequence, b"x", b"y"))
             # The append and its commit (the group fdatasync) may be two changes.
-            message = await asyncio.wait_for(call.read(), 1.0)
+            message = await within(call.read(), f"the notification of batch {sequence}")
             assert isinstance(message, pb.NotificationsResponse)
             if message.commit_seqno < 2 * sequence:
                 assert message.last_seqno == 2 * sequence
-                message = await asyncio.wait_for(call.read(), 1.0)
+                message = await within(call.read(), f"the commit of batch {sequence}")
                 assert isinstance(message, pb.NotificationsResponse)
             assert (message.last_seqno, message.commit_seqno) == (2 * sequence, 2 * sequence)
             assert message.file_size_bytes == leader.node.segment_files()[-1][1] > size
-        with pytest.raises(TimeoutError):  # nothing changed: nothing is sent
-            await asyncio.wait_for(call.read(), 0.3)
+        # Every change above has been announced: nothing changes, nothing is sent.
+        await stays_quiet(call.read(), "a notification without a change")
     finally:
         call.cancel()
 
 
 async def test_notifications_min_interval_coalesces(leader: Leader) -> None:
-    call = leader.stub.Notifications(pb.NotificationsRequest(min_interval_ms=400))
+    interval_s = 1.0
+    call = leader.stub.Notifications(pb.NotificationsRequest(min_interval_ms=1000))
     try:
         loop = asyncio.get_running_loop()
-        first = await asyncio.wait_for(call.read(), 0.5)
+        first = await within(call.read(), "the first notification")
         assert isinstance(first, pb.NotificationsResponse)
-        began = loop.time()
         assert first.last_seqno == 0
+        times = [loop.time()]
         await produce(leader, *[good(s, b"r") for s in range(1, 6)])  # five changes
-        message = await asyncio.wait_for(call.read(), 1.0)
-        assert isinstance(message, pb.NotificationsResponse)
-        assert loop.time() - began >= 0.35  # held back for the interval
-        assert message.last_seqno == 5  # all five in one message
-        assert message.commit_seqno == 5
+        messages: list[pb.NotificationsResponse] = []
+        while not messages or (messages[-1].last_seqno, messages[-1].commit_seqno) != (5, 5):
+            message = await within(call.read(), "the notifications of the five changes")
+            assert isinstance(message, pb.NotificationsResponse)
+            times.append(loop.time())
+            messages.append(message)
+        # Held back for the interval each time, so five changes a few milliseconds apart are
+        # coalesced. (Seen from here a gap can be shorter than the server's by how late the
+        # earlier message was read: half the interval is left for that.)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert all(gap >= 0.5 * interval_s for gap in gaps), gaps
+        assert len(messages) < 5, [m.last_seqno for m in messages]
     finally:
         call.cancel()
 
@@ -395,7 +407,7 @@ async def test_notifications_log_dir_is_absolute(
             stub = boomscooter_pb2_grpc.BoomscooterStub(channel)
             call = stub.Notifications(pb.NotificationsRequest())
             try:
-                first = await asyncio.wait_for(call.read(), 0.5)
+                first = await within(call.read(), "the first notification")
             finally:
                 call.cancel()
         finally:
@@ -433,7 +445,7 @@ async def test_notifications_announce_the_committed_end_not_the_file_end(tmp_pat
         try:
             stub = boomscooter_pb2_grpc.BoomscooterStub(channel)
             call = stub.Notifications(pb.NotificationsRequest())
-            note = await asyncio.wait_for(call.read(), 1)
+            note = await within(call.read(), "the first notification")
             call.cancel()
             assert isinstance(note, pb.NotificationsResponse)
         finally:

@@ -20,9 +20,11 @@ from log_support import (
     check_exactly_once,
     check_payloads,
     check_producer_order,
+    following,
     payload,
     running_leader,
 )
+from waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
@@ -73,11 +75,12 @@ async def test_100k_records_two_producers_every_view_exactly_once(tmp_path: Path
             for mode in modes
         ]
         followers = [asyncio.create_task(collect(s, v)) for s, v in zip(subs, views, strict=True)]
-        await asyncio.sleep(0.2)
+        for sub in subs:
+            await following(sub)
         acked = await asyncio.gather(
             produce(node.address, "a", half), produce(node.address, "b", half)
         )
-        stats = await asyncio.wait_for(asyncio.gather(*followers), 60)
+        stats = await within(asyncio.gather(*followers), "every view of the 100k records")
         log_records = log_payloads(node)
     assert sorted(acked[0] + acked[1]) == list(range(1, total + 1))
     for records, mode, stat in zip(views, modes, stats, strict=True):
@@ -99,10 +102,10 @@ async def test_catch_up_from_seqno_1_while_production_continues(tmp_path: Path) 
     async with running_leader(tmp_path / "log", page_size_bytes=8192) as node:
         await produce(node.address, "a", 50_000)
         live = asyncio.create_task(produce(node.address, "b", 30_000, pause_every=1000))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: node.log.last_seqno > 50_000, "the live production")
         records: list[Record] = []
-        stats = await asyncio.wait_for(
-            collect(Subscriber(node.address, start=1, count=80_000), records), 60
+        stats = await within(
+            collect(Subscriber(node.address, start=1, count=80_000), records), "the catch-up"
         )
         await live
         log_records = log_payloads(node)
@@ -130,9 +133,9 @@ async def test_lost_pages_are_repaired_exactly_once(tmp_path: Path, loss: float)
         records: list[Record] = []
         sub = Subscriber(node.address, start=1, count=20_000, page_filter=lossy)
         follower = asyncio.create_task(collect(sub, records))
-        await asyncio.sleep(0.2)
+        await following(sub)
         await produce(node.address, "a", 20_000, pause_every=500)
-        stats = await asyncio.wait_for(follower, 60)
+        stats = await within(follower, "the repaired records")
         log_records = log_payloads(node)
     assert dropped > 0
     check_exactly_once(records, 20_000)
@@ -151,12 +154,12 @@ async def test_tail_loss_is_noticed_from_heartbeats(tmp_path: Path) -> None:
         records: list[Record] = []
         sub = Subscriber(node.address, start=1, count=200, page_filter=filter_)
         follower = asyncio.create_task(collect(sub, records))
-        await asyncio.sleep(0.2)
+        await following(sub)
         await produce(node.address, "a", 100)
-        await asyncio.sleep(0.2)
+        await eventually(lambda: len(records) == 100, "the first 100 records delivered")
         drop = True
         await produce(node.address, "b", 100)
-        stats = await asyncio.wait_for(follower, 10)
+        stats = await within(follower, "the records of the lost tail")
     check_exactly_once(records, 200)
     assert stats["fetches"] >= 1
 
@@ -166,7 +169,7 @@ async def test_garbage_and_foreign_casts_on_the_group_change_nothing(tmp_path: P
         records: list[Record] = []
         sub = Subscriber(node.address, start=1, count=3000)
         follower = asyncio.create_task(collect(sub, records))
-        await asyncio.sleep(0.2)
+        await following(sub)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
         dest = (node.group, node.group_port)
@@ -185,7 +188,7 @@ async def test_garbage_and_foreign_casts_on_the_group_change_nothing(tmp_path: P
                 sock.sendto(good[:20] + bytes([good[20] ^ 1]) + good[21:], dest)  # bad CRC
         finally:
             sock.close()
-        stats = await asyncio.wait_for(follower, 20)
+        stats = await within(follower, "the 3000 records")
         log_records = log_payloads(node)
         assert node.log.last_seqno == 3000
     check_exactly_once(records, 3000)
@@ -235,18 +238,18 @@ async def test_loss_repair_on_uvloop(tmp_path: Path) -> None:
 
     async with running_leader(tmp_path / "log", page_size_bytes=1400) as node:
         errors: list[str] = []
+        sub = Subscriber(node.address, start=1, count=5000, page_filter=lossy)
 
         async def follow() -> tuple[list[Record], dict[str, Any]]:
             asyncio.get_running_loop().set_exception_handler(
                 lambda _, context: errors.append(str(context.get("exception", context)))
             )
             records: list[Record] = []
-            sub = Subscriber(node.address, start=1, count=5000, page_filter=lossy)
-            stats = await asyncio.wait_for(collect(sub, records), 30)
+            stats = await within(collect(sub, records), "the 5000 records on uvloop")
             return records, stats
 
         follower = asyncio.create_task(asyncio.to_thread(loops.run, follow()))
-        await asyncio.sleep(0.3)
+        await following(sub)
         await produce(node.address, "a", 5000, pause_every=250)
         records, stats = await follower
         log_records = log_payloads(node)
@@ -271,11 +274,12 @@ async def test_two_logs_on_one_group_never_mix(tmp_path: Path) -> None:
     ):
         assert (a.epoch, a.group_port) == (b.epoch, b.group_port)
         records: list[Record] = []
-        follower = asyncio.create_task(collect(Subscriber(a.address, start=1, count=300), records))
-        await asyncio.sleep(0.2)
+        sub = Subscriber(a.address, start=1, count=300)
+        follower = asyncio.create_task(collect(sub, records))
+        await following(sub)
         await produce(b.address, "B", 500)  # B first: its heartbeats commit further than A
         await produce(a.address, "A", 300)
-        stats = await asyncio.wait_for(follower, 20)
+        stats = await within(follower, "A's 300 records")
     check_exactly_once(records, 300)
     assert [r.payload for r in records] == [payload("A", i) for i in range(300)]
     assert stats["mode"] == "multicast"

@@ -38,6 +38,7 @@ from log_support import (
     raw_batch,
     running_leader,
 )
+from waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
@@ -188,13 +189,6 @@ class SubscriberRun:
             self.error = exc
 
 
-async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum",
@@ -230,10 +224,9 @@ async def test_leader_restart_keeps_every_acked_record_and_subscribers_continue(
         try:
             async with producer:
                 produce = asyncio.create_task(run.run())
-                await wait_for(lambda: len(run.acked) >= 3000, 20, "acks before the restart")
-                await asyncio.sleep(0.3)
+                await eventually(lambda: len(run.acked) >= 3000, "acks before the restart")
                 # Both subscribers are under way before the leader goes.
-                assert all(s.records for s in subs)
+                await eventually(lambda: all(s.records for s in subs), "subscribers under way")
                 acked_before = dict(run.acked)
                 code = await leader.stop(signum)
                 assert code == (0 if signum == signal.SIGTERM else -signal.SIGKILL)
@@ -246,17 +239,16 @@ async def test_leader_restart_keeps_every_acked_record_and_subscribers_continue(
                 # under one epoch, even after a crash lost an unsynced tail.
                 assert second["epoch"] == first["epoch"] + 1
                 resumed_at = len(run.acked)
-                await wait_for(
-                    lambda: len(run.acked) >= resumed_at + 3000, 30, "acks after the restart"
+                await eventually(
+                    lambda: len(run.acked) >= resumed_at + 3000, "acks after the restart"
                 )
                 run.stop.set()
-                await asyncio.wait_for(produce, 30)
+                await within(produce, "the producer's end")
             assert not run.failed, run.failed[:3]
             total = len(run.sent)
             assert sorted(run.acked) == list(range(1, total + 1))
-            await wait_for(
+            await eventually(
                 lambda: all(len(s.records) >= total or s.error for s in subs),
-                30,
                 "subscribers to catch up",
             )
         finally:
@@ -297,9 +289,10 @@ async def test_a_leader_down_longer_than_server_timeout_is_an_error(
         await subscriber.open()
         batches = subscriber.batches()
         while len(records) < 10:
-            records.extend(await asyncio.wait_for(anext(batches), 10))
-    # The leader is gone for good now.
-    stopped_at = time.monotonic()
+            records.extend(await within(anext(batches), "the ten records"))
+        # The subscriber heard from the leader just now; from here it goes for good (a
+        # slow stop on a loaded host must not count against the subscriber's timeout).
+        stopped_at = time.monotonic()
     try:
         with pytest.raises(ServerUnavailableError):
             async with asyncio.timeout(timeout_s + 15):
@@ -309,7 +302,7 @@ async def test_a_leader_down_longer_than_server_timeout_is_an_error(
     finally:
         await subscriber.close()
     check_exactly_once(records, 10)
-    assert timeout_s * 0.9 <= waited < timeout_s + 6, waited
+    assert timeout_s * 0.9 <= waited < timeout_s + 15, waited
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -343,6 +336,9 @@ async def test_a_batch_retried_after_a_restart_is_stored_once(tmp_path: Path, si
     assert [r.payload for r in records] == [b"a1", b"b1", b"a2", b"b2", b"other", b"c3"]
 
 
+HUNG_S = 10.0  # a close that takes this long, even on a loaded host, has hung
+
+
 async def test_stream_sender_close_always_returns() -> None:
     hangs = 0
     for attempt in range(40):
@@ -355,7 +351,7 @@ async def test_stream_sender_close_always_returns() -> None:
         if attempt % 2:
             sender.commit_advanced()  # the leader does this on every append
         closing = asyncio.ensure_future(sender.close())
-        done, _ = await asyncio.wait([closing], timeout=0.5)
+        done, _ = await asyncio.wait([closing], timeout=HUNG_S)
         if not done:
             hangs += 1
             assert sender._task is not None
@@ -370,12 +366,13 @@ async def test_an_append_cancelled_mid_write_still_deduplicates_its_retry(
 ) -> None:
     async with running_leader(tmp_path / "log", fsync=FsyncPolicy.parse("always")) as node:
         original = node.log.append_batch
+        appending: list[asyncio.Task[Any]] = []
 
-        def slow_append(batch: Any) -> Any:
-            time.sleep(0.3)  # an fsync=always append on a slow disk
+        def cancelled_while_writing(batch: Any) -> Any:
+            appending[0].cancel()  # the Produce stream broke while the batch was being written
             return original(batch)
 
-        node.log.append_batch = slow_append  # type: ignore[method-assign,assignment]
+        node.log.append_batch = cancelled_while_writing  # type: ignore[method-assign,assignment]
         request = ProduceBatch(
             producer_id="p1",
             batch_sequence=1,
@@ -383,11 +380,9 @@ async def test_an_append_cancelled_mid_write_still_deduplicates_its_retry(
             entries=[Entry(0, b"only-once", None, None)],
         )
         first = asyncio.create_task(node.append(request))
-        await asyncio.sleep(0.1)
-        first.cancel()  # the Produce stream broke while the batch was being written
-        with contextlib.suppress(asyncio.CancelledError):
+        appending.append(first)
+        with pytest.raises(asyncio.CancelledError):
             await first
-        await asyncio.sleep(0.5)  # the append thread finishes regardless
         assert node.log.last_seqno == 1, "the batch was stored"
         node.log.append_batch = original  # type: ignore[method-assign]
         retry = await node.append(request)  # the producer resends after reconnecting

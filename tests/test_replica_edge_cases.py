@@ -12,7 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
-from node_cluster import Start, wait_for
+from node_cluster import Start
+from waiting import eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.errors import RequestError
@@ -33,7 +34,7 @@ async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int
 async def test_two_concurrent_promotes_lead_once(cluster: Start) -> None:
     leader = await cluster("leader")
     replica = await cluster("r1", follow=leader.address)
-    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await leader.stop(grace_s=0.1)
     results = await asyncio.gather(replica.promote(), replica.promote(), return_exceptions=True)
     ok = [r for r in results if isinstance(r, dict)]
@@ -46,7 +47,7 @@ async def test_a_failed_promotion_leaves_the_node_following(
 ) -> None:
     leader = await cluster("leader")
     replica = await cluster("r1", follow=leader.address)
-    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await leader.stop(grace_s=0.1)
 
     async def peer_vanished(node: LeaderNode, answers: Any) -> int:
@@ -66,16 +67,16 @@ async def test_a_replica_behind_the_leaders_retention_catches_up(cluster: Start)
     options: dict[str, Any] = {"segment_bytes": 16 << 10, "retention_bytes": 32 << 10}
     leader = await cluster("leader", **options)
     replica = await cluster("r1", follow=leader.address, **options)
-    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await produce(leader.address, 50)
-    await wait_for(lambda: replica.log.last_seqno == 50, 10, "replica caught up")
+    await eventually(lambda: replica.log.last_seqno == 50, "replica caught up")
     await replica.stop(grace_s=0.1)
     for _ in range(4):
         await produce(leader.address, 2000)
     await leader.apply_retention()
     assert leader.log.first_seqno > 51, leader.log.segment_files()
     replica = await cluster("r1", follow=leader.address, **options)
-    await wait_for(lambda: replica.log.last_seqno == leader.log.last_seqno, 10, "caught up")
+    await eventually(lambda: replica.log.last_seqno == leader.log.last_seqno, "caught up")
 
 
 def _write_log(path: Path, batches: list[tuple[int, int, list[bytes]]]) -> None:
@@ -101,18 +102,22 @@ async def test_notifications_on_a_restarted_replica_never_deliver_its_uncommitte
     leader_address = f"127.0.0.1:{_free_port()}"
     replica = await cluster("r1", follow=leader_address)  # the leader is not up yet
 
+    sub = Subscriber(replica.address, start=1, count=150, mode="notifications",
+                     data_dir=replica.config.data_dir)  # fmt: skip
+
     async def read() -> list[bytes]:
-        async with Subscriber(replica.address, start=1, count=150, mode="notifications",
-                              data_dir=replica.config.data_dir) as sub:  # fmt: skip
+        async with sub:
             return [r.payload async for r in sub]
 
     reader = asyncio.create_task(read())
-    await asyncio.sleep(0.5)  # the reader has read the replica's files
+    # The reader has its first notification (and reads the replica's files) before the
+    # leader is up.
+    await eventually(lambda: sub.stats.get("notifications", 0) >= 1, "the first notification")
     leader = await cluster("leader", listen=leader_address)
-    await wait_for(lambda: replica.log.last_seqno == 150, 10, "replica caught up")
+    await eventually(lambda: replica.log.last_seqno == 150, "replica caught up")
     assert leader.log.last_seqno == 150
     try:
-        payloads = await asyncio.wait_for(reader, 10)
+        payloads = await within(reader, "the 150 records")
     finally:
         reader.cancel()
     assert b"stale" not in payloads
@@ -124,16 +129,16 @@ async def test_notifications_after_a_restart_with_min_insync_2_deliver_the_commi
 ) -> None:
     leader = await cluster("leader", min_insync=2)
     replica = await cluster("r1", follow=leader.address)
-    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await produce(leader.address, 100)
-    await wait_for(lambda: replica.log.last_seqno == 100, 10, "replica caught up")
+    await eventually(lambda: replica.log.last_seqno == 100, "replica caught up")
     address = leader.address
     await leader.stop(grace_s=0.1)
     leader = await cluster("leader", min_insync=2, listen=address)
-    await wait_for(lambda: leader.commit_seqno == 100, 10, "the restarted leader commits")
+    await eventually(lambda: leader.commit_seqno == 100, "the restarted leader commits")
     async with Subscriber(leader.address, start=1, count=100, mode="notifications",
                           data_dir=leader.config.data_dir) as sub:  # fmt: skip
-        got = await asyncio.wait_for(_seqnos(sub), 5)
+        got = await within(_seqnos(sub), "the 100 records")
     assert got == list(range(1, 101))
 
 
@@ -149,7 +154,7 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
     leader's fencing check took that for a leader of its epoch and followed it."""
     leader = await cluster("leader")
     replica = await cluster("r1", follow=leader.address)
-    await wait_for(lambda: leader.replicas.in_sync_copies() == 2, 10, "replica in sync")
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await replica.promote(force=True)
     saving, release = asyncio.Event(), asyncio.Event()
     save_state = leader._save_state
@@ -161,7 +166,7 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
 
     monkeypatch.setattr(leader, "_save_state", slow_save)
     stepping_down = asyncio.create_task(leader.follow(replica.address, epoch=replica.epoch))
-    await asyncio.wait_for(saving.wait(), 10)
+    await within(saving.wait(), "the state save")
     try:
         status = (await failover.survey([leader.address]))[leader.address]
         assert status.role == pb.ROLE_UNSPECIFIED and status.epoch == replica.epoch

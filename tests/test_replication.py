@@ -43,9 +43,9 @@ from replication_support import (
     status,
     subscribers,
     three_nodes,
-    wait_for,
     wait_status,
 )
+from waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.errors import ServerUnavailableError
@@ -93,7 +93,7 @@ def acked(runs: list[ProducerRun]) -> int:
 
 
 async def wait_acked(runs: list[ProducerRun], at_least: int, what: str) -> None:
-    await wait_for(lambda: acked(runs) >= at_least, 60, what)
+    await eventually(lambda: acked(runs) >= at_least, what)
 
 
 def producing(runs: list[ProducerRun]) -> asyncio.Future[list[None]]:
@@ -114,7 +114,7 @@ async def test_replica_crashes_under_load_lose_nothing(tmp_path: Path) -> None:
     with cluster(leader, steady, crashing):
         await leader.start()
         await asyncio.gather(steady.start(), crashing.start())
-        await wait_status(leader.address, all_in_sync(steady, crashing), 20, "both in sync")
+        await wait_status(leader.address, all_in_sync(steady, crashing), "both in sync")
         runs = producer_runs((leader, steady, crashing), TOTAL // 2)
         restarts = 0
         kill_points: list[int] = []
@@ -141,19 +141,19 @@ async def test_replica_crashes_under_load_lose_nothing(tmp_path: Path) -> None:
                     await asyncio.sleep(rng.uniform(0.1, 0.6))
                     await crashing.start()
                     subs[2].start()
-                    await crashing.wait_event("replica.session", 20)
+                    await crashing.wait_event("replica.session")
                     restarts += 1
-                await asyncio.wait_for(sending, 120)
+                await within(sending, "every record sent", timeout_s=240)
             finally:
                 sending.cancel()
             for run in runs:
                 assert not run.failed, f"{run.name}: {run.failed[:3]}"
                 assert len(run.acked) == run.total
             final = await wait_status(leader.address, lambda s: caught_up(s, steady, crashing),
-                                      60, "replicas caught up")  # fmt: skip
+                                      "replicas caught up")  # fmt: skip
             assert final.last_seqno == TOTAL
-            await wait_for(lambda: all(len(s.records) >= TOTAL or s.error for s in subs), 60,
-                           "subscribers to deliver everything")  # fmt: skip
+            await eventually(lambda: all(len(s.records) >= TOTAL or s.error for s in subs),
+                             "subscribers to deliver everything")  # fmt: skip
         assert crashing.starts == KILLS + 1
         # Every crash came under load, and every restart recovered what it had stored.
         assert max(kill_points) < TOTAL, kill_points
@@ -186,7 +186,7 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
     with cluster(old, new, other):
         first = await old.start()
         await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), 20, "both in sync")
+        await wait_status(old.address, all_in_sync(new, other), "both in sync")
         runs = producer_runs((old, new, other), 10**9)  # until stopped
         subs = (SubscriberRun(new, "multicast"), SubscriberRun(other, "unicast"))
         async with subscribers(*subs), runs[0].producer, runs[1].producer:
@@ -206,9 +206,8 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                 await wait_acked(runs, acked(runs) + 20_000, "acks after the promotion")
                 # The old leader returns with its own command line: it must follow.
                 await old.start()
-                await wait_for(
+                await eventually(
                     lambda: bool(old.events("node.fenced", 2) or old.events("node.following", 2)),
-                    20,
                     "the old leader fenced",
                 )
                 # (Its status shows the new epoch once its first session with the new leader
@@ -216,24 +215,25 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                 fenced = await wait_status(
                     old.address,
                     lambda s: s.role == pb.ROLE_REPLICA and s.epoch == epoch,
-                    10,
                     "the old leader a replica at the new epoch",
                 )
                 assert fenced.leader_address == new.address
-                await wait_status(new.address, all_in_sync(old, other), 20, "old leader in sync")
+                await wait_status(new.address, all_in_sync(old, other), "old leader in sync")
                 await wait_acked(runs, acked(runs) + 5_000, "acks after its return")
                 for run in runs:
                     run.stop.set()
-                await asyncio.wait_for(sending, 60)
+                await within(sending, "the producers' end")
             finally:
                 sending.cancel()
             for run in runs:
                 assert not run.failed, f"{run.name}: {run.failed[:3]}"
                 assert len(run.acked) == run.sent
-            final = await wait_status(new.address, lambda s: caught_up(s, old, other), 60,
+            final = await wait_status(new.address, lambda s: caught_up(s, old, other),
                                       "replicas caught up")  # fmt: skip
-            await wait_for(lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
-                           60, "subscribers to deliver everything")  # fmt: skip
+            await eventually(
+                lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
+                "subscribers to deliver everything",
+            )
         for node in (new, other, old):
             assert await node.stop() == 0, node.stderr_tail()
 
@@ -264,7 +264,7 @@ async def refused_at_quorum(leader: Node, payload: bytes) -> None:
         with pytest.raises(ServerUnavailableError, match="acks=quorum needs 3 in-sync copies"):
             await producer.flush()
     assert isinstance(refused.exception(), ServerUnavailableError)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # refused (and retried for 2 s), never held
     assert (await status(leader.address)).last_seqno == before, "a refused batch was stored"
 
 
@@ -281,14 +281,14 @@ def silent(node: Node) -> Callable[[pb.StatusResponse], bool]:
 async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
     tmp_path: Path,
 ) -> None:
-    options = ("--min-insync", "3", "--fsync", "always", "--insync-timeout", "1",
+    options = ("--min-insync", "3", "--fsync", "always", "--insync-timeout", "2",
                "--segment-bytes", str(64 << 10))  # fmt: skip
     leader, steady, down = three_nodes(tmp_path, *options)
     leader.options += ["--cast-listen", f"127.0.0.1:{free_port()}"]
     with cluster(leader, steady, down):
         await leader.start()
         await asyncio.gather(steady.start(), down.start())
-        await wait_status(leader.address, all_in_sync(steady, down), 20, "both in sync")
+        await wait_status(leader.address, all_in_sync(steady, down), "both in sync")
         async with Producer(leader.address, acks="quorum", retry_timeout_s=10) as producer:
             futures = [await producer.send(b"before-%d" % i) for i in range(1000)]
         assert [f.result() for f in futures] == list(range(1, 1001))
@@ -296,15 +296,20 @@ async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
         # Frozen (SIGSTOP): its session stays open, its acks stop; after --insync-timeout
         # it is out of sync, and quorum writes are refused rather than held.
         await down.pause()
-        await leader.wait_event("replica.out_of_sync", 5)
-        await wait_status(leader.address, silent(down), 5, "the frozen replica out of sync")
+        await leader.wait_event("replica.out_of_sync")
+        await wait_status(leader.address, silent(down), "the frozen replica out of sync")
         await refused_at_quorum(leader, b"refused-while-frozen")
         await down.resume()
-        await wait_status(leader.address, all_in_sync(steady, down), 10, "in sync again")
+        await wait_status(leader.address, all_in_sync(steady, down), "in sync again")
 
-        # Dead (SIGKILL) for longer than --insync-timeout.
+        # Dead (SIGKILL): disconnected and out of sync at once, the other still in sync.
         await down.kill()
-        await asyncio.sleep(1.5)
+        await wait_status(
+            leader.address,
+            lambda s: in_sync(steady)(s) and (view := replica_view(s, down)) is not None
+            and not (view.connected or view.in_sync),
+            "the dead replica disconnected",
+        )  # fmt: skip
         shown = await cli("status", "--server", leader.address, "--json")
         replicas = {r["address"]: r for r in json.loads(shown.stdout)["replicas"]}
         assert replicas[down.address]["in_sync"] is False
@@ -320,7 +325,7 @@ async def test_replica_down_past_insync_timeout_blocks_quorum_then_catches_up(
         assert missed.segment_count > 3 and missed.commit_seqno == 1000
 
         await down.start()
-        await wait_status(leader.address, lambda s: caught_up(s, steady, down), 30,
+        await wait_status(leader.address, lambda s: caught_up(s, steady, down),
                           "the replica caught up and in sync")  # fmt: skip
         assert down.events("replica.segment_cast", 2), "no segment was cast to the replica"
         async with Producer(leader.address, acks="quorum", retry_timeout_s=10) as producer:
@@ -345,15 +350,15 @@ async def test_a_retry_after_failover_is_deduplicated_by_the_new_leader(tmp_path
     with cluster(old, new, other):
         await old.start()
         await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), 20, "both in sync")
+        await wait_status(old.address, all_in_sync(new, other), "both in sync")
         batch = raw_batch("px", 1, [b"once-1", b"once-2"])
         (first,) = await produce_raw(old.address, [batch])
         assert (first.ack.base_seqno, first.ack.record_count) == (1, 2)
-        await wait_status(old.address, lambda s: caught_up(s, new, other), 10, "replicated")
+        await wait_status(old.address, lambda s: caught_up(s, new, other), "replicated")
         await old.kill()
         promoted = await cli("promote", "--server", new.address)
         assert promoted.returncode == 0, promoted.stderr.decode(errors="replace")
-        await wait_status(new.address, all_in_sync(other), 20, "the other replica following")
+        await wait_status(new.address, all_in_sync(other), "the other replica following")
         (again,) = await produce_raw(new.address, [batch])
         assert again.HasField("ack"), again
         stored = (await status(new.address)).last_seqno
@@ -367,7 +372,7 @@ async def test_a_replica_redirects_a_quorum_producer_to_the_leader(tmp_path: Pat
     with cluster(leader, replica):
         await leader.start()
         await replica.start()
-        await wait_status(leader.address, in_sync(replica), 20, "the replica in sync")
+        await wait_status(leader.address, in_sync(replica), "the replica in sync")
         (answer,) = await produce_raw(replica.address, [raw_batch("px", 1, [b"r"])])
         assert answer.HasField("error")
         assert (answer.error.code, answer.error.leader_address) == (

@@ -175,7 +175,6 @@ def test_two_empty_replicas_catch_up_on_a_500_mb_log_through_shared_segment_cast
             node.name: wait_status(
                 node.address,
                 lambda s: s["last_seqno"] == total and s["commit_seqno"] == total,
-                timeout_s=15,
             )
             for node in [leader, *replicas]
         }

@@ -16,7 +16,9 @@ One *session* per connection to the leader:
    (it delivers batches in seqno order exactly once and reports gaps), append what it
    delivers (under ``fsync=always`` each append is fdatasynced), ``Fetch`` the gaps
    (including records not yet committed) from the leader, and acknowledge the durable seqno
-   on the Replicate stream at once when it advances and every ``KEEPALIVE_S`` otherwise.
+   on the Replicate stream at once when it advances and as a keepalive otherwise (every
+   ``keepalive_ms`` the leader names: a quarter of its in-sync timeout; ``KEEPALIVE_S``
+   when it names none).
 
 The session ends on any failure (the leader gone, a new epoch on the stream, a refused
 append); the follower then looks for the leader — the last one, or whoever the known peers
@@ -80,6 +82,7 @@ class Follower:
         self.leader_address = leader_address
         self.peers: list[str] = []
         self.min_insync = 0
+        self.keepalive_s = KEEPALIVE_S
         self.stats = {
             "sessions": 0,
             "pages": 0,
@@ -245,6 +248,7 @@ class Follower:
         session = first.session
         self.peers = [a for a in first.replica_addresses if a != node.address]
         self.min_insync = first.min_insync
+        self.keepalive_s = first.keepalive_ms / 1000 if first.keepalive_ms else KEEPALIVE_S
         node.leader_address = address
         node.session = session_from_pb(session)
         node.epoch = session.epoch
@@ -503,12 +507,13 @@ class Follower:
             hello = self._hello()
             state = (hello.durable_seqno, hello.last_seqno)
             # Sent when the durable seqno moved (the ack the commit waits for), and as a
-            # keepalive every KEEPALIVE_S: the leader counts a silent replica out of sync.
-            if sent is None or state[0] != sent[0] or self._loop.time() - sent_at >= KEEPALIVE_S:
+            # keepalive: the leader counts a silent replica out of sync.
+            keepalive_s = self.keepalive_s
+            if sent is None or state[0] != sent[0] or self._loop.time() - sent_at >= keepalive_s:
                 await call.write(hello)
                 sent, sent_at = state, self._loop.time()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(KEEPALIVE_S):
+                async with asyncio.timeout(keepalive_s):
                     await self._ack_wake.wait()
 
     async def _responses(self, call: Any) -> None:

@@ -65,6 +65,12 @@ def _producer_batch(producer_id: str, sequence: int, appended: Any) -> pb.Produc
     )
 
 
+def keepalive_ms(insync_timeout_s: float) -> int:
+    """The replicas' keepalive: four of them fit in the in-sync timeout, so one late or lost
+    keepalive on a busy host does not count a replica out of sync."""
+    return max(1, int(insync_timeout_s * 1000 / 4))
+
+
 def _response(node: LeaderNode, *, first: bool, replica_next: int) -> pb.ReplicateResponse:
     from boomscooter.node.servicer import session_message
 
@@ -76,6 +82,7 @@ def _response(node: LeaderNode, *, first: bool, replica_next: int) -> pb.Replica
         replica_addresses=node.replicas.addresses(),
         cast_address=node.cast_address,
         first_seqno=node.log.first_seqno,
+        keepalive_ms=keepalive_ms(node.config.insync_timeout_s),
     )
     if first and node.cast_address:
         files = node.log.segment_files()

@@ -795,6 +795,7 @@ class ReplicateResponse(_message.Message):
     SEALED_SEGMENTS_FIELD_NUMBER: _builtins.int
     FIRST_SEQNO_FIELD_NUMBER: _builtins.int
     PRODUCER_BATCHES_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_MS_FIELD_NUMBER: _builtins.int
     commit_seqno: _builtins.int
     """The leader's commit seqno."""
     last_seqno: _builtins.int
@@ -811,6 +812,11 @@ class ReplicateResponse(_message.Message):
     """
     first_seqno: _builtins.int
     """The first seqno the leader still stores (an empty replica of a trimmed log starts there)."""
+    keepalive_ms: _builtins.int
+    """How often the replica acknowledges while nothing changes (its keepalive): a quarter of
+    the leader's in-sync timeout, so a replica is counted out of sync only after missing
+    several (0: the replica's default, one second).
+    """
     @_builtins.property
     def session(self) -> Global___MulticastSession:
         """The page stream the replica receives batches from (the epoch is the leader's)."""
@@ -847,10 +853,11 @@ class ReplicateResponse(_message.Message):
         sealed_segments: _abc.Iterable[_builtins.str] | None = ...,
         first_seqno: _builtins.int = ...,
         producer_batches: _abc.Iterable[Global___ProducerBatch] | None = ...,
+        keepalive_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "cast_address", b"cast_address", "commit_seqno", b"commit_seqno", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "producer_batches", b"producer_batches", "replica_addresses", b"replica_addresses", "sealed_segments", b"sealed_segments", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno", "cast_address", b"cast_address", "commit_seqno", b"commit_seqno", "first_seqno", b"first_seqno", "keepalive_ms", b"keepalive_ms", "last_seqno", b"last_seqno", "min_insync", b"min_insync", "producer_batches", b"producer_batches", "replica_addresses", b"replica_addresses", "sealed_segments", b"sealed_segments", "session", b"session", "truncate_after_seqno", b"truncate_after_seqno"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate_after_seqno: _TypeAlias = _typing.Literal["truncate_after_seqno"]  # noqa: Y015
     _WhichOneofArgType__truncate_after_seqno: _TypeAlias = _typing.Literal["_truncate_after_seqno", b"_truncate_after_seqno"]  # noqa: Y015
