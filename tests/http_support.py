@@ -167,16 +167,6 @@ async def nack(port: int, path: str, token: str | None, body: bytes) -> RawRespo
     return await request(port, "POST", "/nack/" + path, headers, body)
 
 
-async def eventually(
-    predicate: Callable[[], bool], *, timeout_s: float, what: str, interval_s: float = 0.01
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        await asyncio.sleep(interval_s)
-
-
 async def in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a blocking call in a thread of its own.
 

@@ -17,11 +17,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import PATIENCE_S, eventually_blocking
 
 from bench.netns import Topology, netns_available
 
@@ -85,18 +85,19 @@ def test_lossy_subscribers_in_other_namespaces_get_every_record_once(tmp_path: P
             if loss:
                 topo.set_loss(host, loss)
         subscribers = []
-        for host in topo.clients:
+        logs = [tmp_path / f"subscriber-{i}.log" for i in range(len(topo.clients))]
+        for host, log_file in zip(topo.clients, logs, strict=True):
             argv = [*CLI, "subscribe", "--server", server, "--from", "1", "--count",
                     str(RECORDS), "--json", "--interface", host.addr]  # fmt: skip
-            pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-            subscribers.append(topo.run(host, argv, env=env, cwd=REPO, **pipes))
-        # Produce once every subscriber has shaken hands (and so joined the group): the
-        # records then reach them as multicast, not as a catch-up.
-        deadline = time.monotonic() + 20
-        while sum(e["event"] == "rpc.handshake" for e in list(leader_log)) < len(LOSSES):
-            assert time.monotonic() < deadline, "the subscribers did not all shake hands"
-            time.sleep(0.05)
-        time.sleep(0.5)
+            with log_file.open("wb") as log_out:
+                pipes: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": log_out}
+                subscribers.append(topo.run(host, argv, env=env, cwd=REPO, **pipes))
+        # Produce once every subscriber has joined the group: the records then reach them as
+        # multicast, not as a catch-up.
+        eventually_blocking(
+            lambda: all(b'"subscriber.joined"' in f.read_bytes() for f in logs),
+            "every subscriber joined the group",
+        )
         stdin = b"".join(line(i) + b"\n" for i in range(RECORDS))
         produce = subprocess.run(
             topo.ns_argv(
@@ -105,7 +106,10 @@ def test_lossy_subscribers_in_other_namespaces_get_every_record_once(tmp_path: P
             input=stdin, capture_output=True, env=env, cwd=REPO, timeout=60, check=False,
         )  # fmt: skip
         assert produce.returncode == 0, produce.stderr.decode(errors="replace")
-        outputs = [proc.communicate(timeout=60) for proc in subscribers]
+        outputs = [
+            (proc.communicate(timeout=PATIENCE_S)[0], log_file.read_bytes())
+            for proc, log_file in zip(subscribers, logs, strict=True)
+        ]
         dropped = [topo.loss_counters(host) for host in topo.clients]
         leader.terminate()
         leader.wait(15)

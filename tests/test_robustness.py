@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from waiting import eventually
 
 from bootcast import page
 from bootcast.joinreply import JoinReply
@@ -97,11 +97,7 @@ async def test_leave_and_nack_work_after_the_file_was_replaced(
             assert resp.status == 204
         async with session.get(f"{base}/leave/img", headers={"X-TOKEN": reply.token}) as resp:
             assert resp.status == 200 and await resp.read() == b""
-    for _ in range(100):
-        if not server.casts:
-            break
-        await asyncio.sleep(0.02)
-    assert not server.casts
+    await eventually(lambda: not server.casts, "the cast stopped")
     assert server.stats()["bootcast_clients_active"] == 0
 
 
@@ -114,12 +110,12 @@ async def test_a_file_truncated_mid_cast_stops_its_cast_not_the_server(
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
         await _join(session, f"{base}/join/big")
-        await asyncio.sleep(0.2)  # the cast is sending
+        await eventually(
+            lambda: server.stats()["bootcast_pages_sent_total"] > 0, "the cast sending"
+        )
         os.truncate(root / "big", 1000)
-        for _ in range(200):
-            if not server.casts or all(c.path != "big" for c in server.casts.values()):
-                break
-            await asyncio.sleep(0.02)
-        assert all(c.path != "big" for c in server.casts.values())
+        await eventually(
+            lambda: all(c.path != "big" for c in server.casts.values()), "the cast stopped"
+        )
         reply = await _join(session, f"{base}/join/other")  # the server is alive
         assert reply.size == len(b"still served")

@@ -26,7 +26,6 @@ from http_support import (
     cast_of,
     cast_of_or_none,
     content,
-    eventually,
     in_thread,
     join,
     leave,
@@ -37,6 +36,7 @@ from spec_client import (
     fetch_result,
     parse_datagram,
 )
+from waiting import PATIENCE_S, eventually
 
 from bootcast import source as source_module
 from bootcast.digests import DigestCache
@@ -61,14 +61,14 @@ async def test_spec_client_fetches_exact_copy(
     data = content(size_of(page_size))
     write_file(served.root, path, data)
 
-    result = await in_thread(fetch_result, served.url(path), timeout_s=10.0)
+    result = await in_thread(fetch_result, served.url(path), timeout_s=PATIENCE_S)
 
     assert result.data == data
     assert result.join.pages == -(-len(data) // page_size)
     assert result.join.page_size == page_size
     # The client was still joined when it left: the leave must be accepted and end the cast.
     assert (result.leave_status, result.leave_body) == (200, b"")
-    await eventually(lambda: not served.server.casts, timeout_s=5, what="cast stopped")
+    await eventually(lambda: not served.server.casts, what="cast stopped")
     assert served.metric("bootcast_casts_stopped_total", reason="last_leave") == 1
     assert served.metric("bootcast_clients_active") == 0
 
@@ -82,12 +82,12 @@ async def test_spec_clients_concurrently_on_one_and_two_files(
         write_file(served.root, path, data)
     paths = ["x/one.bin"] * 4 + ["y/two.bin"] * 2
     results = await asyncio.gather(
-        *(in_thread(fetch_result, served.url(p), timeout_s=15.0) for p in paths)
+        *(in_thread(fetch_result, served.url(p), timeout_s=PATIENCE_S) for p in paths)
     )
     for path, result in zip(paths, results, strict=True):
         assert result.data == files[path], path
     assert served.metric("bootcast_joins_total") == len(paths)
-    await eventually(lambda: not served.server.casts, timeout_s=5, what="casts stopped")
+    await eventually(lambda: not served.server.casts, what="casts stopped")
 
 
 @pytest.mark.parametrize("pages", [1, 50])
@@ -116,7 +116,6 @@ async def test_spec_client_that_binds_after_a_round_trip_still_gets_the_file(
                 }
                 >= set(range(1, pages + 1))
             ),
-            timeout_s=5,
             what=f"all {pages} pages reach a client that bound 200 ms after joining",
         )
     response = await leave(served.port, "small.bin", joined.info.token)
@@ -157,7 +156,7 @@ async def test_spec_client_command_line(
     assert code == 0, stderr
     assert out.read_bytes() == data
     assert served.metric("bootcast_joins_total") == 1
-    await eventually(lambda: not served.server.casts, timeout_s=5, what="cast stopped")
+    await eventually(lambda: not served.server.casts, what="cast stopped")
 
     code, stderr = await run(served.url("cli/missing.bin"))
     assert code == 1
@@ -269,7 +268,7 @@ async def test_leave_needs_the_right_token_and_never_has_a_body(
     assert core.clients == 1
     response = await leave(served.port, "f", b.info.token)
     assert (response.status, response.body) == (200, b"")
-    await eventually(lambda: cast_of_or_none(served, "f") is None, timeout_s=5, what="stopped")
+    await eventually(lambda: cast_of_or_none(served, "f") is None, what="stopped")
 
 
 async def test_no_datagram_after_the_last_leave(start_bootcast: StartBootcast) -> None:
@@ -280,16 +279,13 @@ async def test_no_datagram_after_the_last_leave(start_bootcast: StartBootcast) -
     second = await join(served.port, "big")
     cast_id = first.cast_id
     async with listening(first.info.group, first.info.port) as listener:
-        await eventually(
-            lambda: len(listener.datagrams(cast_id)) >= 20, timeout_s=5, what="pages flowing"
-        )
+        await eventually(lambda: len(listener.datagrams(cast_id)) >= 20, what="pages flowing")
         response = await leave(served.port, "big", first.info.token)
         assert (response.status, response.body) == (200, b"")
         first_left = time.time()
         # Positive control: with a client still joined, pages keep coming after a leave.
         await eventually(
             lambda: any(t > first_left + 0.05 for t, _ in listener.datagrams(cast_id)),
-            timeout_s=5,
             what="pages after the first (not last) leave",
         )
         response = await leave(served.port, "big", second.info.token)
@@ -313,7 +309,7 @@ async def test_cast_of_a_vanished_client_stops_when_idle(
     write_file(served.root, "small", content(5000))
     await join(served.port, "small", nack=nack_capable)  # and never leave
     assert len(served.server.casts) == 1
-    await eventually(lambda: not served.server.casts, timeout_s=15, what="idle cast stopped")
+    await eventually(lambda: not served.server.casts, what="idle cast stopped")
     assert served.metric("bootcast_casts_stopped_total", reason="idle") == 1
     assert served.metric("bootcast_casts_active") == 0
     assert served.metric("bootcast_clients_active") == 0
@@ -341,7 +337,7 @@ async def test_file_is_read_once_per_cast(
 
     holder = await join(served.port, "f", nack=True)
     results = await asyncio.gather(
-        *(in_thread(fetch_result, served.url("f"), timeout_s=10.0) for _ in range(3))
+        *(in_thread(fetch_result, served.url("f"), timeout_s=PATIENCE_S) for _ in range(3))
     )
     assert all(r.data == data for r in results)
     assert {r.join.lines[0] for r in results} == {"CONNECT=" + holder.values["CONNECT"]}
@@ -350,7 +346,7 @@ async def test_file_is_read_once_per_cast(
 
     # After the cast ends, a new join is a new cast and reads the file again.
     assert (await leave(served.port, "f", holder.info.token)).status == 200
-    await eventually(lambda: not served.server.casts, timeout_s=5, what="cast stopped")
+    await eventually(lambda: not served.server.casts, what="cast stopped")
     await join(served.port, "f", nack=True)
     assert len(opened) == 2
 

@@ -145,7 +145,6 @@ def test_sigkill_never_loses_an_acknowledged_append(tmp_path: Path) -> None:
     rng = random.Random(20251126)
     verified = 0
     truncations = 0
-    started = time.monotonic()
     for kill in range(KILLS):
         acks = tmp_path / f"acks{kill}"
         aimed = kill % 2 == 1  # kill while a big batch is being written
@@ -192,4 +191,3 @@ def test_sigkill_never_loses_an_acknowledged_append(tmp_path: Path) -> None:
     assert verified > KILLS  # the children really appended
     print(f"{KILLS} kills, {verified} records, {truncations} torn tails truncated")
     assert truncations > 0, "no kill landed mid-write: the torn-tail path was not exercised"
-    assert time.monotonic() - started < 120

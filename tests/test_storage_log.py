@@ -7,13 +7,13 @@ import errno
 import itertools
 import os
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from storage_support import NEVER, Syscalls, quiet_logs, random_entries, small_config
+from waiting import eventually_blocking
 
 import boomscooter.storage
 from boomscooter.errors import ConfigError, LogClosedError, LogLockedError, StorageIOError
@@ -157,9 +157,7 @@ def test_fsync_interval_catches_up_in_the_background(tmp_path: Path) -> None:
     )
     with open_log(tmp_path, config) as log:
         log.append([Entry(1, b"x")], epoch=1)
-        deadline = time.monotonic() + 5
-        while log.durable_seqno < log.last_seqno and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually_blocking(lambda: log.durable_seqno == 1, "the background sync")
         assert log.durable_seqno == log.last_seqno == 1
 
 
