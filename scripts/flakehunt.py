@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,7 +125,13 @@ def run_suite(run: Run, pytest_args: list[str], junit: Path) -> None:
     run.load_before = load_average()
     began = time.monotonic()
     with busy_loops(run.load):
-        run.exit_code = subprocess.call(argv)
+        suite = subprocess.Popen(argv)
+        try:
+            run.exit_code = suite.wait()
+        finally:
+            if suite.poll() is None:  # interrupted: take the suite down with us
+                suite.terminate()
+                suite.wait()
     run.duration_s = time.monotonic() - began
     run.load_after = load_average()
     read_junit(run, junit)
@@ -170,6 +177,8 @@ def summary(runs: list[Run], pytest_args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = parse_args(sys.argv[1:] if argv is None else argv)
+    # A SIGTERM unwinds like Ctrl-C: the busy loops and the suite are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     first_seed = args.seed if args.seed is not None else random.randrange(2**31)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="flakehunt-") as scratch:
