@@ -129,9 +129,13 @@ def run_suite(run: Run, pytest_args: list[str], junit: Path) -> None:
         try:
             run.exit_code = suite.wait()
         finally:
-            if suite.poll() is None:  # interrupted: take the suite down with us
-                suite.terminate()
-                suite.wait()
+            if suite.poll() is None:  # interrupted: take the suite down with us, letting
+                suite.send_signal(signal.SIGINT)  # pytest tear down what the tests started
+                try:
+                    suite.wait(60)
+                except subprocess.TimeoutExpired:
+                    suite.kill()
+                    suite.wait()
     run.duration_s = time.monotonic() - began
     run.load_after = load_average()
     read_junit(run, junit)
