@@ -12,6 +12,7 @@ from storage_support import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import (
     BatchDecodeError,
+    CorruptLogError,
     BatchEncodeError,
     LogClosedError,
     SeqnoGapError,
@@ -332,6 +333,75 @@ def test_truncate_to_nothing_and_below(make_log: MakeLog) -> None:
     assert (log.first_seqno, log.last_seqno, log.next_seqno) == (first, first - 1, first)
     assert log.segment_count == 1
     assert log.append([Entry(1, b"x")], epoch=5).base_seqno == first
+
+
+def test_last_epoch_follows_appends_and_truncations(make_log: MakeLog) -> None:
+    log = make_log()
+    assert log.last_epoch == 0
+    log.append([Entry(1, b"a"), Entry(2, b"b")], epoch=3)
+    assert log.last_epoch == 3
+    log.append([Entry(3, b"c")], epoch=7)
+    assert log.last_epoch == 7
+    log.truncate_after(1)  # inside the epoch-3 batch
+    assert (log.last_seqno, log.last_epoch) == (1, 3)
+    log.truncate_after(0)
+    assert log.last_epoch == 0
+
+
+def test_rebase_starts_again_empty_at_a_later_seqno(make_log: MakeLog) -> None:
+    log = make_log()
+    fill(log, 80)
+    assert log.segment_count > 1
+    log.rebase(5000)
+    assert (log.first_seqno, log.last_seqno, log.next_seqno) == (5000, 4999, 5000)
+    assert (log.segment_count, log.total_bytes, log.last_epoch) == (1, 32, 0)
+    assert log.read_batches(5000) == []
+    with pytest.raises(SeqnoOutOfRangeError):
+        log.read_batches(1)
+    with pytest.raises(SeqnoGapError):
+        log.append_batch(encode_batch([Entry(1, b"x")], base_seqno=1, epoch=1))
+    batch = log.append_batch(encode_batch([Entry(1, b"x")], base_seqno=5000, epoch=9))
+    assert (log.read_batches(5000), log.last_epoch) == ([batch], 9)
+    with pytest.raises(SeqnoOutOfRangeError):
+        log.rebase(0)
+
+
+def segment_copy(tmp_path: Path, batches: list[Batch]) -> tuple[Path, int]:
+    """A sealed segment of another node, as a segment cast delivers it: its file's bytes."""
+    with SegmentedLog.open(tmp_path / "source", small_config(segment_bytes=1 << 20)) as source:
+        for batch in batches:
+            source.append_batch(batch)
+        source.sync()
+        name, _ = source.segment_files()[0]
+    return tmp_path / "source" / name, batches[0].base_seqno
+
+
+def test_import_segment_appends_what_continues_the_log(
+    make_log: MakeLog, tmp_path: Path
+) -> None:
+    other = MemoryLog(small_config(segment_bytes=1 << 20))
+    batches = fill(other, 30)
+    path, base = segment_copy(tmp_path, batches)
+    log = make_log()
+    for batch in batches[:10]:  # it holds the first ten already
+        log.append_batch(batch)
+    imported = log.import_segment(str(path), base)
+    assert imported == sum(b.record_count for b in batches[10:])
+    assert log.read_batches(1, max_bytes=10**9) == batches
+    assert log.import_segment(str(path), base) == 0  # all held: nothing more
+
+
+def test_import_segment_refuses_a_damaged_file(make_log: MakeLog, tmp_path: Path) -> None:
+    batches = fill(MemoryLog(small_config(segment_bytes=1 << 20)), 5)
+    path, base = segment_copy(tmp_path, batches)
+    log = make_log()
+    with pytest.raises(CorruptLogError):
+        log.import_segment(str(path), base + 1)  # its header names another base
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last batch
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError):
+        log.import_segment(str(path), base)
 
 
 def test_durable_seqno_after_sync(make_log: MakeLog) -> None:

@@ -323,6 +323,7 @@ def test_torn_tail_warning_names_file_and_offset(tmp_path: Path) -> None:
     w = write_log(tmp_path / "log")
     last = w.in_file(w.active)[-1]
     os.truncate(w.path(w.active), last.offset + 10)
+    cut = w.path(w.active).read_bytes()[last.offset :]
     with captured_logs() as events, SegmentedLog.open(w.directory, CONFIG):
         pass
     [event] = [e for e in events if e["event"] == "segment.truncated"]
@@ -330,6 +331,14 @@ def test_torn_tail_warning_names_file_and_offset(tmp_path: Path) -> None:
     assert event["path"] == str(w.path(w.active))
     assert event["offset"] == last.offset
     assert "torn tail" in event["reason"]
+    # The bytes cut off are kept beside the segment, and the next open passes over them.
+    broken = w.path(f"{w.active}.{last.offset}.broken")
+    assert broken.read_bytes() == cut and len(cut) == 10
+    [kept] = [e for e in events if e["event"] == "segment.broken_kept"]
+    assert kept["path"] == str(broken)
+    with SegmentedLog.open(w.directory, CONFIG) as log:
+        assert log.recovery.kinds() == []
+        assert log.last_seqno == last.base_seqno - 1
 
 
 def test_rebuilt_index_equals_the_original(tmp_path: Path) -> None:

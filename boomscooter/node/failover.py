@@ -181,11 +181,10 @@ async def reconcile(node: LeaderNode, stub: Any, peer_first: int) -> int:
 
 
 async def _truncate(node: LeaderNode, seqno: int) -> None:
-    node._tail_epoch = None
     await asyncio.to_thread(node.log.truncate_after, seqno)
     node.held_seen = min(node.held_seen, seqno)
     node.dedupe.forget_after(seqno)
-    node.journal.rewrite(node.dedupe)
+    await asyncio.to_thread(node.journal.replace, node.journal.encoded(node.dedupe))
     node._ends.clear()
 
 
@@ -211,7 +210,7 @@ async def _gather(node: LeaderNode, answers: dict[str, pb.StatusResponse]) -> in
             log.warning("promote.peer_failed", peer=address, error=exc.code().name)
         finally:
             await channel.close()
-    ours = (node._last_epoch(), node.log.last_seqno)
+    ours = (node.log.last_epoch, node.log.last_seqno)
     if not positions or max(positions)[0] <= ours:
         return 0
     (_, last), address = max(positions)
@@ -244,7 +243,6 @@ async def copy_from(node: LeaderNode, stub: Any, to_seqno: int) -> int:
 
 
 def _append_all(node: LeaderNode, batches: list[Batch]) -> None:
-    node._tail_epoch = None
     for batch in batches:
         node.log.append_batch(batch)
 
@@ -305,7 +303,7 @@ async def _take_over(node: LeaderNode, peers: set[str], min_insync: int) -> dict
     # Dedupe entries learned for batches this log does not hold (lost with the leader)
     # must not answer a retry as "already stored".
     node.dedupe.forget_after(node.log.last_seqno)
-    await asyncio.to_thread(node.journal.rewrite, node.dedupe)
+    await asyncio.to_thread(node.journal.replace, node.journal.encoded(node.dedupe))
     epochs = [node.epoch, node.state.epoch, *(s.epoch for s in answers.values())]
     epoch = max(epochs) + 1
     insync = min_insync or node.config.min_insync

@@ -41,11 +41,8 @@ from boomscooter.errors import BoomscooterError
 from boomscooter.node import failover
 from boomscooter.node.core import Appended
 from boomscooter.node.servicer import session_from_pb
-from boomscooter.storage import SegmentedLog
 from boomscooter.storage.batch import Batch, split_batches
-from boomscooter.storage.recovery import create_segment
-from boomscooter.storage.segment import SEGMENT_HEADER_BYTES, fd_reader, parse_file_name
-from boomscooter.storage.segment import read_batches as read_segment_batches
+from boomscooter.storage.segment import parse_file_name
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -89,7 +86,7 @@ class Follower:
             "gaps": 0,
             "fetched_batches": 0,
             "appended_batches": 0,
-            "imported_batches": 0,
+            "imported_records": 0,
             "truncations": 0,
             "segments_cast": 0,
             "segment_cast_bytes": 0,
@@ -172,7 +169,7 @@ class Follower:
             address=node.address,
             durable_seqno=node.held_seqno(),
             last_seqno=node.log.last_seqno,
-            last_epoch=node._last_epoch(),
+            last_epoch=node.log.last_epoch,
         )
 
     async def _session(self, address: str) -> None:
@@ -187,7 +184,7 @@ class Follower:
             self.stats["sessions"] += 1
             self._check_not_stale(address, first.session.epoch)
             self._adopt(address, first)
-            self._learn_producers(first)
+            await self._learn_producers(first)
             await self._reconcile(stub, first.first_seqno)
             if first.sealed_segments and first.cast_address:
                 await self._catch_up_by_cast(stub, first)
@@ -216,8 +213,10 @@ class Follower:
         finally:
             await channel.close()
 
-    def _learn_producers(self, response: pb.ReplicateResponse) -> None:
-        if response.producer_batches:
+    async def _learn_producers(self, response: pb.ReplicateResponse) -> None:
+        if not response.producer_batches:
+            return
+        async with self.node._append_lock:  # the journal is not being compacted meanwhile
             learn_producer_batches(
                 self.node,
                 [
@@ -268,28 +267,14 @@ class Follower:
 
     async def _rebase(self, base: int) -> None:
         """A replica whose log ends before the leader's starts (empty, or behind retention):
-        its log starts again where the leader's does (an empty segment named by that base).
-        Runs under :meth:`LeaderNode.exclusive`."""
+        its log starts again where the leader's does. Runs under :meth:`LeaderNode.exclusive`."""
         node = self.node
-        directory = node.config.data_dir
-
-        def work() -> SegmentedLog:
-            config = node.log.config
-            node.log.close()
-            for name in os.listdir(directory):
-                if parse_file_name(name) is not None:
-                    os.unlink(os.path.join(directory, name))
-            os.close(create_segment(directory, base, sync=True))
-            return SegmentedLog.open(directory, config)
-
-        node._tail_epoch = None
-        node.log = await asyncio.to_thread(work)
-        node.log.on_durable = node._durable_from_thread
+        await asyncio.to_thread(node.log.rebase, base)
         node._committed_end = node.log.active_segment()
         node._committed_end_seqno = base - 1
         node.held_seen = min(node.held_seen, base - 1)
         node.dedupe.forget_after(base - 1)
-        node.journal.rewrite(node.dedupe)
+        await asyncio.to_thread(node.journal.replace, node.journal.encoded(node.dedupe))
         log.info("replica.rebased", first_seqno=base)
 
     async def _reconcile(self, stub: Any, leader_first: int) -> None:
@@ -332,7 +317,8 @@ class Follower:
                 )
                 result = await asyncio.to_thread(fetch, config)
                 async with node._append_lock:  # not beside retention or a truncation
-                    records = await asyncio.to_thread(self._import_segment, path, bases[i])
+                    records = await asyncio.to_thread(node.log.import_segment, path, bases[i])
+                self.stats["imported_records"] += records
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -340,35 +326,6 @@ class Follower:
             self.stats["segment_cast_bytes"] += result.size
             log.info("replica.segment_cast", segment=name, bytes=result.size, records=records,
                      mbyte_per_s=round(result.mbyte_per_s, 1))  # fmt: skip
-
-    def _import_segment(self, path: str, base: int) -> int:
-        """Append the batches of a fetched segment file (each CRC-checked on decode)."""
-        node = self.node
-        node._tail_epoch = None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size
-            position, records = SEGMENT_HEADER_BYTES, 0
-            while position < size:
-                batches, position = read_segment_batches(
-                    fd_reader(fd),
-                    path=path,
-                    position=position,
-                    end=size,
-                    from_seqno=base,
-                    to_seqno=None,
-                    max_bytes=FETCH_BYTES,
-                )
-                if not batches:
-                    break
-                for batch in batches:
-                    if batch.base_seqno == node.log.next_seqno:
-                        node.log.append_batch(Batch.from_bytes(bytes(batch.data)))
-                        records += batch.record_count
-                        self.stats["imported_batches"] += 1
-            return records
-        finally:
-            os.close(fd)
 
     # -- the live stream ------------------------------------------------------------------
 
@@ -472,7 +429,6 @@ class Follower:
         for batch in batches:
             log_.append_batch(batch)
             ends.append((batch.last_seqno, *log_.active_segment()))
-        self.node._tail_epoch = (batches[-1].last_seqno, batches[-1].epoch)
         return ends
 
     async def _fetcher(self, stub: Any) -> None:
@@ -531,7 +487,7 @@ class Follower:
                 node._commit_moved()
                 node._notify()
             self.peers = [a for a in response.replica_addresses if a != node.address]
-            self._learn_producers(response)
+            await self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
 
 

@@ -14,10 +14,10 @@ never reached the log are ignored on load. Little-endian::
     30     producer_id (UTF-8)
 
 A bad entry ends the journal (a torn tail: the file is cut there). The journal is fsynced
-at most once a second (off the event loop) and at close: after a *power loss*, a batch stored in the
-last second and retried after the restart can be stored twice (a process crash cannot
-cause this). It is rewritten compactly (temp file + rename) on open and whenever it grows
-past ``compact_bytes``.
+at most once a second (off the event loop) and at close: after a *power loss*, a batch
+stored in the last second and retried after the restart can be stored twice (a process
+crash cannot cause this). It is rewritten compactly (temp file + rename, on a worker thread
+while appends wait) on open and whenever it grows past ``compact_bytes``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,18 @@ class ProducerJournal:
 
     def rewrite(self, table: DedupeTable) -> None:
         """Replace the journal with the table's entries (temp + fsync + rename)."""
-        data = b"".join(encode_entry(p, s, a) for p, s, a in table.items())
+        self.replace(self.encoded(table))
+
+    @staticmethod
+    def encoded(table: DedupeTable) -> bytes:
+        """The table's entries as a compact journal (no I/O: a snapshot taken on the event
+        loop, written by :meth:`replace` on a worker thread)."""
+        return b"".join(encode_entry(p, s, a) for p, s, a in table.items())
+
+    def replace(self, data: bytes) -> None:
+        """Make ``data`` the journal (temp + fsync + rename + directory fsync) and append
+        after it from now on. Blocking: the caller runs it off the event loop, and holds off
+        :meth:`append` meanwhile (an entry written to the old file would be lost)."""
         temp = self.path + ".tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:

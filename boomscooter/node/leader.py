@@ -87,8 +87,7 @@ class LeaderNode:
         self.log_dir = os.path.abspath(config.data_dir)  # what Notifications announce
         self.role = "starting"
         self.started_at = time.time()
-        self._tail_epoch: tuple[int, int] | None = None  # (last seqno, its batch's epoch)
-        self.epoch = max(state.epoch, self._last_epoch())
+        self.epoch = max(state.epoch, log_.last_epoch)
         self.group, self.group_port = split_group(config.group, 7600)
         self.dedupe = DedupeTable()
         self.journal = ProducerJournal(config.data_dir)
@@ -105,6 +104,7 @@ class LeaderNode:
         self.follower: Any = None  # boomscooter.node.follower.Follower while a replica
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boomscooter-append")
         self._append_lock = asyncio.Lock()
+        self._compaction: asyncio.Task[None] | None = None
         self.promote_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
@@ -131,20 +131,6 @@ class LeaderNode:
         # The held seqno as the event loop last learned it (the syncer thread reports it
         # through call_soon_threadsafe): what acks=leader waits for, in step with the commit.
         self.held_seen = 0
-
-    def _last_epoch(self) -> int:
-        """The epoch of the log's last batch (cached by last seqno: a replica asks at every
-        ack, and a read per ack is a cost the stream does not need)."""
-        last = self.log.last_seqno
-        cached = self._tail_epoch
-        if cached is not None and cached[0] == last:
-            return cached[1]
-        epoch = 0
-        if last >= self.log.first_seqno:
-            batches = self.log.read_batches(last, max_bytes=1)
-            epoch = batches[-1].epoch if batches else 0
-        self._tail_epoch = (last, epoch)
-        return epoch
 
     # -- state ------------------------------------------------------------------------------
 
@@ -291,13 +277,26 @@ class LeaderNode:
             return ProduceOutcome(appended, False)
 
     def _remember(self, producer_id: str, batch_sequence: int, appended: Appended) -> None:
-        """A dedupe entry into the table (the journal already holds it on the leader)."""
+        """A dedupe entry into the table (the journal already holds it). Called under the
+        append lock."""
         self.dedupe.add(producer_id, batch_sequence, appended)
         if (fd := self.journal.sync_due()) is not None:
             synced = self._loop.run_in_executor(self._io, self.journal.sync_fd, fd)
             synced.add_done_callback(_log_journal_sync)
-        if self.journal.needs_compaction():
-            self.journal.rewrite(self.dedupe)
+        if self.journal.needs_compaction() and self._compaction is None:
+            self._compaction = self._loop.create_task(self._compact_journal())
+
+    async def _compact_journal(self) -> None:
+        """Rewrite the journal compactly on the storage thread (its fsyncs stall nobody),
+        appends held off meanwhile (the append lock)."""
+        try:
+            async with self._append_lock:
+                data = self.journal.encoded(self.dedupe)
+                await self._loop.run_in_executor(self._io, self.journal.replace, data)
+        except Exception as exc:  # the next append tries again
+            log.warning("journal.compaction_failed", error=str(exc))
+        finally:
+            self._compaction = None
 
     async def exclusive(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` under the append lock, to its end even if the caller is cancelled

@@ -237,6 +237,11 @@ class Log(Protocol):
     @property
     def segment_count(self) -> int: ...
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last stored batch (0 for an empty log)."""
+        ...
+
     def append(self, entries: Sequence[Entry], *, epoch: int) -> Batch:
         """Encode ``entries`` as one batch at ``next_seqno``, store it, return it."""
         ...
@@ -266,6 +271,15 @@ class Log(Protocol):
 
     def truncate_after(self, seqno: int) -> None:
         """Drop every record after ``seqno`` (a replica whose tail diverged)."""
+        ...
+
+    def rebase(self, first_seqno: int) -> None:
+        """Drop every record and start again, empty, at ``first_seqno``."""
+        ...
+
+    def import_segment(self, path: str, base_seqno: int) -> int:
+        """Append the batches of the segment file at ``path`` (base ``base_seqno``, copied
+        from another node) that continue the log; returns the records appended."""
         ...
 
     def roll(self) -> None:

@@ -72,6 +72,7 @@ from boomscooter.storage.segment import (
     pwrite_all,
     read_batches,
     scan_segment,
+    segment_file_batches,
     seqno_at_time,
 )
 from boomscooter.storage.syncer import IntervalSyncer
@@ -113,6 +114,7 @@ class SegmentedLog:
         self._total_bytes = sum(s.index.end for s in segments)
         self._durable_seqno = self._next_seqno - 1  # recovery fsynced every segment
         self._generation = 0  # bumped by truncate_after: an in-flight sync is then stale
+        self._tail: tuple[int, int] | None = None  # (last seqno, its batch's epoch), cached
         self._closed = False
         self._failed: BaseException | None = None
         # Called with the new durable seqno whenever the interval syncer (or ``sync``)
@@ -190,6 +192,22 @@ class SegmentedLog:
     @property
     def segment_count(self) -> int:
         return len(self._segments)
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last stored batch (0 when the log is empty): how up to date the
+        log is. Cached by last seqno: a replica reports it with every ack."""
+        with self._lock:
+            last = self._next_seqno - 1
+            tail = self._tail
+            if tail is not None and tail[0] == last:
+                return tail[1]
+            epoch = 0
+            if last >= self.first_seqno:
+                segment = self._segments[bisect_right(self._bases, last) - 1]
+                epoch = self._batch_holding(segment, last)[0].epoch
+            self._tail = (last, epoch)
+            return epoch
 
     def active_segment(self) -> tuple[str, int]:
         """``(file name, size)`` of the active segment."""
@@ -280,6 +298,7 @@ class SegmentedLog:
         index.add(position, header)
         self._total_bytes += header.length
         self._next_seqno = header.next_seqno
+        self._tail = (header.next_seqno - 1, header.epoch)
         if always:
             self._durable_seqno = header.next_seqno - 1
         elif self._syncer is not None:
@@ -434,10 +453,69 @@ class SegmentedLog:
             self._active_since_ms = None
         self._next_seqno = segment.index.next_seqno
         self._generation += 1
+        self._tail = None
         # Synced: everything left is on disk (sealed segments were synced when sealed).
         durable = self._next_seqno - 1
         self._durable_seqno = durable if sync else min(self._durable_seqno, durable)
         log.info("segment.truncated", path=segment.path, offset=end, reason="truncate_after")
+
+    def rebase(self, first_seqno: int) -> None:
+        """Drop every record and start again, empty, at ``first_seqno``: a replica whose log
+        ends before its leader's starts (retention deleted the records in between).
+
+        Crash safety: the segments are deleted newest first, the directory fsynced after
+        each (a crash leaves a prefix of the old log, or an empty directory: a new log),
+        then the empty segment named by ``first_seqno`` is created atomically."""
+        if first_seqno < 1:
+            raise SeqnoOutOfRangeError(f"a log cannot start at seqno {first_seqno}")
+        with self._lock:
+            self._check_open()
+            try:
+                self._rebase_locked(first_seqno)
+            except OSError as exc:
+                self._fail(exc)
+        log.info("log.rebased", path=self.directory, first_seqno=first_seqno)
+
+    def _rebase_locked(self, base: int) -> None:
+        sync = self.config.fsync.mode is not FsyncMode.NEVER
+        os.close(self._active_fd)
+        self._active_fd = -1
+        while self._segments:
+            self._bases.pop()
+            self._drop_files(self._segments.pop())
+            if sync:
+                fsync_dir(self.directory)
+        self._active_fd = create_segment(self.directory, base, sync=True)
+        path = os.path.join(self.directory, file_name(base))
+        index = SegmentIndex(
+            base_seqno=base,
+            start=SEGMENT_HEADER_BYTES,
+            interval_bytes=self.config.index_interval_bytes,
+        )
+        self._segments = [SegmentState(base_seqno=base, path=path, index=index)]
+        self._bases = [base]
+        self._next_seqno = base
+        self._total_bytes = SEGMENT_HEADER_BYTES
+        self._durable_seqno = base - 1
+        self._active_since_ms = None
+        self._generation += 1
+        self._tail = None
+
+    def import_segment(self, path: str, base_seqno: int) -> int:
+        """Append the batches of a segment file copied from another node (its header and
+        every batch checked) that continue this log: batches it already holds are skipped,
+        and a batch that would leave a gap ends the import. Returns the records appended."""
+        records = 0
+        with self._lock:
+            for batches in segment_file_batches(path, base_seqno):
+                for batch in batches:
+                    if batch.base_seqno < self._next_seqno:
+                        continue
+                    if batch.base_seqno > self._next_seqno:
+                        return records
+                    self.append_batch(batch)
+                    records += batch.record_count
+        return records
 
     def _reopen_for_write(self, segment: SegmentState) -> int:
         self._read_fds.discard(segment.base_seqno)
@@ -579,7 +657,8 @@ class SegmentedLog:
         finally:
             with self._lock:
                 self._closed = True
-                os.close(self._active_fd)
+                if self._active_fd >= 0:  # -1: a rebase failed between its two halves
+                    os.close(self._active_fd)
                 self._read_fds.close_all()
                 os.close(self._lock_fd)
 

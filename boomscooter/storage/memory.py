@@ -18,7 +18,7 @@ from boomscooter.errors import BatchEncodeError, LogClosedError, SeqnoOutOfRange
 from boomscooter.storage import api
 from boomscooter.storage.api import DEFAULT_READ_BYTES, LogConfig, check_continues, should_roll
 from boomscooter.storage.batch import Batch, Entry, Record, encode_batch
-from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
+from boomscooter.storage.segment import SEGMENT_HEADER_BYTES, segment_file_batches
 
 
 @dataclass(slots=True)
@@ -79,6 +79,32 @@ class MemoryLog:
     @property
     def segment_count(self) -> int:
         return len(self._segments)
+
+    @property
+    def last_epoch(self) -> int:
+        for segment in reversed(self._segments):
+            if segment.batches:
+                return segment.batches[-1].epoch
+        return 0
+
+    def rebase(self, first_seqno: int) -> None:
+        self._check_open()
+        if first_seqno < 1:
+            raise SeqnoOutOfRangeError(f"a log cannot start at seqno {first_seqno}")
+        self._segments = [_Segment(first_seqno)]
+
+    def import_segment(self, path: str, base_seqno: int) -> int:
+        self._check_open()
+        records = 0
+        for batches in segment_file_batches(path, base_seqno):
+            for batch in batches:
+                if batch.base_seqno < self.next_seqno:
+                    continue
+                if batch.base_seqno > self.next_seqno:
+                    return records
+                self.append_batch(bytes(batch.data))  # a copy: these are views of a buffer
+                records += batch.record_count
+        return records
 
     def _check_open(self) -> None:
         if self._closed:

@@ -7,11 +7,14 @@ The rules (also in the storage specification):
 2. Segments must continue each other: each base seqno is the previous segment's next seqno.
 3. The active (last) segment: an unfinished header (crash while creating it) is rewritten;
    a torn or zeroed tail — a bad batch after which no valid batch follows — is truncated
-   with a ``segment.truncated`` warning naming the file and offset.
+   with a ``segment.truncated`` warning naming the file and offset. The bytes cut off are
+   kept first, in ``<segment file>.<offset>.broken`` beside it (as etcd's WAL repair keeps
+   what it cuts): an operator can still look at them; nothing reads them again.
 4. Anything else — a bad header, a gap, a bad batch in a sealed segment, or a bad batch in
    the active segment followed by valid ones — raises :class:`CorruptLogError`. With
    ``repair=True`` (the operator's explicit choice) the log is truncated there instead:
-   the damaged segment is cut at the damage and every later segment is deleted.
+   the damaged segment is cut at the damage (the cut bytes kept in a ``.broken`` file) and
+   every later segment is deleted.
 5. Sealed segments' indexes are compared with the log (or, with ``verify_sealed=False``,
    checked for consistency and against the segment's tail) and rebuilt when they differ.
 """
@@ -27,6 +30,7 @@ from boomscooter.errors import CorruptLogError, LogLockedError
 from boomscooter.storage.api import LogConfig, RecoveryAction, RecoveryKind
 from boomscooter.storage.index import IndexFiles, IndexMismatch, SegmentIndex, load_index
 from boomscooter.storage.segment import (
+    BROKEN_SUFFIX,
     INDEX_SUFFIX,
     LOCK_FILE,
     LOG_SUFFIX,
@@ -114,6 +118,27 @@ def rewrite_segment(
         os.close(out)
         raise
     return out
+
+
+def keep_broken(directory: str, path: str, fd: int, offset: int) -> str | None:
+    """Copy the bytes of ``path`` (open as ``fd``) from ``offset`` to its end into
+    ``<path>.<offset>.broken`` (temp file, fsync, rename, directory fsync) before they are
+    cut off; returns that file's path (None when there is nothing to keep)."""
+    size = os.fstat(fd).st_size
+    if size <= offset:
+        return None
+    final = f"{path}.{offset}{BROKEN_SUFFIX}"
+    temp = final + TMP_SUFFIX
+    out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(out, pread_all(fd, size - offset, offset), 0)
+        os.fsync(out)
+    finally:
+        os.close(out)
+    os.rename(temp, final)
+    fsync_dir(directory)
+    log.warning("segment.broken_kept", path=final, offset=offset, bytes=size - offset)
+    return final
 
 
 def index_paths(directory: str, base_seqno: int) -> tuple[str, str]:
@@ -222,6 +247,8 @@ class Recovery:
         for name in sorted(os.listdir(self.directory)):
             if name == LOCK_FILE or name.startswith(NODE_FILE_PREFIXES):
                 continue  # the node's own files (journal, node state, catch-up temp files)
+            if name.endswith(BROKEN_SUFFIX):
+                continue  # bytes an earlier recovery cut off, kept for the operator
             path = os.path.join(self.directory, name)
             parsed = parse_file_name(name)
             if parsed is None or not os.path.isfile(path):
@@ -351,6 +378,7 @@ class Recovery:
     def _truncate(self, path: str, offset: int) -> None:
         fd = os.open(path, os.O_RDWR)
         try:
+            keep_broken(self.directory, path, fd, offset)
             os.ftruncate(fd, offset)
             os.fdatasync(fd)
         finally:

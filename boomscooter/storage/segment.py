@@ -21,7 +21,7 @@ import errno
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from boomscooter.errors import BatchDecodeError, CorruptLogError
@@ -44,6 +44,7 @@ LOG_SUFFIX = ".log"
 INDEX_SUFFIX = ".index"
 TIME_INDEX_SUFFIX = ".timeindex"
 TMP_SUFFIX = ".tmp"
+BROKEN_SUFFIX = ".broken"  # bytes recovery cut off a segment, kept for the operator
 LOCK_FILE = "boomscooter.lock"
 _NAME = re.compile(r"^(\d{20})(\.log|\.index|\.timeindex)(\.tmp)?$")
 _MAGIC_PAIR = bytes((BATCH_MAGIC, BATCH_VERSION))
@@ -281,6 +282,36 @@ def seqno_at_time(
                     if record.timestamp_ms >= timestamp_ms:
                         return record.seqno
     return None
+
+
+def segment_file_batches(
+    path: str, base_seqno: int, *, max_bytes: int = 4 << 20
+) -> Iterator[list[Batch]]:
+    """The batches of a whole segment file (a copy of another node's sealed segment), in
+    chunks of about ``max_bytes``: its header must be a segment header for ``base_seqno``,
+    and every batch is CRC-checked (damage raises :class:`CorruptLogError`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        problem = check_segment_header(pread_all(fd, SEGMENT_HEADER_BYTES, 0), base_seqno)
+        if problem is not None:
+            raise CorruptLogError(f"{path}: {problem}", path=path, offset=0)
+        position = SEGMENT_HEADER_BYTES
+        while position < size:
+            batches, position = read_batches(
+                fd_reader(fd),
+                path=path,
+                position=position,
+                end=size,
+                from_seqno=base_seqno,
+                to_seqno=None,
+                max_bytes=max_bytes,
+            )
+            if not batches:
+                return
+            yield batches
+    finally:
+        os.close(fd)
 
 
 def pread_all(fd: int, size: int, position: int) -> bytes:
