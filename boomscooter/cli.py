@@ -49,7 +49,7 @@ def _start(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from boomscooter.node.leader import DEFAULT_GROUP
+    from boomscooter.node.config import DEFAULT_GROUP
     from boomscooter.stream import DEFAULT_PAGE_SIZE
 
     common = logs.log_options()

@@ -25,11 +25,12 @@ log = structlog.get_logger("boomscooter.cli")
 async def run_leader(args: argparse.Namespace) -> int:
     """``boomscooter leader`` and ``boomscooter replica`` (the same node, started as a
     replica when ``--leader`` names the leader)."""
-    from boomscooter.node.leader import LeaderConfig, start_leader
+    from boomscooter.node.config import NodeConfig
+    from boomscooter.node.runtime import start_leader
     from boomscooter.storage import FsyncPolicy
 
     follow = getattr(args, "leader", None)
-    config = LeaderConfig(
+    config = NodeConfig(
         data_dir=args.data_dir,
         listen=args.listen,
         group=args.group,

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
-from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.node.config import NodeConfig
+from boomscooter.node.runtime import Node, start_leader
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 
@@ -82,8 +83,8 @@ def _read_files(name: str, data_dir: str) -> View:
     return view
 
 
-def _config(data_dir: str, **options: object) -> LeaderConfig:
-    return LeaderConfig(
+def _config(data_dir: str, **options: object) -> NodeConfig:
+    return NodeConfig(
         data_dir=data_dir,
         listen="127.0.0.1:0",
         group=DEMO_GROUP,
@@ -99,7 +100,7 @@ async def run_demo(*, records: int = 100_000) -> int:
     total = records - records % 2
     half = total // 2
     dirs = [os.path.join(root, n) for n in ("leader", "replica-1", "replica-2")]
-    nodes: list[LeaderNode] = []
+    nodes: list[Node] = []
     try:
         nodes.append(await start_leader(_config(dirs[0], min_insync=2)))
         leader = nodes[0]

@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from log_support import random_group
 
-from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.node.config import NodeConfig
+from boomscooter.node.runtime import Node, start_leader
 from bootcast.server import BootcastServer, ServeConfig, start_server
 
 
@@ -102,12 +103,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[node_cluster.Start]:
-    """``await start(name, **LeaderConfig options)``: a node in ``tmp_path/name`` on one
+    """``await start(name, **NodeConfig options)``: a node in ``tmp_path/name`` on one
     group for the whole test; every node still running is stopped at the end."""
     group = random_group()
-    nodes: list[LeaderNode] = []
+    nodes: list[Node] = []
 
-    async def start(name: str, **options: Any) -> LeaderNode:
+    async def start(name: str, **options: Any) -> Node:
         settings: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "group": group,
@@ -116,7 +117,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[node_cluster.Start]:
             "fsync": node_cluster.ALWAYS,
         }
         settings.update(options)
-        node = await start_leader(LeaderConfig(data_dir=str(tmp_path / name), **settings))
+        node = await start_leader(NodeConfig(data_dir=str(tmp_path / name), **settings))
         nodes.append(node)
         return node
 

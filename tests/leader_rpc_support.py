@@ -14,7 +14,7 @@ import grpc
 import pytest
 from log_support import running_leader
 
-from boomscooter.node.leader import LeaderNode
+from boomscooter.node.runtime import Node
 from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
 from boomscooter.storage.batch import (
     Entry,
@@ -39,7 +39,7 @@ SERVICE = "boomscooter.v1.Boomscooter"
 
 @dataclass
 class Leader:
-    node: LeaderNode
+    node: Node
     channel: grpc.aio.Channel
     stub: BoomscooterAsyncStub
 
@@ -49,7 +49,7 @@ StartLeader = Callable[..., Awaitable[Leader]]
 
 @asynccontextmanager
 async def leader_starter(tmp_path: Path) -> AsyncIterator[StartLeader]:
-    """``await start(**LeaderConfig options)``: a leader in ``tmp_path`` (fsync always, so
+    """``await start(**NodeConfig options)``: a leader in ``tmp_path`` (fsync always, so
     the commit follows each append) and a channel to it; both closed on exit."""
     async with AsyncExitStack() as stack:
 

@@ -14,7 +14,8 @@ from waiting import eventually, within
 
 from boomscooter.client._rpc import create_channel
 from boomscooter.client.subscriber import Subscriber
-from boomscooter.node.leader import LeaderConfig, LeaderNode, start_leader
+from boomscooter.node.config import NodeConfig
+from boomscooter.node.runtime import Node, start_leader
 from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -29,7 +30,7 @@ def random_group() -> str:
 
 
 @asynccontextmanager
-async def running_leader(data_dir: Path, **options: Any) -> AsyncIterator[LeaderNode]:
+async def running_leader(data_dir: Path, **options: Any) -> AsyncIterator[Node]:
     """A leader on 127.0.0.1 (any port), multicasting on its own group via 127.0.0.1."""
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -38,7 +39,7 @@ async def running_leader(data_dir: Path, **options: Any) -> AsyncIterator[Leader
         "heartbeat_ms": 50,
     }
     settings.update(options)
-    node = await start_leader(LeaderConfig(data_dir=str(data_dir), **settings))
+    node = await start_leader(NodeConfig(data_dir=str(data_dir), **settings))
     try:
         yield node
     finally:

@@ -155,7 +155,7 @@ class Cluster:
         self._held(node)
 
     def _follow(self, node: Node, leader: int, epoch: int) -> None:
-        """LeaderNode.follow (a leader steps down: fenced); node.epoch is left as it was."""
+        """Node.follow (a leader steps down: fenced); node.epoch is left as it was."""
         node.role, node.follow, node.leader_commit = "replica", leader, 0
         above = epoch > node.state_epoch if self.config.bug == "follow-above" else True
         if epoch and epoch >= node.state_epoch and above:  # saved, awaited (own epoch too)
@@ -167,7 +167,7 @@ class Cluster:
         self._open(node, node.inc)
 
     def _step_down(self, node: Node, leader: int, epoch: int) -> None:
-        """LeaderNode.follow from the leader role: it stops leading, names the new leader
+        """Node.follow from the leader role: it stops leading, names the new leader
         and takes its epoch in memory, awaits its node.json save (peers may ask meanwhile:
         it reports no role), then follows."""
         node.role, node.streams, node.session = "stepping-down", {}, None

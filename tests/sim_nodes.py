@@ -81,7 +81,7 @@ class CrashLog:  # a MemoryLog with a durable prefix, as the segmented log keeps
         self.last = self.log.last_seqno
         self.last_epoch = batch.epoch if (batch := self.batch_at(self.last)) else 0
 
-    def held(self) -> int:  # LeaderNode.held_seqno: the node's vote (leader) or ack (replica)
+    def held(self) -> int:  # Node.held_seqno: the node's vote (leader) or ack (replica)
         return self.last if self.mode is FsyncMode.NEVER else self.durable
 
     def position(self) -> tuple[int, int]:  # how up to date the log is (failover._gather)

@@ -288,15 +288,24 @@ async def test_garbage_and_foreign_datagrams_are_dropped_and_counted(
     assert drops and drops[0].get("foreign", 0) > 0 and drops[0].get("short", 0) > 0
 
 
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# As from a terminal: a suite started in the background (`make test &`) hands its children
+# SIGINT ignored, and a fetch honours that, as curl does. This wrapper gives it SIGINT's
+# default and execs (not a preexec_fn: Python code in a forked child of this threaded
+# process can deadlock).
+SIGINT_DEFAULT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+]
 
 
 @pytest.mark.parametrize("served", [{"rate_mbit": 5.0}], indirect=True)  # 13 s for the file
 async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path: Path) -> None:
     write_random(served.root / "big.img", 8_000_000)
     proc = await asyncio.create_subprocess_exec(
-        *BOOTCAST,
+        *SIGINT_DEFAULT,
+        *BOOTCAST[1:],
         "fetch",
         served.url("big.img"),
         "-O",
@@ -305,9 +314,6 @@ async def test_ctrl_c_leaves_and_leaves_no_partial_file(served: Served, tmp_path
         "none",
         cwd=tmp_path,
         stderr=asyncio.subprocess.PIPE,
-        # As from a terminal: a suite started in the background (`make test &`) hands its
-        # children SIGINT ignored, and a fetch honours that, as curl does.
-        preexec_fn=_sigint_default,
     )
     # Joined, and writing its partial file: interrupted mid-transfer.
     await eventually(

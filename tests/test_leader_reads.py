@@ -424,7 +424,7 @@ async def test_notifications_announce_the_committed_end_not_the_file_end(tmp_pat
 
     slow = FsyncPolicy(mode=FsyncMode.INTERVAL, interval_ms=60_000)
     async with running_leader(tmp_path / "log", fsync=slow) as node:
-        from boomscooter.node.leader import ProduceBatch
+        from boomscooter.node.config import ProduceBatch
 
         def batch(sequence: int) -> ProduceBatch:
             return ProduceBatch(

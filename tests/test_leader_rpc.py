@@ -338,7 +338,7 @@ async def test_a_refused_batch_can_be_retried_under_its_sequence(leader: Leader)
 
 
 async def test_a_sequence_below_the_dedupe_window_is_refused(leader: Leader) -> None:
-    leader.node.dedupe = DedupeTable(window=2)
+    leader.node.machine.dedupe = DedupeTable(window=2)
 
     def batch(sequence: int) -> pb.ProduceRequest:
         request = good(sequence, b"s%d" % sequence)

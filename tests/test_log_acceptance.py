@@ -28,7 +28,7 @@ from waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
-from boomscooter.node.leader import LeaderNode
+from boomscooter.node.runtime import Node
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.stream import StreamEncoder
@@ -60,7 +60,7 @@ async def collect(sub: Subscriber, out: list[Record]) -> dict[str, Any]:
         return sub.stats
 
 
-def log_payloads(node: LeaderNode) -> dict[int, bytes]:
+def log_payloads(node: Node) -> dict[int, bytes]:
     return {r.seqno: r.payload for r in node.log.read(1)}
 
 

@@ -43,7 +43,7 @@ from waiting import eventually, within
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.errors import ServerUnavailableError
-from boomscooter.node.leader import ProduceBatch
+from boomscooter.node.config import ProduceBatch
 from boomscooter.node.multicast import StreamSender
 from boomscooter.storage import Entry, FsyncPolicy, LogReader
 from boomscooter.storage.batch import Record

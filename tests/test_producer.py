@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,22 +517,11 @@ def test_channel_options_allow_large_messages() -> None:
 # -- against the real leader -------------------------------------------------------------
 
 
-def _leader_available() -> bool:
-    with contextlib.suppress(ImportError):
-        import boomscooter.node.leader  # noqa: F401
-
-        return True
-    return False
-
-
-needs_leader = pytest.mark.skipif(not _leader_available(), reason="no leader yet")
-
-
-@needs_leader
 async def test_real_leader_contiguous_seqnos(tmp_path: Path) -> None:
-    from boomscooter.node.leader import LeaderConfig, start_leader
+    from boomscooter.node.config import NodeConfig
+    from boomscooter.node.runtime import start_leader
 
-    node = await start_leader(LeaderConfig(data_dir=str(tmp_path / "d")))
+    node = await start_leader(NodeConfig(data_dir=str(tmp_path / "d")))
     try:
         async with Producer(node.address, max_batch_records=100) as producer:
             futures = [await producer.send(p) for p in payloads(1000)]
@@ -553,13 +541,13 @@ def _stored(node: Any) -> list[Record]:
     return records
 
 
-@needs_leader
 async def test_real_leader_restart_mid_stream_stores_every_record_once(
     tmp_path: Path, unused_tcp_port: int
 ) -> None:
-    from boomscooter.node.leader import LeaderConfig, start_leader
+    from boomscooter.node.config import NodeConfig
+    from boomscooter.node.runtime import start_leader
 
-    config = LeaderConfig(data_dir=str(tmp_path / "d"), listen=f"127.0.0.1:{unused_tcp_port}")
+    config = NodeConfig(data_dir=str(tmp_path / "d"), listen=f"127.0.0.1:{unused_tcp_port}")
     node = await start_leader(config)
     sent = payloads(3000)
     producer = Producer(node.address, max_batch_records=50, linger_ms=1, max_in_flight=8)

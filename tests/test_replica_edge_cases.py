@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from node_cluster import Start
-from waiting import eventually, within
+from waiting import PATIENCE_S, eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.errors import RequestError
-from boomscooter.node import failover
-from boomscooter.node.leader import LeaderNode
+from boomscooter.node import peers, rules, runtime
+from boomscooter.node.runtime import Node
+from boomscooter.node.state import save_state
 from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
-from boomscooter.v1 import boomscooter_pb2 as pb
 
 
 async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int]:
@@ -50,12 +50,18 @@ async def test_a_failed_promotion_leaves_the_node_following(
     await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await leader.stop(grace_s=0.1)
 
-    async def peer_vanished(node: LeaderNode, answers: Any) -> int:
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "peer gone"
-        )
+    # A peer with a more up-to-date log answers the survey, then vanishes mid-gather.
+    ahead = rules.PeerStatus(role=rules.PeerRole.REPLICA, epoch=1, leader_address="",
+                             last_seqno=100, last_epoch=9)  # fmt: skip
 
-    monkeypatch.setattr(failover, "_gather", peer_vanished)
+    async def survey(addresses: Any) -> dict[str, rules.PeerStatus]:
+        return {"127.0.0.1:9": ahead}
+
+    async def peer_vanished(node: Node, source: str, first: int, last: int) -> int:
+        raise peers.PeerFailed("a peer failed (UNAVAILABLE: peer gone)")
+
+    monkeypatch.setattr(peers, "survey", survey)
+    monkeypatch.setattr(peers, "gather", peer_vanished)
     with pytest.raises(RequestError, match="promotion failed, still a replica") as info:
         await replica.promote()
     assert info.value.grpc_status == "UNAVAILABLE"
@@ -156,25 +162,28 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
     replica = await cluster("r1", follow=leader.address)
     await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
     await replica.promote(force=True)
-    saving, release = asyncio.Event(), asyncio.Event()
-    save_state = leader._save_state
+    saving, release = threading.Event(), threading.Event()
 
-    async def slow_save() -> None:
+    def slow_save(data_dir: str, state: Any, version: int) -> None:  # on an executor thread
         saving.set()
-        await release.wait()
-        await save_state()
+        release.wait(PATIENCE_S)
+        save_state(data_dir, state, version)
 
-    monkeypatch.setattr(leader, "_save_state", slow_save)
+    async def replica_sees_newer() -> tuple[str, int] | None:
+        answers = await peers.survey([leader.address])
+        return rules.newer_leader(replica.machine.view(), answers)
+
+    monkeypatch.setattr(runtime, "save_state", slow_save)
     stepping_down = asyncio.create_task(leader.follow(replica.address, epoch=replica.epoch))
-    await within(saving.wait(), "the state save")
+    await eventually(saving.is_set, "the state save")
     try:
-        status = (await failover.survey([leader.address]))[leader.address]
-        assert status.role == pb.ROLE_UNSPECIFIED and status.epoch == replica.epoch
+        status = (await peers.survey([leader.address]))[leader.address]
+        assert status.role is rules.PeerRole.NONE and status.epoch == replica.epoch
         assert status.leader_address == replica.address  # whom it is about to follow
-        assert await failover.newer_leader(replica, [leader.address]) is None
+        assert await replica_sees_newer() is None
     finally:
         release.set()
         await stepping_down
     assert leader.role == "replica" and leader.leader_address == replica.address
     assert replica.is_leader
-    assert await failover.newer_leader(replica, [leader.address]) is None
+    assert await replica_sees_newer() is None

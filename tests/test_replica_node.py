@@ -1,4 +1,4 @@
-"""Replication in process: a leader and replicas as :class:`LeaderNode` objects on one loop.
+"""Replication in process: a leader and replicas as :class:`Node` objects on one loop.
 
 The stream, quorum commit, the in-sync set, refusals (Produce and Replicate on a replica,
 a bad replica id, acks=quorum without enough copies), reconciliation of a diverged tail,
@@ -17,14 +17,14 @@ from node_cluster import Start
 from waiting import eventually, within
 
 from boomscooter import Producer, Subscriber
-from boomscooter.node.leader import LeaderNode
+from boomscooter.node.runtime import Node
 from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 
 
-def log_bytes(node: LeaderNode) -> bytes:
+def log_bytes(node: Node) -> bytes:
     first = node.log.first_seqno
     return b"".join(b.data for b in node.log.read_batches(first, max_bytes=1 << 30))
 
@@ -167,7 +167,7 @@ async def test_promote_then_the_old_leader_is_fenced_and_converges(cluster: Star
     r1 = await cluster("r1", follow=leader.address)
     r2 = await cluster("r2", follow=leader.address)
     await eventually(lambda: leader.replicas.in_sync_copies() == 3, "replicas in sync")
-    await eventually(lambda: len(r1.follower.peers) == 1, "replicas know each other")
+    await eventually(lambda: len(r1.machine.peers) == 1, "replicas know each other")
     servers = ",".join(n.address for n in (leader, r1, r2))
 
     async def follow(mode: str) -> list[int]:

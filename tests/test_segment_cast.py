@@ -20,7 +20,7 @@ import pytest
 from log_support import check_exactly_once, payload, running_leader
 
 from boomscooter.client.producer import Producer
-from boomscooter.node.leader import LeaderNode
+from boomscooter.node.runtime import Node
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 
@@ -31,7 +31,7 @@ SEGMENT_BYTES = 16 * 1024
 
 @dataclass
 class CastingLeader:
-    node: LeaderNode
+    node: Node
     data_dir: Path
     records: dict[int, bytes]
 

@@ -292,7 +292,7 @@ def test_a_replica_refusing_a_second_leader_of_its_epoch_keeps_the_first(bug: st
 @pytest.mark.parametrize("bug", regression("follow-above"))
 def test_a_leader_fenced_under_its_own_epoch_replicates_from_the_winner(bug: str | None) -> None:
     """n0, fenced by n1 at its own epoch 2, saves n1 as the leader of epoch 2
-    (LeaderNode.follow: ``epoch >= state.epoch``) and replicates from it once the cut heals.
+    (Node.follow: ``epoch >= state.epoch``) and replicates from it once the cut heals.
     Before (``>``) node.json kept n0 itself and _check_not_stale refused n1 for good."""
     cluster = reused_epoch_scenario(0, bug=bug)
     cluster.run(until_s=2.0)
@@ -330,7 +330,7 @@ def test_an_older_node_state_snapshot_never_lands_last(bug: str | None) -> None:
     cluster.run(until_s=0.5)
     assert n2.saved == (1, 0)
     cluster._save_soon(n2)  # Follower._adopt's save of (1, n0), still queued
-    cluster._follow(n2, 1, 2)  # then LeaderNode.follow saves (2, n1)
+    cluster._follow(n2, 1, 2)  # then Node.follow saves (2, n1)
     cluster.run(until_s=cluster.now + 0.1)
     assert n2.saved == (2, 1)
 

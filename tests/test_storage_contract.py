@@ -12,8 +12,8 @@ from storage_support import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import (
     BatchDecodeError,
-    CorruptLogError,
     BatchEncodeError,
+    CorruptLogError,
     LogClosedError,
     SeqnoGapError,
     SeqnoOutOfRangeError,
@@ -376,9 +376,7 @@ def segment_copy(tmp_path: Path, batches: list[Batch]) -> tuple[Path, int]:
     return tmp_path / "source" / name, batches[0].base_seqno
 
 
-def test_import_segment_appends_what_continues_the_log(
-    make_log: MakeLog, tmp_path: Path
-) -> None:
+def test_import_segment_appends_what_continues_the_log(make_log: MakeLog, tmp_path: Path) -> None:
     other = MemoryLog(small_config(segment_bytes=1 << 20))
     batches = fill(other, 30)
     path, base = segment_copy(tmp_path, batches)

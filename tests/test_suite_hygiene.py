@@ -1,7 +1,7 @@
 """A guard against tests that fail by chance: no short deadlines, no sleeps used to wait for
 something to happen (see ``tests/waiting.py`` for how the tests wait instead).
 
-Every test module is parsed, and two kinds of call are flagged:
+Every test module is parsed, and three kinds of call are flagged:
 
 - a deadline under ``MIN_DEADLINE_S`` written as a number: ``asyncio.wait_for(x, 0.5)``,
   ``asyncio.timeout(1)``, ``asyncio.wait(..., timeout=0.3)``, or any ``timeout=`` /
@@ -11,7 +11,9 @@ Every test module is parsed, and two kinds of call are flagged:
   function it is in stands in ``ALLOWED_SLEEPS`` with the reason it is not a wait for
   something else to happen (pacing a sender, a window a negative check watches, a delay
   that is itself under test). An entry whose function no longer sleeps fails too, so the
-  list stays the reviewed truth.
+  list stays the reviewed truth;
+- ``preexec_fn=``: Python code run in a child forked from this threaded process can
+  deadlock on a lock another thread held at the fork (seen: a fetch that never started).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class _Scanner(ast.NodeVisitor):
         self.scope: list[str] = []
         self.sleeps: list[Finding] = []
         self.deadlines: list[Finding] = []
+        self.forks: list[Finding] = []
 
     def _enter(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
         self.scope.append(node.name)
@@ -137,6 +140,8 @@ class _Scanner(ast.NodeVisitor):
         where = ".".join(self.scope) or "<module>"
         if name in ("asyncio.sleep", "time.sleep", "sleep"):
             self.sleeps.append(Finding(self.file, node.lineno, where, name))
+        if any(k.arg == "preexec_fn" for k in node.keywords):
+            self.forks.append(Finding(self.file, node.lineno, where, "preexec_fn"))
         deadline = _short_deadline(node, name)
         if deadline is not None:
             what = f"{name or 'call'}(…) with a {deadline} s deadline"
@@ -157,6 +162,11 @@ def scan_all() -> list[_Scanner]:
 def test_no_deadline_under_two_seconds() -> None:
     found = [str(f) for s in scan_all() for f in s.deadlines]
     assert not found, "short deadlines (use waiting.within/eventually):\n" + "\n".join(found)
+
+
+def test_no_python_code_in_forked_children() -> None:
+    found = [str(f) for s in scan_all() for f in s.forks]
+    assert not found, "preexec_fn (exec a wrapper instead):\n" + "\n".join(found)
 
 
 def test_no_sleep_outside_the_reviewed_list() -> None:
@@ -191,6 +201,7 @@ def test_the_guard_finds_what_it_must(tmp_path: Path) -> None:
         "class C:\n"
         "    def g(self):\n"
         "        eventually(lambda: True, 'x', timeout_s=0.3)\n"
+        "        subprocess.Popen(['x'], preexec_fn=os.setsid)\n"
     )
     scanner = scan(source)
     assert [(f.line, f.function) for f in scanner.deadlines] == [
@@ -200,3 +211,4 @@ def test_the_guard_finds_what_it_must(tmp_path: Path) -> None:
         (12, "C.g"),
     ]
     assert [(f.line, f.what) for f in scanner.sleeps] == [(8, "asyncio.sleep"), (9, "time.sleep")]
+    assert [(f.line, f.function) for f in scanner.forks] == [(13, "C.g")]

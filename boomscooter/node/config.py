@@ -18,7 +18,7 @@ GRPC_MESSAGE_BYTES = DEFAULT_MAX_BATCH_BYTES + (1 << 20)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LeaderConfig:
+class NodeConfig:
     data_dir: str
     listen: str = "127.0.0.1:0"
     group: str = DEFAULT_GROUP

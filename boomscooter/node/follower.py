@@ -21,8 +21,10 @@ One *session* per connection to the leader:
    when it names none).
 
 The session ends on any failure (the leader gone, a new epoch on the stream, a refused
-append); the follower then looks for the leader — the last one, or whoever the known peers
-name with the highest epoch — and starts a new session.
+append); the node's machine then looks for the leader — the last one, or whoever the known
+peers name with the highest epoch — and the follower starts a new session when it says.
+Every decision (is this leader stale, what does its commit count for, whom to follow next)
+is the machine's (:class:`~boomscooter.node.machine.NodeMachine`); this module does the I/O.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ import grpc
 import structlog
 
 from boomscooter.errors import BoomscooterError
-from boomscooter.node import failover
-from boomscooter.node.core import Appended
-from boomscooter.node.servicer import session_from_pb
+from boomscooter.node import peers
+from boomscooter.node.core import Appended, StreamSession
+from boomscooter.node.machine import RetrySession, SessionOffer, StaleLeader
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.storage.segment import parse_file_name
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
@@ -49,37 +51,24 @@ from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from bootcast import mcast
 
 if TYPE_CHECKING:
-    from boomscooter.node.leader import LeaderNode
+    from boomscooter.node.runtime import Node
 
 log = structlog.get_logger("boomscooter.replica")
 
-KEEPALIVE_S = 1.0
 FETCH_BYTES = 4 << 20
 MAX_PENDING_BYTES = 64 << 20
 _DRAIN_MAX = 256
-_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class SessionEnded(Exception):
     """The session with the leader is over (the reason is the message)."""
 
 
-class StaleLeader(SessionEnded):
-    """The node at ``address`` leads an epoch this replica must not follow."""
-
-    def __init__(self, message: str, address: str, epoch: int) -> None:
-        super().__init__(message)
-        self.address = address
-        self.epoch = epoch
-
-
 class Follower:
-    def __init__(self, node: LeaderNode, leader_address: str) -> None:
+    def __init__(self, node: Node, leader_address: str) -> None:
         self.node = node
+        self.machine = node.machine
         self.leader_address = leader_address
-        self.peers: list[str] = []
-        self.min_insync = 0
-        self.keepalive_s = KEEPALIVE_S
         self.stats = {
             "sessions": 0,
             "pages": 0,
@@ -95,7 +84,6 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self._ack_wake = asyncio.Event()
         self._append_wake = asyncio.Event()
-        self._refused: dict[str, int] = {}  # stale leaders seen: address -> their epoch
         self._restart = asyncio.Event()
         self._drained = asyncio.Event()
         self._pending: list[Batch] = []
@@ -125,7 +113,6 @@ class Follower:
     # -- sessions -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        failures = 0
         while True:
             try:
                 await self._session(self.leader_address)
@@ -133,9 +120,6 @@ class Follower:
                 raise
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
-            except StaleLeader as exc:
-                self._refused[exc.address] = exc.epoch
-                reason = str(exc)
             except (SessionEnded, BoomscooterError, OSError) as exc:
                 reason = str(exc)
             except Exception as exc:  # a bug must not stop the replica for good
@@ -145,35 +129,25 @@ class Follower:
                 reason = "the leader ended the session"
             finally:
                 self._leave()
-            failures += 1
-            log.info("replica.session_ended", leader=self.leader_address, reason=reason)
-            known = self.node.state.epoch
-            skip = frozenset(a for a, e in self._refused.items() if e <= known)
-            found = await failover.newer_leader(
-                self.node,
-                {*self.peers, *self.node.state.peers, self.leader_address},
-                or_same=True,
-                skip=skip,
-            )
-            if found is not None and found[0] != self.leader_address:
-                log.info("replica.new_leader", leader=found[0], epoch=found[1])
-                self.leader_address = found[0]
-                self.node.leader_address = found[0]
-                failures = 0
-            await asyncio.sleep(_RETRY_S[max(0, min(failures, len(_RETRY_S)) - 1)])
+            left = await self.node.run(self.machine.session_ended(reason))
+            retry = next((c for c in left if isinstance(c, RetrySession)), None)
+            if retry is None:  # no longer a replica: the runtime stops this follower
+                return
+            self.leader_address = retry.leader
+            await asyncio.sleep(retry.delay_s)
 
     def _hello(self) -> pb.ReplicateRequest:
         node = self.node
         return pb.ReplicateRequest(
             replica_id=node.node_id,
             address=node.address,
-            durable_seqno=node.held_seqno(),
+            durable_seqno=self.machine.held_seqno(),
             last_seqno=node.log.last_seqno,
             last_epoch=node.log.last_epoch,
         )
 
     async def _session(self, address: str) -> None:
-        channel = failover.node_channel(address)
+        channel = peers.node_channel(address)
         try:
             stub = pb_grpc.BoomscooterStub(channel)
             call = stub.Replicate()
@@ -182,14 +156,18 @@ class Follower:
             if not isinstance(first, pb.ReplicateResponse):
                 raise SessionEnded("the leader closed the Replicate stream")
             self.stats["sessions"] += 1
-            self._check_not_stale(address, first.session.epoch)
-            self._adopt(address, first)
+            try:
+                self.node.apply(self.machine.session_offered(address, _offer(first)))
+            except StaleLeader as exc:
+                raise SessionEnded(str(exc)) from None
+            log.info("replica.session", leader=address, epoch=first.session.epoch,
+                     leader_last=first.last_seqno, commit=first.commit_seqno,
+                     last_seqno=self.node.log.last_seqno)  # fmt: skip
             await self._learn_producers(first)
             await self._reconcile(stub, first.first_seqno)
             if first.sealed_segments and first.cast_address:
                 await self._catch_up_by_cast(stub, first)
-            self.node.leader_commit = max(self.node.leader_commit, first.commit_seqno)
-            self.node._commit_moved()
+            self.node.apply(self.machine.session_reconciled(first.commit_seqno))
             self._join(first.session)
             if first.last_seqno >= self.node.log.next_seqno:
                 self._gaps.put_nowait((self.node.log.next_seqno, first.last_seqno))
@@ -216,9 +194,8 @@ class Follower:
     async def _learn_producers(self, response: pb.ReplicateResponse) -> None:
         if not response.producer_batches:
             return
-        async with self.node._append_lock:  # the journal is not being compacted meanwhile
-            learn_producer_batches(
-                self.node,
+        async with self.node.append_lock:  # the journal is not being compacted meanwhile
+            self.node.learn_producers(
                 [
                     (
                         e.producer_id,
@@ -229,54 +206,6 @@ class Follower:
                 ],
             )
 
-    def _check_not_stale(self, address: str, epoch: int) -> None:
-        """Never follow a leader whose epoch is older than one this node has seen, nor a
-        second leader under the epoch of the one it followed (an epoch taken twice)."""
-        node = self.node
-        known = node.state.epoch
-        if epoch < known or (epoch == known and node.state.leader and node.state.leader != address):
-            raise StaleLeader(
-                f"{address} leads at epoch {epoch}, but this node has seen epoch {known} "
-                f"(led by {node.state.leader or 'another node'}): a stale leader",
-                address,
-                epoch,
-            )
-
-    def _adopt(self, address: str, first: pb.ReplicateResponse) -> None:
-        node = self.node
-        session = first.session
-        self.peers = [a for a in first.replica_addresses if a != node.address]
-        self.min_insync = first.min_insync
-        self.keepalive_s = first.keepalive_ms / 1000 if first.keepalive_ms else KEEPALIVE_S
-        node.leader_address = address
-        node.session = session_from_pb(session)
-        node.epoch = session.epoch
-        peers = sorted({*node.state.peers, *self.peers, address} - {node.address})
-        if (
-            session.epoch > node.state.epoch
-            or peers != sorted(node.state.peers)
-            or node.state.leader != address
-        ):
-            node.state.epoch = max(node.state.epoch, session.epoch)
-            node.state.peers = peers
-            node.state.leader = address
-            node._save_state_soon()
-        log.info("replica.session", leader=address, epoch=session.epoch,
-                 leader_last=first.last_seqno, commit=first.commit_seqno,
-                 last_seqno=node.log.last_seqno)  # fmt: skip
-
-    async def _rebase(self, base: int) -> None:
-        """A replica whose log ends before the leader's starts (empty, or behind retention):
-        its log starts again where the leader's does. Runs under :meth:`LeaderNode.exclusive`."""
-        node = self.node
-        await asyncio.to_thread(node.log.rebase, base)
-        node._committed_end = node.log.active_segment()
-        node._committed_end_seqno = base - 1
-        node.held_seen = min(node.held_seen, base - 1)
-        node.dedupe.forget_after(base - 1)
-        await asyncio.to_thread(node.journal.replace, node.journal.encoded(node.dedupe))
-        log.info("replica.rebased", first_seqno=base)
-
     async def _reconcile(self, stub: Any, leader_first: int) -> None:
         node = self.node
         if node.log.next_seqno < leader_first:
@@ -286,8 +215,9 @@ class Follower:
             if node.log.last_seqno:
                 log.warning("replica.behind_retention", last_seqno=node.log.last_seqno,
                             leader_first_seqno=leader_first)  # fmt: skip
-            await node.exclusive(lambda: self._rebase(leader_first))
-        if await failover.reconcile(node, stub, leader_first):
+            await node.exclusive(lambda: node.rebase(leader_first))
+            log.info("replica.rebased", first_seqno=leader_first)
+        if await peers.reconcile(node, stub, leader_first):
             self.stats["truncations"] += 1
 
     # -- catch-up through segment casts ---------------------------------------------------
@@ -304,7 +234,7 @@ class Follower:
                 continue  # already held
             if bases[i] < node.log.next_seqno:
                 if end is not None:  # finish this segment record by record
-                    await failover.copy_from(node, stub, end)
+                    await peers.copy_from(node, stub, end)
                 continue
             if bases[i] > node.log.next_seqno:
                 return  # not contiguous with our log: the live path Fetches instead
@@ -316,8 +246,7 @@ class Follower:
                     url=url, output=path, progress="none", interface=node.config.interface
                 )
                 result = await asyncio.to_thread(fetch, config)
-                async with node._append_lock:  # not beside retention or a truncation
-                    records = await asyncio.to_thread(node.log.import_segment, path, bases[i])
+                records = await node.import_segment(path, bases[i])
                 self.stats["imported_records"] += records
             finally:
                 with contextlib.suppress(OSError):
@@ -381,10 +310,7 @@ class Follower:
                 self._pending_bytes += event.batch.header.length
                 self._append_wake.set()
             elif isinstance(event, CommitAdvanced):
-                if event.commit_seqno > node.leader_commit:
-                    node.leader_commit = event.commit_seqno
-                    node._commit_moved()
-                    node._notify()
+                node.apply(self.machine.leader_commit_seen(event.commit_seqno))
             elif isinstance(event, Gap):
                 self.stats["gaps"] += 1
                 self._gaps.put_nowait((event.from_seqno, event.to_seqno))
@@ -414,22 +340,13 @@ class Follower:
                 self._loop.add_reader(self._sock.fileno(), self._readable)
             if not batches:
                 continue
-            async with node._append_lock:
+            async with node.append_lock:
                 # pwrites into the page cache (every fsync policy leaves the fdatasyncs to
                 # the storage's syncer thread): cheaper inline than a thread hop per group.
-                ends = self._store(batches)
-            node._ends.extend(ends)
+                node.store_replicated(batches)
             self.stats["appended_batches"] += len(batches)
-            node._commit_moved()
-            node._held(node.held_seqno())
-
-    def _store(self, batches: list[Batch]) -> list[tuple[int, str, int]]:
-        log_ = self.node.log
-        ends = []
-        for batch in batches:
-            log_.append_batch(batch)
-            ends.append((batch.last_seqno, *log_.active_segment()))
-        return ends
+            node.apply(self.machine.log_grew())
+            node.held(self.machine.held_seqno())
 
     async def _fetcher(self, stub: Any) -> None:
         while True:
@@ -464,7 +381,7 @@ class Follower:
             state = (hello.durable_seqno, hello.last_seqno)
             # Sent when the durable seqno moved (the ack the commit waits for), and as a
             # keepalive: the leader counts a silent replica out of sync.
-            keepalive_s = self.keepalive_s
+            keepalive_s = self.machine.keepalive_s
             if sent is None or state[0] != sent[0] or self._loop.time() - sent_at >= keepalive_s:
                 await call.write(hello)
                 sent, sent_at = state, self._loop.time()
@@ -482,23 +399,32 @@ class Follower:
                 current.source_port,
             ):
                 raise SessionEnded("the leader's stream changed")
-            if response.commit_seqno > node.leader_commit:
-                node.leader_commit = response.commit_seqno
-                node._commit_moved()
-                node._notify()
-            self.peers = [a for a in response.replica_addresses if a != node.address]
+            node.apply(self.machine.leader_commit_seen(response.commit_seqno))
+            self.machine.peers = [a for a in response.replica_addresses if a != node.address]
             await self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
 
 
-def learn_producer_batches(node: LeaderNode, entries: list[tuple[str, int, Appended]]) -> None:
-    """As a replica: the leader's dedupe entries, kept (and journaled) so that after a
-    promotion a producer's retry of a batch this log holds is not stored twice.
-    Entries beyond the log are pruned when it is promoted or restarted."""
-    for producer_id, sequence, appended in entries:
-        if not node.dedupe.holds(producer_id, sequence):
-            node.journal.append(producer_id, sequence, appended)
-            node._remember(producer_id, sequence, appended)
+def _offer(first: pb.ReplicateResponse) -> SessionOffer:
+    session = first.session
+    return SessionOffer(
+        session=StreamSession(
+            group=session.group,
+            port=session.port,
+            cast_id=session.cast_id,
+            page_size_bytes=session.page_size_bytes,
+            epoch=session.epoch,
+            interface_hint=session.interface_hint,
+            heartbeat_ms=session.heartbeat_interval_ms,
+            source_port=session.source_port,
+        ),
+        commit_seqno=first.commit_seqno,
+        last_seqno=first.last_seqno,
+        first_seqno=first.first_seqno,
+        min_insync=first.min_insync,
+        keepalive_ms=first.keepalive_ms,
+        replica_addresses=tuple(first.replica_addresses),
+    )
 
 
 CATCHUP_PREFIX = ".catchup-"

@@ -21,7 +21,7 @@ from bootcast import server as bserver
 from bootcast.errors import ConfigError as BootcastConfigError
 
 if TYPE_CHECKING:
-    from boomscooter.node.leader import LeaderNode
+    from boomscooter.node.runtime import Node
 
 log = structlog.get_logger("boomscooter.node")
 
@@ -29,20 +29,20 @@ SEGMENT_PREFIX = "segments/"
 _RETENTION_TASK = "retention"
 
 
-def start(node: LeaderNode) -> None:
+def start(node: Node) -> None:
     config = node.config
     if config.retention_bytes is not None or config.retention_ms is not None:
         task = asyncio.get_running_loop().create_task(_retention_loop(node), name=_RETENTION_TASK)
         node.housekeeping_tasks.append(task)
 
 
-def stop(node: LeaderNode) -> None:
+def stop(node: Node) -> None:
     for task in node.housekeeping_tasks:
         task.cancel()
     node.housekeeping_tasks.clear()
 
 
-async def _retention_loop(node: LeaderNode) -> None:
+async def _retention_loop(node: Node) -> None:
     while True:
         await asyncio.sleep(node.config.retention_check_s)
         try:
@@ -51,8 +51,8 @@ async def _retention_loop(node: LeaderNode) -> None:
             log.warning("node.retention_failed", error=str(exc))
 
 
-async def start_segment_casts(node: LeaderNode) -> None:
-    from boomscooter.node.leader import split_hostport
+async def start_segment_casts(node: Node) -> None:
+    from boomscooter.node.config import split_hostport
 
     config = node.config
     assert config.cast_listen is not None

@@ -23,14 +23,14 @@ from boomscooter.errors import (
     NotLeaderError,
     RequestError,
 )
-from boomscooter.node.core import StreamSession
+from boomscooter.node.config import GRPC_MESSAGE_BYTES, ProduceBatch, ProduceOutcome
 from boomscooter.storage import Batch, Entry, FsyncMode
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from boomscooter.v1.serving import start_server
 
 if TYPE_CHECKING:
-    from boomscooter.node.leader import LeaderNode, ProduceOutcome
+    from boomscooter.node.runtime import Node
 
 log = structlog.get_logger("boomscooter.rpc")
 
@@ -80,7 +80,7 @@ def _joined(batches: list[Batch]) -> bytes:
 
 
 class NodeServicer(pb_grpc.BoomscooterServicer):
-    def __init__(self, node: LeaderNode) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     # -- Produce ----------------------------------------------------------------------------
@@ -131,8 +131,6 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
                 task.cancel()
 
     async def _produce_one(self, request: pb.ProduceRequest) -> pb.ProduceResponse | None:
-        from boomscooter.node.leader import ProduceBatch
-
         node = self.node
         sequence = request.batch_sequence
         try:
@@ -141,10 +139,9 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             which = request.WhichOneof("records")
             if which is None:
                 raise RequestError("a batch needs records (encoded_batch or record_list)")
-            if not node.is_leader:  # before anything else: the producer must go elsewhere
-                raise node.not_leader()
-            if request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED):
-                node.check_quorum_possible()
+            node.machine.check_produce(
+                quorum=request.ack_level in (pb.ACK_LEVEL_QUORUM, pb.ACK_LEVEL_UNSPECIFIED)
+            )
             batch = ProduceBatch(
                 producer_id=request.producer_id,
                 batch_sequence=sequence,
@@ -412,7 +409,7 @@ class _AckQueue:
                 self.out.put_nowait(done)
 
 
-def session_message(node: LeaderNode) -> pb.MulticastSession:
+def session_message(node: Node) -> pb.MulticastSession:
     """The stream a node's subscribers join (a replica's is its leader's)."""
     session = node.session
     if session is None:  # a replica that has not reached its leader: no stream yet
@@ -426,19 +423,6 @@ def session_message(node: LeaderNode) -> pb.MulticastSession:
         interface_hint=session.interface_hint,
         heartbeat_interval_ms=session.heartbeat_ms,
         source_port=session.source_port,
-    )
-
-
-def session_from_pb(message: pb.MulticastSession) -> StreamSession:
-    return StreamSession(
-        group=message.group,
-        port=message.port,
-        cast_id=message.cast_id,
-        page_size_bytes=message.page_size_bytes,
-        epoch=message.epoch,
-        interface_hint=message.interface_hint,
-        heartbeat_ms=message.heartbeat_interval_ms,
-        source_port=message.source_port,
     )
 
 
@@ -466,9 +450,7 @@ def _filter(
     return kept, last, count
 
 
-async def serve_node(node: LeaderNode, listen: str) -> tuple[Any, int]:
-    from boomscooter.node.leader import GRPC_MESSAGE_BYTES
-
+async def serve_node(node: Node, listen: str) -> tuple[Any, int]:
     options = [
         ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
         ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),

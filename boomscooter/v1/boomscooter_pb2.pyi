@@ -1009,6 +1009,7 @@ class StatusResponse(_message.Message):
     LOG_BYTES_FIELD_NUMBER: _builtins.int
     SEGMENT_COUNT_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    LAST_EPOCH_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Leader or replica."""
     node_id: _builtins.str
@@ -1033,6 +1034,10 @@ class StatusResponse(_message.Message):
     """The bytes of all stored segment files."""
     segment_count: _builtins.int
     """How many segment files the log has."""
+    last_epoch: _builtins.int
+    """The epoch of the last stored batch (0: an empty log): with last_seqno, how up to date
+    the log is (a replica being promoted gathers from the most up-to-date one).
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
         """The leader's replicas (empty on a replica)."""
@@ -1060,10 +1065,11 @@ class StatusResponse(_message.Message):
         log_bytes: _builtins.int = ...,
         segment_count: _builtins.int = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        last_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_seqno", b"commit_seqno", "counters", b"counters", "durable_seqno", b"durable_seqno", "epoch", b"epoch", "first_seqno", b"first_seqno", "last_seqno", b"last_seqno", "leader_address", b"leader_address", "log_bytes", b"log_bytes", "min_insync", b"min_insync", "node_id", b"node_id", "replicas", b"replicas", "role", b"role", "segment_count", b"segment_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_seqno", b"commit_seqno", "counters", b"counters", "durable_seqno", b"durable_seqno", "epoch", b"epoch", "first_seqno", b"first_seqno", "last_epoch", b"last_epoch", "last_seqno", b"last_seqno", "leader_address", b"leader_address", "log_bytes", b"log_bytes", "min_insync", b"min_insync", "node_id", b"node_id", "replicas", b"replicas", "role", b"role", "segment_count", b"segment_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
