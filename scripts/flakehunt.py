@@ -111,6 +111,18 @@ def busy_loops(load: str) -> Iterator[None]:
             proc.wait()
 
 
+def stop_group(suite: subprocess.Popen[bytes]) -> None:
+    """SIGINT first (pytest tears down what the tests started, unless SIGINT is ignored, as
+    in a background job), then SIGKILL to the whole group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(suite.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        suite.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(suite.pid, signal.SIGKILL)
+    suite.wait()
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
@@ -125,17 +137,14 @@ def run_suite(run: Run, pytest_args: list[str], junit: Path) -> None:
     run.load_before = load_average()
     began = time.monotonic()
     with busy_loops(run.load):
-        suite = subprocess.Popen(argv)
+        # A process group of its own: an interrupted hunt stops the suite and whatever the
+        # tests started (nodes, fetches) with it.
+        suite = subprocess.Popen(argv, process_group=0)
         try:
             run.exit_code = suite.wait()
         finally:
-            if suite.poll() is None:  # interrupted: take the suite down with us, letting
-                suite.send_signal(signal.SIGINT)  # pytest tear down what the tests started
-                try:
-                    suite.wait(60)
-                except subprocess.TimeoutExpired:
-                    suite.kill()
-                    suite.wait()
+            if suite.poll() is None:
+                stop_group(suite)
     run.duration_s = time.monotonic() - began
     run.load_after = load_average()
     read_junit(run, junit)
