@@ -1,14 +1,18 @@
-"""A seeded deterministic simulation of replication (TigerBeetle's VOPR, scaled down).
+"""A seeded deterministic simulation of replication (TigerBeetle's VOPR, scaled down), running
+the production node: each node is a :class:`~boomscooter.node.machine.NodeMachine`, with the
+production rules, commit rule, replica set and common-point search.
 
-One thread, one fake clock, one event queue; nodes are plain objects driven by the real cores
-(CommitTracker, ReplicaSet, CommonPoint, MemoryLog, the batch codec) and the shells' rules
-re-enacted (``sim_nodes.py`` holds the pieces). The network drops, duplicates, delays
-(reorders) and cuts; a leader notices a stream that died in a cut late, then closes that
-session. :class:`~sim_nodes.CrashLog` keeps the durable prefix under fsync
-always/interval/never: a process crash keeps what was written, a power loss the durable
-prefix, some whole undurable batches and maybe a torn one recovery cuts. Nodes crash and
-restart (a replica's unawaited ``node.json`` save can be lost); producers ask for
-acks=quorum or acks=leader; the operator promotes a replica while the leader is down.
+One thread, one fake clock, one event queue. The simulation is the machines' runtime: it
+feeds them events (a tick, a peer's Status, a replica's ack, a leader's offer, a save done)
+and carries out their commands with delays — ``node.json`` saves that take time (and are
+lost in a crash when not awaited), surveys of the reachable peers, streams, sessions, the
+promotion's gather. The network drops, duplicates, delays (reorders) and cuts; a leader
+notices a stream that died in a cut late, then closes that session.
+:class:`~sim_nodes.CrashLog` keeps the durable prefix under fsync always/interval/never: a
+process crash keeps what was written, a power loss the durable prefix, some whole undurable
+batches and maybe a torn one recovery cuts. Nodes crash and restart (a leader without
+``--leader``, a replica with the leader it followed); producers ask for acks=quorum or
+acks=leader; the operator promotes a replica while the leader is down.
 
 Invariants after every event: (1) every record acknowledged at quorum is in the newest
 leader's log, same bytes, same seqno; (2) every node's log up to its commit agrees with one
@@ -28,29 +32,30 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+import sim_nodes
 from sim_nodes import (
     ACKS_LEADER,
     FSYNC_S,
     HELLO_S,
-    INSYNC_S,
-    RETRY_S,
     SAVE_S,
     STREAM_DEAD_S,
+    SURVEY_S,
     TICK_S,
     CrashLog,
     Node,
     Session,
     SimConfig,
-    UncappedTracker,
     Violation,
     common_point,
-    newer_leader,
+    index_of,
+    planted,
     same,
-    stale_leader,
 )
 
-from boomscooter.node.core import CommitTracker
-from boomscooter.node.replication import ReplicaSet
+from boomscooter.errors import BoomscooterError, RequestError
+from boomscooter.node import machine as m
+from boomscooter.node import rules
+from boomscooter.node.core import StreamSession
 from boomscooter.storage.api import FsyncMode
 from boomscooter.storage.batch import Batch, Entry, encode_batch
 
@@ -58,40 +63,59 @@ __all__ = ["Cluster", "CrashLog", "SimConfig", "Violation", "simulate"]
 
 
 class Cluster:
-    def __init__(self, seed: int, config: SimConfig | None = None) -> None:
+    def __init__(
+        self, seed: int, config: SimConfig | None = None, *, modes: list[FsyncMode] | None = None
+    ) -> None:
         self.seed, self.config = seed, config or SimConfig()
         self.rng = rng = random.Random(seed)
         self.now, self.step, self._count = 0.0, 0, 0
         self._queue: list[tuple[float, int, Callable[[], object]]] = []
-        self.nodes = [Node(i, rng.choice(list(FsyncMode))) for i in range(self.config.replicas + 1)]
+        drawn = [rng.choice(list(FsyncMode)) for _ in range(self.config.replicas + 1)]
+        self.nodes = [Node(i, mode, self.config) for i, mode in enumerate(modes or drawn)]
         self.loss, self.dup = rng.choice([0.0, 0.02, 0.1]), rng.choice([0.0, 0.05])
         self.cuts: set[frozenset[int]] = set()
         self.history: list[tuple[int, bytes]] = []  # committed (epoch, payload) by seqno - 1
         self.acked = self.produced = self.sid = 0  # acked: the highest commit a leader reached
         self.max_epoch, self.newest = 0, 0  # the highest epoch taken, and its taker
+        self.save_delay: Callable[[Node, m.SaveState], float] = lambda node, save: self.rng.uniform(
+            *SAVE_S
+        )
         self.trace: list[str] = []
         self.stats: Counter[str] = Counter()
-        for node in self.nodes:
-            self.at(rng.uniform(0, TICK_S), partial(self._tick, node, 0))
-        self._lead(self.nodes[0], 1, 0)
-        for node in self.nodes[1:]:
-            self._follow(node, 0, 0)
+        self.producing = True  # a scenario may stop the producers
+        with planted(self.config.bug):
+            for node in self.nodes:
+                node.leader_flag = None if node.id == 0 else 0  # replicas: `--leader n0`
+                node.machine = node.new_machine()
+            for node in self.nodes:
+                self.at(rng.uniform(0, TICK_S), partial(self._tick, node, 0))
+                self.execute(node, node.machine.start())
         self.at(0.01, self._produce)
         self.at(0.2, self._chaos if self.config.chaos else lambda: None)
         for _ in range(2):  # subscribers: [the node read from, the next seqno]
             self.at(0.05, partial(self._poll, [rng.randrange(len(self.nodes)), 1]))
+
+    # -- the event queue ----------------------------------------------------------------------
 
     def at(self, delay: float, action: Callable[[], object]) -> None:
         self._count += 1
         heapq.heappush(self._queue, (self.now + delay, self._count, action))
 
     def run(self, until_s: float = float("inf")) -> Cluster:
-        while self.step < self.config.steps and self._queue[0][0] <= until_s:
-            self.now, _, action = heapq.heappop(self._queue)
-            self.step += 1
-            action()
-            self.check()
+        with planted(self.config.bug):
+            while self.step < self.config.steps and self._queue[0][0] <= until_s:
+                self.now, _, action = heapq.heappop(self._queue)
+                self.step += 1
+                action()
+                self.check()
         return self
+
+    def run_until(self, done: Callable[[], bool], limit_s: float = 2.0) -> bool:
+        """Run event by event until ``done()`` (False when ``limit_s`` passed first)."""
+        until = self.now + limit_s
+        while not done() and self._queue[0][0] <= until:
+            self.run(until_s=self._queue[0][0])
+        return done()
 
     def note(self, text: str) -> None:
         self.trace.append(f"{self.step}@{self.now:.3f} {text}")
@@ -112,10 +136,129 @@ class Cluster:
             delay = rng.uniform(0.001, 0.01) if rng.random() < 0.9 else rng.uniform(0.01, 0.08)
             self.at(delay, lambda: self.link(src, dst) and deliver())
 
-    def _tick(self, node: Node, inc: int, beat: int = 0) -> None:
+    # -- the runtime: carrying out a machine's commands ---------------------------------------
+
+    def execute(self, node: Node, commands: list[m.Command]) -> None:
+        """Carry out ``commands`` in order; an awaited one resumes the rest when it ends."""
+        inc = node.inc
+        for i, command in enumerate(commands):
+            rest = commands[i + 1 :]
+            if isinstance(command, m.SaveState):
+                self._save(node, command, rest)
+                if command.wait:
+                    return
+            elif isinstance(command, m.Survey):
+                delay = self.rng.uniform(*SURVEY_S)
+                self.at(delay, partial(self._surveyed, node, inc, command, rest))
+                return
+            elif isinstance(command, m.Gather):
+                self.at(0.005, partial(self._gather, node, inc, command, rest))
+                return
+            else:
+                self._carry_out(node, command)
+
+    def _resume(self, node: Node, inc: int, more: list[m.Command], rest: list[m.Command]) -> None:
+        if node.up and node.inc == inc:
+            self.execute(node, [*more, *rest])
+
+    def _carry_out(self, node: Node, command: m.Command) -> None:
+        if isinstance(command, m.Note):
+            self.note(f"{node.name} {command.event} {command.fields}")
+        elif isinstance(command, m.StartStream):
+            self._started_leading(node, command.epoch)
+        elif isinstance(command, m.CommitMoved) and node.machine.is_leader:
+            self._beat(node)
+        elif isinstance(command, m.StartFollowing):
+            self._end_session(node, "following another", quiet=True)
+            self.at(0.0, partial(self._open, node, node.inc))
+        elif isinstance(command, m.StopFollowing):
+            self._end_session(node, "stopped following", quiet=True)
+        elif isinstance(command, m.RetrySession):
+            self.at(command.delay_s, partial(self._open, node, node.inc))
+        elif isinstance(command, m.StopStream):
+            node.streams = {}
+        elif isinstance(command, m.PromotionDone):
+            node.promotion = command
+            self.stats["promotions" if command.error is None else "promotions_refused"] += 1
+
+    def _save(self, node: Node, save: m.SaveState, rest: list[m.Command]) -> None:
+        """A node.json save, written after a delay (state.save_state: a snapshot older than
+        the one written is skipped); an awaited one resumes the node, one that is not is
+        lost if the node crashes first."""
+        inc = node.inc
+
+        def written() -> None:
+            if node.inc != inc:  # the crash came first
+                return
+            if rules.newer_snapshot(save.version, node.saved_version):
+                node.saved, node.saved_version = save.state, max(save.version, node.saved_version)
+            if save.wait and node.up:
+                self._resume(node, inc, node.machine.state_saved(save.version), rest)
+
+        self.at(self.save_delay(node, save), written)
+
+    def _surveyed(self, node: Node, inc: int, survey: m.Survey, rest: list[m.Command]) -> None:
+        """The Status of the peers reachable now (a unary call over TCP: a peer in reach
+        answers; the operator's care for unique epochs counts on that)."""
         if not node.up or node.inc != inc:
             return
-        if node.role == "replica" and (session := node.session) is not None and session.live:
+        answers = {}
+        for address in survey.addresses:
+            peer = self.nodes[index_of(address)]
+            if self.link(node.id, peer.id):
+                answers[address] = peer.machine.status()
+        self._resume(node, inc, node.machine.surveyed(survey.token, answers, self.now), rest)
+
+    def _gather(self, node: Node, inc: int, gather: m.Gather, rest: list[m.Command]) -> None:
+        """peers.gather: reconcile with the source, copy what it holds beyond."""
+        if not node.up or node.inc != inc:
+            return
+        source = self.nodes[index_of(gather.source)]
+        if not self.link(node.id, source.id):
+            error = RequestError("promotion failed, still a replica: a peer failed",
+                                 code="UNAVAILABLE")  # fmt: skip
+            self._resume(node, inc, node.machine.promotion_failed(error), rest)
+            return
+        point = sim_nodes.gather_point(node.store, source.store)
+        if point < node.store.last:
+            self.note(f"{node.name} promote: truncates after {point} (had {node.store.last})")
+            self.stats["promote_truncations"] += 1
+            self._truncate(node, point)
+        records = 0
+        for batch in source.store.batches(node.store.last + 1, gather.last_seqno):
+            if batch.base_seqno == node.store.last + 1:  # as copy_from: what continues ours
+                self._append(node, batch)
+                records += batch.record_count
+        self._resume(node, inc, node.machine.gathered(records), rest)
+
+    def _truncate(self, node: Node, point: int) -> None:
+        node.store.truncate_after(point)
+        node.machine.truncated(point)
+        node.checked = min(node.checked, point)
+
+    def _started_leading(self, node: Node, epoch: int) -> None:
+        """The machine leads ``epoch`` (its state saved): no epoch leads twice."""
+        if epoch < self.max_epoch or (epoch == self.max_epoch and node.id != self.newest):
+            self.stats["epoch_reused"] += 1
+            if not self.config.expose_epoch_reuse:
+                self.fail(f"{node.name} leads under epoch {epoch}, already taken")
+        if epoch >= self.max_epoch:
+            self.max_epoch, self.newest = epoch, node.id
+        node.streams, node.session = {}, None
+        session = StreamSession(group="sim", port=0, cast_id=epoch, page_size_bytes=0,
+                                epoch=epoch, interface_hint="", heartbeat_ms=0,
+                                source_port=node.id)  # fmt: skip
+        node.machine.stream_started(session)
+        self._beat(node)
+
+    # -- ticks, producers, the stream ---------------------------------------------------------
+
+    def _tick(self, node: Node, inc: int) -> None:
+        if not node.up or node.inc != inc:
+            return
+        self.at(TICK_S, partial(self._tick, node, inc))
+        session = node.session
+        if node.role == "replica" and session is not None and session.live:
             leader = self.nodes[session.leader]  # the follower's keepalive
             state = (leader.up, leader.inc, leader.role, leader.epoch)
             if state != (True, session.leader_inc, "leader", session.epoch):
@@ -125,93 +268,38 @@ class Cluster:
             else:
                 self._ack(node)
                 self._fetch(node, session)
-        elif node.role == "leader":
+        elif node.machine.is_leader:
             self._beat(node)
-            for name in node.replicas.expire(self.now):
-                self.note(f"{node.name}: {name} out of sync")
-            if beat % 3 == 2 and (found := self._newer_leader(node)) is not None:
-                self.note(f"{node.name} fenced by n{found[0]} epoch {found[1]}")
-                self._step_down(node, *found)
-        self.at(TICK_S, partial(self._tick, node, inc, beat + 1))
+            self._update_replicas(node)
+        self.execute(node, node.machine.tick(self.now))
 
-    def _lead(self, node: Node, epoch: int, commit: int) -> None:
-        if epoch < self.max_epoch or (epoch == self.max_epoch and node.id != self.newest):
-            self.stats["epoch_reused"] += 1
-            if not self.config.expose_epoch_reuse:
-                self.fail(f"{node.name} leads under epoch {epoch}, already taken")
-        if epoch >= self.max_epoch:
-            self.max_epoch, self.newest = epoch, node.id
-        node.role, node.epoch, node.follow = "leader", epoch, node.id
-        node.state_epoch, node.state_leader = max(node.state_epoch, epoch), node.id
-        node.saved = (node.state_epoch, node.state_leader)  # awaited before it leads
-        node.save_seq += 1
-        node.saved_seq = node.save_seq
-        insync = 1 if self.config.bug == "single-ack" else self.config.min_insync
-        uncapped = self.config.bug == "uncapped-commit"
-        node.tracker = (UncappedTracker if uncapped else CommitTracker)(insync, commit_seqno=commit)
-        node.replicas = ReplicaSet(node.tracker, insync_timeout_s=INSYNC_S)
-        node.streams, node.session = {}, None
-        self.note(f"{node.name} leads epoch {epoch} last {node.store.last} commit {commit}")
-        self._held(node)
+    def _update_replicas(self, node: Node) -> None:
+        """The leader's Replicate responses (at least every UPDATE_S): its commit and its
+        replicas' addresses, on every open session."""
+        commit, addresses = node.tracker.commit_seqno, tuple(node.replicas.addresses())
+        for name, sid in list(node.streams):
+            replica = self.nodes[index_of(name)]
+            args = (replica, node.id, sid, commit, addresses)
+            self.send(node.id, replica.id, partial(self._on_update, *args))
 
-    def _follow(self, node: Node, leader: int, epoch: int) -> None:
-        """Node.follow (a leader steps down: fenced); node.epoch is left as it was."""
-        node.role, node.follow, node.leader_commit = "replica", leader, 0
-        above = epoch > node.state_epoch if self.config.bug == "follow-above" else True
-        if epoch and epoch >= node.state_epoch and above:  # saved, awaited (own epoch too)
-            node.state_epoch, node.state_leader = epoch, leader
-            node.saved = (epoch, leader)
-            node.save_seq += 1
-            node.saved_seq = node.save_seq
-        node.streams, node.session, node.failures, node.refused = {}, None, 0, {}
-        self._open(node, node.inc)
-
-    def _step_down(self, node: Node, leader: int, epoch: int) -> None:
-        """Node.follow from the leader role: it stops leading, names the new leader
-        and takes its epoch in memory, awaits its node.json save (peers may ask meanwhile:
-        it reports no role), then follows."""
-        node.role, node.streams, node.session = "stepping-down", {}, None
-        node.follow = leader  # named before the save (an await); ROLE_UNSPECIFIED meanwhile
-        if epoch >= node.state_epoch:
-            node.state_epoch, node.state_leader = epoch, leader
-        inc = node.inc
-        self.at(self.rng.uniform(*SAVE_S), partial(self._stepped_down, node, inc, leader, epoch))
-
-    def _stepped_down(self, node: Node, inc: int, leader: int, epoch: int) -> None:
-        if node.up and node.inc == inc and node.role == "stepping-down":
-            self._follow(node, leader, epoch)
-
-    def _newer_leader(
-        self, node: Node, *, or_same: bool = False, skip: frozenset[int] = frozenset()
-    ) -> tuple[int, int] | None:
-        """failover.newer_leader over the reachable peers' Status."""
-        peers = [p for p in self.nodes if p is not node and self.link(node.id, p.id)]
-        strict, running = self.config.bug == "strict-newer", self.config.bug == "running-only"
-        skip = frozenset() if self.config.bug == "no-skip" else skip
-        self_named = self.config.bug == "self-named"
-        return newer_leader(node, peers, or_same=or_same, skip=skip, strict=strict,
-                            running=running, self_named=self_named)  # fmt: skip
-
-    def _save_soon(self, node: Node) -> None:
-        """Follower._adopt's node.json save: not awaited, so a crash can come first."""
-        state, inc = (node.state_epoch, node.state_leader), node.inc
-        node.save_seq += 1
-        self.at(self.rng.uniform(*SAVE_S), partial(self._saved, node, inc, state, node.save_seq))
-
-    def _saved(self, node: Node, inc: int, state: tuple[int, int], seq: int) -> None:
-        """state.save_state: a snapshot older than the one written is skipped."""
-        if node.inc != inc:  # the crash came first
+    def _on_update(
+        self, node: Node, src: int, sid: int, commit: int, addresses: tuple[str, ...]
+    ) -> None:
+        session = node.session
+        if session is None or session.sid != sid or not session.live or session.leader != src:
             return
-        if seq > node.saved_seq or self.config.bug == "unordered-saves":
-            node.saved, node.saved_seq = state, max(seq, node.saved_seq)
+        self.execute(node, node.machine.session_update(commit, addresses))
 
     def _produce(self) -> None:
         rng = self.rng
         self.at(rng.uniform(0.01, 0.08), self._produce)
-        if not (leaders := [n for n in self.nodes if n.up and n.role == "leader"]):
+        leaders = [n for n in self.nodes if n.up and n.machine.is_leader]
+        if not self.producing or not leaders:
             return
         node, quorum = rng.choice(leaders), rng.random() >= ACKS_LEADER
-        if quorum and node.replicas.in_sync_copies() < node.tracker.min_insync:
+        try:
+            node.machine.check_produce(quorum=quorum)
+        except BoomscooterError:
             self.stats["unavailable"] += 1  # acks=quorum fails at once (acks=leader: stored)
             return
         self.produced += 1
@@ -234,10 +322,9 @@ class Cluster:
             self._held(node)
 
     def _held(self, node: Node) -> None:
-        if node.role != "leader":
+        self.execute(node, node.machine.held(node.store.held()))
+        if not node.machine.is_leader:
             self._ack(node)
-        elif node.tracker.held("", node.store.held()):
-            self._beat(node)
 
     def _beat(self, node: Node) -> None:  # a heartbeat, also sent when the commit advances
         self._multicast(node, node.store.last, node.tracker.commit_seqno)
@@ -248,87 +335,93 @@ class Cluster:
                 args = (peer, node.id, node.epoch, last, commit, batch)
                 self.send(node.id, peer.id, partial(self._on_stream, *args))
 
-    def _on_hello(self, node: Node, replica: Node, sid: int, last_epoch: int) -> None:
-        if node.role != "leader" or last_epoch > node.epoch:
-            self.send(node.id, replica.id, lambda: self._refused(replica, sid))
-            return
-        state = node.replicas.connected(replica.name, replica.name, self.now)
-        node.streams[replica.name, sid] = state.sessions
-        answer = (node, node.inc, node.epoch, node.tracker.commit_seqno, node.store.last)
-        self.send(node.id, replica.id, lambda: self._on_welcome(replica, sid, answer))
-
-    def _on_ack(self, node: Node, name: str, sid: int, held: int, last: int, epoch: int) -> None:
-        if node.role != "leader" or (name, sid) not in node.streams:
-            return
-        if not node.replicas.replicas[name].connected:
-            self.stats["acks_lost_to_stale_close"] += 1  # see test_simulation
-        held = min(held, node.store.last)
-        if node.replicas.ack(name, durable_seqno=held, last_seqno=last, last_epoch=epoch,
-                             now=self.now):  # fmt: skip
-            self._beat(node)
+    # -- Replicate sessions -------------------------------------------------------------------
 
     def _open(self, node: Node, inc: int) -> None:
         if not node.up or node.inc != inc or node.role != "replica" or node.session is not None:
             return
+        leader_index = node.follow
+        if leader_index < 0:
+            self.execute(node, node.machine.session_ended("no leader known"))
+            return
         self.sid += 1
-        session = node.session = Session(self.sid, node.follow)
-        leader, epoch = self.nodes[node.follow], node.store.last_epoch
+        session = node.session = Session(self.sid, leader_index)
+        leader, epoch = self.nodes[leader_index], node.store.last_epoch
         self.send(node.id, leader.id, lambda: self._on_hello(leader, node, session.sid, epoch))
         self.at(HELLO_S, lambda: self._refused(node, session.sid, live=False))
+
+    def _on_hello(self, node: Node, replica: Node, sid: int, last_epoch: int) -> None:
+        """The leader's side of a new session (replicate.replicate)."""
+        try:
+            state, commands = node.machine.replica_opened(
+                replica.name, replica.name, last_epoch, self.now
+            )
+        except BoomscooterError:
+            self.send(node.id, replica.id, lambda: self._refused(replica, sid))
+            return
+        node.streams[replica.name, sid] = state.sessions
+        self.execute(node, commands)
+        machine = node.machine
+        assert machine.session is not None
+        offer = m.SessionOffer(
+            session=machine.session,
+            commit_seqno=machine.commit_seqno,
+            last_seqno=node.store.last,
+            first_seqno=1,
+            min_insync=machine.tracker.min_insync,
+            keepalive_ms=rules.keepalive_ms(machine.config.insync_timeout_s),
+            replica_addresses=tuple(machine.replicas.addresses()),
+        )
+        answer = (node, node.inc, node.epoch, offer)
+        self.send(node.id, replica.id, lambda: self._on_welcome(replica, sid, answer))
 
     def _refused(self, node: Node, sid: int, *, live: bool = True) -> None:
         if (session := node.session) and session.sid == sid and (live or not session.live):
             self._end_session(node, "refused" if live else "no answer")
 
-    def _on_welcome(self, node: Node, sid: int, answer: tuple[Node, int, int, int, int]) -> None:
-        (leader, inc, epoch, commit, last), session = answer, node.session
+    def _on_welcome(
+        self, node: Node, sid: int, answer: tuple[Node, int, int, m.SessionOffer]
+    ) -> None:
+        """The follower's side: the machine checks the leader, the log is reconciled (at
+        once, against the leader that answered, if it still is), then the session counts."""
+        (leader, inc, epoch, offer), session = answer, node.session
         if session is None or session.sid != sid or session.live:
             return
-        # Reconciling (Fetches) is done at once, against the leader that answered, if it still is.
         if (leader.inc, leader.role, leader.epoch) != (inc, "leader", epoch):
             self._end_session(node, "the leader changed")
             return
-        if stale_leader(node, leader.id, epoch) and self.config.bug != "no-stale-check":
+        try:
+            commands = node.machine.session_offered(leader.name, offer)
+        except m.StaleLeader:
             self.stats["stale_leader_refused"] += 1
-            node.refused[leader.id] = epoch  # StaleLeader(address, epoch)
             self._end_session(node, f"{leader.name} is stale (epoch {epoch})")
             return
-        node.epoch = epoch  # Follower._adopt
-        if epoch > node.state_epoch or node.state_leader != leader.id:
-            node.state_epoch, node.state_leader = max(node.state_epoch, epoch), leader.id
-            self._save_soon(node)
+        self.execute(node, commands)
         point, store = common_point(node.store, leader.store), node.store
-        if point < store.last and self.config.bug != "no-reconcile":
+        if point < store.last:
             self.note(f"{node.name} truncates after {point} (had {store.last})")
             self.stats["truncations"] += 1
-            store.truncate_after(point)
-            node.checked = min(node.checked, point)
+            self._truncate(node, point)
         ours_all, theirs = store.batches(1, store.last), leader.store.batches(1, store.last)
         if [bytes(b.data) for b in ours_all] != [bytes(b.data) for b in theirs]:
             self.fail(f"{node.name} reconciled with {leader.name}: its log is not a prefix")
         session.live, session.epoch, session.leader_inc = True, epoch, inc
-        session.leader_last = last
-        node.leader_commit, node.failures = max(node.leader_commit, commit), 0
-        self.note(f"{node.name} session {sid} with {leader.name} epoch {epoch} commit {commit}")
+        session.leader_last = offer.last_seqno
+        self.note(f"{node.name} session {sid} with {leader.name} epoch {epoch} "
+                  f"commit {offer.commit_seqno}")  # fmt: skip
+        self.execute(node, node.machine.session_reconciled(offer.commit_seqno))
         self._ack(node)
         self._fetch(node, session)
 
-    def _end_session(self, node: Node, reason: str) -> None:
+    def _end_session(self, node: Node, reason: str, *, quiet: bool = False) -> None:
+        """The follower's session ends (quiet: the machine ended it itself)."""
         if (session := node.session) is None:
             return
         node.session = None
         self.note(f"{node.name} session {session.sid} ended: {reason}")
         self._close_stream(node, session, quick=self.link(node.id, session.leader))
-        if not node.up or node.role != "replica":
-            return
-        node.failures += 1
-        skip = frozenset(a for a, e in node.refused.items() if e <= node.state_epoch)
-        found = self._newer_leader(node, or_same=True, skip=skip)
-        if found is not None and found[0] != node.follow:
-            self.note(f"{node.name} follows n{found[0]} (epoch {found[1]})")
-            node.follow, node.failures = found[0], 0
-        delay = RETRY_S[max(0, min(node.failures, len(RETRY_S)) - 1)]
-        self.at(delay, partial(self._open, node, node.inc))
+        if node.up and not quiet:
+            self.execute(node, node.machine.session_ended(reason))
 
     def _close_stream(self, node: Node, session: Session, *, quick: bool) -> None:
         """The leader's side ends (replica_closed, with the ReplicaSet session it opened)."""
@@ -339,9 +432,8 @@ class Cluster:
 
     def _closed(self, leader: Node, inc: int, name: str, sid: int) -> None:
         number = leader.streams.pop((name, sid), None) if leader.inc == inc else None
-        if number is not None and leader.role == "leader":
-            stale = self.config.bug == "stale-close"  # planted: by id, whatever the session
-            leader.replicas.disconnected(name, None if stale else number)
+        if number is not None and leader.machine.is_leader:
+            self.execute(leader, leader.machine.replica_closed(name, number))
 
     def _ack(self, node: Node) -> None:
         if (session := node.session) is None or not session.live:
@@ -349,6 +441,14 @@ class Cluster:
         leader, store, name, sid = self.nodes[session.leader], node.store, node.name, session.sid
         args = (store.held(), store.last, store.last_epoch)
         self.send(node.id, leader.id, lambda: self._on_ack(leader, name, sid, *args))
+
+    def _on_ack(self, node: Node, name: str, sid: int, held: int, last: int, epoch: int) -> None:
+        if not node.machine.is_leader or (name, sid) not in node.streams:
+            return
+        replica = node.replicas.replicas.get(name)
+        if replica is not None and not replica.connected:
+            self.stats["acks_lost_to_stale_close"] += 1  # see test_simulation
+        self.execute(node, node.machine.replica_acked(name, held, last, epoch, self.now))
 
     def _fetch(self, node: Node, session: Session) -> None:
         first, last = node.store.last + 1, session.leader_last
@@ -384,7 +484,7 @@ class Cluster:
             self._receive(node, session, batch)
         else:
             session.leader_last = max(session.leader_last, last)
-            node.leader_commit = max(node.leader_commit, commit)
+            self.execute(node, node.machine.leader_commit_seen(commit))
             self._fetch(node, session)
 
     def _receive(self, node: Node, session: Session, batch: Batch | None) -> None:
@@ -406,6 +506,9 @@ class Cluster:
             self._append(node, batch)
             batch = session.pending.pop(node.store.last + 1, None)
         session.pending = {b: v for b, v in session.pending.items() if b > node.store.last}
+        self.execute(node, node.machine.log_grew())
+
+    # -- faults and the operator --------------------------------------------------------------
 
     def _chaos(self) -> None:
         rng, nodes = self.rng, self.nodes
@@ -419,7 +522,7 @@ class Cluster:
             leaders = [n for n in up if n.role == "leader"]
             self.crash(rng.choice(leaders if leaders and rng.random() < 0.5 else up))
         elif choice == "restart":
-            self.restart(rng.choice(down))
+            self._restart(rng.choice(down))
         elif choice == "cut":
             self.cuts.add(cut := frozenset(rng.sample(range(len(nodes)), 2)))
             self.note(f"cut {sorted(cut)}")
@@ -427,52 +530,62 @@ class Cluster:
             self.cuts.discard(cut := rng.choice(sorted(self.cuts, key=sorted)))
             self.note(f"heal {sorted(cut)}")
         elif choice == "promote" and candidate is not None:
-            self.promote(candidate)
+            self._promote(candidate)
 
     def crash(self, node: Node, *, power: bool | None = None) -> None:
-        if power is None:  # under fsync=never: process crashes only
-            power = node.mode is not FsyncMode.NEVER and self.rng.random() < 0.6
-        if node.session is not None:  # a process crash resets the connection at once
-            self._close_stream(node, node.session, quick=not power)
-        node.up, node.inc, node.was, node.role = False, node.inc + 1, node.role, "down"
-        node.session, node.streams, node.sync_due = None, {}, False
-        lost, torn = node.store.crash(self.rng, power)
-        node.checked = min(node.checked, node.store.last)
-        self.stats["power_losses" if power else "crashes"] += 1
-        self.stats["records_lost_in_crashes"] += lost
-        if power and node.was == "leader" and node.mode is FsyncMode.INTERVAL:
-            self.stats["leader_interval_power_losses"] += 1
-        self.note(f"{node.name} crash ({'power' if power else 'process'}) lost {lost} torn {torn}")
+        with planted(self.config.bug):
+            if power is None:  # under fsync=never: process crashes only
+                power = node.mode is not FsyncMode.NEVER and self.rng.random() < 0.6
+            if node.session is not None:  # a process crash resets the connection at once
+                self._close_stream(node, node.session, quick=not power)
+            node.was = "leader" if node.machine.is_leader else node.role
+            # A restart takes the command line it was started with: a replica its leader.
+            if node.role in ("replica", "promoting") and node.follow >= 0:
+                node.leader_flag = node.follow
+            elif node.was in ("leader", "stepping-down"):
+                node.leader_flag = None
+            node.up, node.inc = False, node.inc + 1
+            node.session, node.streams, node.sync_due = None, {}, False
+            lost, torn = node.store.crash(self.rng, power)
+            node.checked = min(node.checked, node.store.last)
+            self.stats["power_losses" if power else "crashes"] += 1
+            self.stats["records_lost_in_crashes"] += lost
+            if power and node.was == "leader" and node.mode is FsyncMode.INTERVAL:
+                self.stats["leader_interval_power_losses"] += 1
+            self.note(f"{node.name} crash ({'power' if power else 'process'}) lost {lost} "
+                      f"torn {torn}")  # fmt: skip
 
-    def _may_restart(self, node: Node) -> bool:  # a deposed leader waits until it is fenced
-        if node.was != "leader" or node.id == self.newest or self.config.expose_epoch_reuse:
+    def _may_restart(self, node: Node) -> bool:  # a deposed leader waits until it can be fenced
+        if node.leader_flag is not None or node.id == self.newest:
+            return True
+        if self.config.expose_epoch_reuse:
             return True
         newest = self.nodes[self.newest]
         cut = frozenset((node.id, newest.id)) in self.cuts
-        return newest.up and newest.role == "leader" and not cut
+        known = newest.name in node.saved.peers  # else its start asks no one who knows
+        return newest.up and newest.role == "leader" and not cut and known
 
-    def restart(self, node: Node) -> None:
-        node.up, node.leader_commit = True, 0
-        node.state_epoch, node.state_leader = node.saved  # load_state
-        node.epoch = max(node.state_epoch, node.store.last_epoch)
+    def _restart(self, node: Node) -> None:
+        node.up, node.promotion = True, None
+        node.saved_version = 0  # a new process: state.save_state's order starts again
+        node.machine = node.new_machine()
         self.stats["restarts"] += 1
         self.note(f"{node.name} restarts as {node.was} epoch {node.epoch} last {node.store.last}"
-                  f" saved {node.saved}")  # fmt: skip
+                  f" saved {node.saved_pair}")  # fmt: skip
         self.at(self.rng.uniform(0, TICK_S), partial(self._tick, node, node.inc))
-        if node.was != "leader":
-            self._follow(node, node.follow, 0)
-            return
-        node.role = "starting"
-        if (found := self._newer_leader(node)) is not None:
-            self.note(f"{node.name} fenced at start by n{found[0]} epoch {found[1]}")
-            self._follow(node, *found)
-        else:
-            commit = node.store.last if self.config.min_insync == 1 else 0
-            self._lead(node, node.epoch + 1, commit)
+        self.execute(node, node.machine.start())
+
+    def restart(self, node: Node) -> None:
+        """Restart ``node`` (a scenario's step) and run until it has started (it leads or
+        follows: a start awaits a survey and a state save)."""
+        with planted(self.config.bug):
+            self._restart(node)
+            self.run_until(lambda: node.role != "starting")
 
     def _candidate(self) -> Node | None:
-        """The operator's pick: any replica, once the newest leader is down, if every other
-        survivor answers it (and, unless ``expose_epoch_reuse``, one knows the newest epoch)."""
+        """The operator's pick: any replica, once the newest leader is down, that knows every
+        other survivor (from its leader) and reaches them (and, unless ``expose_epoch_reuse``,
+        one of them knows the newest epoch)."""
         newest = self.nodes[self.newest]
         up = [n for n in self.nodes if n.up and n.role == "replica"]
         if newest.up or not up:
@@ -481,68 +594,33 @@ class Cluster:
         others = [n for n in self.nodes if n is not newest and n is not pick]
         if not all(self.link(pick.id, n.id) for n in others):
             return None  # a surviving replica is out of reach: the guarantee needs it
+        known = {*pick.machine.state.peers, *pick.machine.peers}
+        if not all(n.name in known for n in others):
+            return None  # it would not ask them: a replica that never joined the cluster
         seen = max(n.status_epoch() for n in [pick, *others])  # the survey's
         if seen < self.max_epoch and not self.config.expose_epoch_reuse:
             return None  # a dead leader took an epoch no one reachable reports
         return pick
 
-    def promote(self, node: Node) -> bool:
-        """failover.promote: survey (refused while a leader of our epoch or newer answers),
-        stop following, make our log the most up-to-date one among the peers' (the highest
-        last epoch, then the longest: reconcile with it, copy its rest), take an epoch above
-        all, lead. False when refused."""
-        peers = [p for p in self.nodes if p is not node and self.link(node.id, p.id)]
-        if alive := [p for p in peers if p.role == "leader" and p.status_epoch() >= node.epoch]:
+    def _promote(self, node: Node, *, force: bool = False) -> None:
+        try:
+            commands = node.machine.promote(0, force=force)
+        except RequestError:
             self.stats["promotions_refused"] += 1
-            self.note(f"{node.name} promote refused: {alive[0].name} leads")
-            return False
-        node.role = "promoting"
-        self._end_session(node, "promoted")
-        if self.config.bug == "extends-gather":
-            gathered = self._gather_extending(node, peers)
-        elif self.config.bug == "no-gather":
-            gathered = 0
-        else:
-            gathered = self._gather(node, peers)
-        epoch = max([node.epoch, node.state_epoch, *(p.status_epoch() for p in peers)]) + 1
-        self.stats["promotions"] += 1
-        self.note(f"{node.name} promoted: gathered {gathered}")
-        node.role = "replica"  # its commit_seqno as a replica: what it knew committed
-        self._lead(node, epoch, node.commit())
-        return True
+            return
+        node.promotion = None
+        self.note(f"{node.name} promote asked")
+        self.execute(node, commands)
 
-    def _gather(self, node: Node, peers: list[Node]) -> int:
-        """failover._gather: Raft's up-to-date rule, then failover.reconcile and copy_from."""
-        if not peers:
-            return 0
-        position, _, best = max((p.store.position(), p.name, p) for p in peers)
-        if position <= node.store.position():
-            return 0
-        point = common_point(node.store, best.store)
-        if point < node.store.last:
-            self.note(f"{node.name} promote: truncates after {point} (had {node.store.last})")
-            self.stats["promote_truncations"] += 1
-            node.store.truncate_after(point)
-            node.checked = min(node.checked, point)
-        return self._copy(node, best)
+    def promote(self, node: Node, *, force: bool = False) -> bool:
+        """The operator's ``boomscooter promote`` (a scenario's step): run until it is
+        done; True when the node leads."""
+        with planted(self.config.bug):
+            self._promote(node, force=force)
+            self.run_until(lambda: node.promotion is not None)
+            return node.promotion is not None and node.promotion.error is None
 
-    def _gather_extending(self, node: Node, peers: list[Node]) -> int:
-        """The rule before the fix (planted bug ``extends-gather``): copy from the longest
-        peer whose log extends ours (its batch at our last seqno is ours)."""
-        for peer in sorted(peers, key=lambda p: -p.store.last):
-            last = node.store.last
-            if peer.store.last <= last:
-                break
-            if last and not same(node.store.batch_at(last), peer.store.batch_at(last)):
-                continue
-            return self._copy(node, peer)
-        return 0
-
-    def _copy(self, node: Node, peer: Node) -> int:
-        batches = peer.store.batches(node.store.last + 1, peer.store.last)
-        for batch in batches:
-            self._append(node, batch)
-        return sum(b.record_count for b in batches)
+    # -- subscribers and invariants -----------------------------------------------------------
 
     def _poll(self, sub: list[int]) -> None:
         self.at(0.05, partial(self._poll, sub))
@@ -579,7 +657,7 @@ class Cluster:
 
     def _check_node(self, node: Node) -> None:
         commit = node.commit()
-        if node.role == "leader":
+        if node.machine.is_leader:
             if commit > node.store.last:
                 self.fail(f"{node.name} commit {commit} beyond its log {node.store.last}")
             self.acked = max(self.acked, commit)
@@ -588,7 +666,7 @@ class Cluster:
     def check(self) -> None:
         for node in [n for n in self.nodes if n.up]:
             self._check_node(node)
-        leaders = [n for n in self.nodes if n.up and n.role == "leader"]
+        leaders = [n for n in self.nodes if n.up and n.machine.is_leader]
         top = [n for n in leaders if n.epoch == max(m.epoch for m in leaders)]
         if len(top) == 1:  # a stale leader gets fenced; of two with one epoch, neither leads
             self._covers(top[0], self.acked, "acknowledged record lost")

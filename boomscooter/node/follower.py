@@ -399,8 +399,8 @@ class Follower:
                 current.source_port,
             ):
                 raise SessionEnded("the leader's stream changed")
-            node.apply(self.machine.leader_commit_seen(response.commit_seqno))
-            self.machine.peers = [a for a in response.replica_addresses if a != node.address]
+            addresses = tuple(response.replica_addresses)
+            node.apply(self.machine.session_update(response.commit_seqno, addresses))
             await self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
 

@@ -255,6 +255,7 @@ class MachineConfig:
     fsync_never: bool = False
     follow: str | None = None  # start as a replica of this leader
     watch_interval_s: float = 2.0  # the leader's fencing check
+    retry_s: tuple[float, ...] = rules.RETRY_S  # a replica's pauses between failed sessions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -408,8 +409,10 @@ class NodeMachine:
         purpose = self._surveys.pop(token, None)
         if purpose is Purpose.START and self.role is Role.STARTING:
             found = rules.newer_leader(self.view(), answers)
-            if found is not None:
-                return self.follow(*found)
+            if found is not None:  # fenced before it took an epoch
+                fields = {"leader": found[0], "epoch": found[1], "own_epoch": self.epoch,
+                          "at_start": True}  # fmt: skip
+                return [Note("node.fenced", "warning", fields), *self.follow(*found)]
             return self._begin_lead(
                 rules.start_epoch(self.epoch), self.config.min_insync, self.tracker.commit_seqno
             )
@@ -683,6 +686,12 @@ class NodeMachine:
         self.failures = 0
         return self.leader_commit_seen(leader_commit)
 
+    def session_update(self, commit: int, replica_addresses: tuple[str, ...]) -> list[Command]:
+        """A message of the leader on the replica's session: its commit, and its replicas
+        (whom a promotion of this node asks)."""
+        self.peers = [a for a in replica_addresses if a != self.address]
+        return self.leader_commit_seen(commit)
+
     def leader_commit_seen(self, commit: int) -> list[Command]:
         """The leader's commit seqno, from its stream or its session: counted only once
         this log was reconciled with the leader's (before that its tail may be one the
@@ -719,7 +728,8 @@ class NodeMachine:
                                                           "epoch": found[1]}))  # fmt: skip
             self.leader_address = found[0]
             self.failures = 0
-        out.append(RetrySession(self.leader_address, rules.replica_retry_s(self.failures)))
+        delay = rules.replica_retry_s(self.failures, self.config.retry_s)
+        out.append(RetrySession(self.leader_address, delay))
         return out
 
     # -- promotion --------------------------------------------------------------------------

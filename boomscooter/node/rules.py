@@ -166,9 +166,9 @@ def gather_source(
     return best[1], answers[best[1]]
 
 
-def replica_retry_s(failures: int) -> float:
+def replica_retry_s(failures: int, schedule: tuple[float, ...] = RETRY_S) -> float:
     """A replica's pause before its next session after ``failures`` failed ones."""
-    return RETRY_S[max(0, min(failures, len(RETRY_S)) - 1)]
+    return schedule[max(0, min(failures, len(schedule)) - 1)]
 
 
 def keepalive_ms(insync_timeout_s: float) -> int:
