@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test flakehunt bench lint system-deps bench-deps clean
+.PHONY: all venv demo test mutate flakehunt bench lint system-deps bench-deps clean
 
 all: test
 
@@ -59,6 +59,11 @@ demo: $(STAMP)
 test: $(STAMP) system-deps
 	@$(BIN)/python -m pytest -p no:randomly $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests ran" >&2; exit 1; fi; exit $$rc
+
+# The mutation check (scripts/mutate.py): each rule of the node removed in turn from a copy of
+# the repository; the simulation and the node's unit tests must fail for each. CI runs it.
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py
 
 # The flaky-test hunt (scripts/flakehunt.py): the whole suite RUNS times, shuffled, beside busy
 # loops on every core (LOAD=normal|low|mixed|none); a summary by test in .flakehunt/report.md.

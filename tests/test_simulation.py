@@ -411,13 +411,12 @@ EPOCH_REUSE = (
     "from both getting replicas, and a starting leader follows another leader of its epoch "
     "it sees, but an epoch is still taken twice where no rule can see the first taker, and "
     "the second taker may lead from a log without what the first committed "
-    "(SimConfig(expose_epoch_reuse=True): 3 of seeds 0-299: 123, 170, 254). (a) A deposed "
-    "leader restarts cut off from every peer: start_leader takes its epoch + 1, the current "
-    "leader's (seeds 170, 254: then that leader dies and the duplicate, which the replicas "
-    "refuse, is the only leader up). (b) A promoted leader dies before any replica saved "
-    "its epoch (seed 123), or a replica that switched to it reports its old epoch until its "
-    "session opens: the next promotion or start takes it again. Needs epochs agreed by a "
-    "quorum (a coordination service)."
+    "(SimConfig(expose_epoch_reuse=True): 2 of seeds 0-299: 219, 282). A deposed leader "
+    "restarts cut off from every peer: its start takes its epoch + 1, which a promotion "
+    "took meanwhile; then the promoted leader dies and the duplicate, lacking what it "
+    "committed, is the only leader up. A promoted leader that dies before any replica saved "
+    "its epoch can have it taken again the same way. Needs epochs agreed by a quorum (a "
+    "coordination service: issue 18)."
 )
 
 

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from boomscooter.errors import StorageError
+from boomscooter.node import rules
 from boomscooter.storage.segment import fsync_dir
 
 FILE_NAME = "node.json"
@@ -76,7 +77,7 @@ def save_state(data_dir: str, state: NodeState, version: int = 0) -> None:
     ).encode()
     with _save_lock:
         if version:
-            if version <= _written.get(data_dir, 0):
+            if not rules.newer_snapshot(version, _written.get(data_dir, 0)):
                 return
             _written[data_dir] = version
         fd, temp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=data_dir)

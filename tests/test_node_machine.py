@@ -1,0 +1,272 @@
+"""The node's state machine and rules on their own (no I/O, no clock): the role table, the
+order of what a start, a fencing, a promotion and a replica session do, and the rules the
+simulation cannot reach because the runtime's order already enforces them (a replica's
+commit counts only once reconciled, NOT_LEADER before the quorum check, a replica's ack
+never counted past the leader's log). ``scripts/mutate.py`` relies on these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pytest
+
+from boomscooter.errors import (
+    LocalProtocolError,
+    NotLeaderError,
+    RequestError,
+    ServerUnavailableError,
+)
+from boomscooter.node import machine as m
+from boomscooter.node import rules
+from boomscooter.node.core import StreamSession
+from boomscooter.node.rules import PeerRole, PeerStatus
+from boomscooter.node.state import NodeState
+
+T = TypeVar("T")
+
+
+@dataclass
+class FakeLog:
+    """The log's position, as the machine reads it."""
+
+    first_seqno: int = 1
+    last_seqno: int = 0
+    durable_seqno: int = 0
+    last_epoch: int = 0
+
+
+def session(epoch: int, source_port: int = 7) -> StreamSession:
+    return StreamSession(group="239.1.1.1", port=1, cast_id=epoch, page_size_bytes=1400,
+                         epoch=epoch, interface_hint="", heartbeat_ms=50,
+                         source_port=source_port)  # fmt: skip
+
+
+def offer(
+    epoch: int, commit: int = 0, last: int = 0, peers: tuple[str, ...] = ()
+) -> m.SessionOffer:
+    return m.SessionOffer(session=session(epoch), commit_seqno=commit, last_seqno=last,
+                          first_seqno=1, min_insync=2, keepalive_ms=250,
+                          replica_addresses=peers)  # fmt: skip
+
+
+def node(
+    *,
+    address: str = "a",
+    follow: str | None = None,
+    min_insync: int = 1,
+    log: FakeLog | None = None,
+    state: NodeState | None = None,
+) -> m.NodeMachine:
+    config = m.MachineConfig(min_insync=min_insync, follow=follow, watch_interval_s=2.0)
+    return m.NodeMachine(config, log or FakeLog(), state or NodeState(), address=address)
+
+
+def role(machine: m.NodeMachine) -> m.Role:
+    """The machine's role, read afresh (mypy narrows an attribute after a check)."""
+    return machine.role
+
+
+def only(commands: list[m.Command], kind: type[T]) -> list[T]:
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def run(
+    machine: m.NodeMachine, commands: list[m.Command], answers: dict[str, PeerStatus] | None = None
+) -> list[m.Command]:
+    """Carry out awaited commands at once (saves done, surveys answered); the rest back."""
+    out: list[m.Command] = []
+    queue = list(commands)
+    while queue:
+        command = queue.pop(0)
+        if isinstance(command, m.SaveState) and command.wait:
+            queue[:0] = machine.state_saved(command.version)
+        elif isinstance(command, m.Survey):
+            found = {a: s for a, s in (answers or {}).items() if a in command.addresses}
+            queue[:0] = machine.surveyed(command.token, found, 0.0)
+        else:
+            out.append(command)
+        if isinstance(command, m.SaveState):
+            out.append(command)
+    return out
+
+
+def leader(**kwargs: object) -> m.NodeMachine:
+    machine = node(**kwargs)  # type: ignore[arg-type]
+    run(machine, machine.start())
+    assert role(machine) is m.Role.LEADER
+    return machine
+
+
+def test_the_role_table_refuses_what_it_does_not_list() -> None:
+    machine = node()
+    assert role(machine) is m.Role.STARTING
+    with pytest.raises(LocalProtocolError, match="fenced while starting"):
+        machine._step(m.Step.FENCED)
+    for (before, step), after in m.TRANSITIONS.items():
+        machine.role = before
+        machine._step(step)
+        assert role(machine) is after
+
+
+def test_a_starting_leader_saves_its_epoch_before_it_leads() -> None:
+    machine = node(log=FakeLog(last_seqno=5, durable_seqno=5, last_epoch=3), state=NodeState(3))
+    (survey,) = only(machine.start(), m.Survey)
+    assert survey.purpose is m.Purpose.START
+    (save,) = machine.surveyed(survey.token, {}, 0.0)
+    assert isinstance(save, m.SaveState) and save.wait
+    assert (save.state.epoch, save.state.leader) == (4, "a")
+    assert role(machine) is m.Role.STARTING  # not before the save is on disk
+    led = machine.state_saved(save.version)
+    assert role(machine) is m.Role.LEADER and machine.epoch == 4
+    assert only(led, m.StartStream) == [m.StartStream(4)]
+    assert machine.commit_seqno == 5  # min_insync 1: its own durable log is committed
+
+
+def test_a_starting_leader_follows_a_newer_one_it_hears_of() -> None:
+    machine = node(state=NodeState(2, ["b"], "a"))
+    (survey,) = only(machine.start(), m.Survey)
+    answers = {"b": PeerStatus(role=PeerRole.LEADER, epoch=3, leader_address="b")}
+    commands = run(machine, machine.surveyed(survey.token, answers, 0.0))
+    assert role(machine) is m.Role.REPLICA and machine.leader_address == "b"
+    assert machine.state.epoch == 3 and machine.state.leader == "b"
+    assert only(commands, m.StartFollowing) == [m.StartFollowing("b")]
+
+
+def test_a_fenced_leader_stops_and_names_no_other_leader_until_it_follows() -> None:
+    machine = leader(state=NodeState(1, ["b"], "a"))
+    commands = machine.follow("b", 3)
+    assert only(commands, m.StopStream) and role(machine) is m.Role.STEPPING_DOWN
+    assert machine.status().role is PeerRole.NONE  # no peer takes it for a leader
+    assert machine.status().leader_address == "b" and machine.status().epoch == 3
+    (save,) = only(commands, m.SaveState)
+    assert isinstance(save, m.SaveState) and save.wait and save.state.leader == "b"
+    after = machine.state_saved(save.version)
+    assert role(machine) is m.Role.REPLICA and only(after, m.StartFollowing)
+
+
+def test_not_leader_comes_before_the_quorum_check() -> None:
+    replica = node(follow="b", min_insync=3)
+    run(replica, replica.start())
+    with pytest.raises(NotLeaderError) as info:
+        replica.check_produce(quorum=True)
+    assert info.value.leader_address == "b"
+    machine = leader(min_insync=3)
+    with pytest.raises(ServerUnavailableError, match="needs 3 in-sync copies, 1 available"):
+        machine.check_produce(quorum=True)
+    machine.check_produce(quorum=False)
+
+
+def test_a_replica_counts_its_leaders_commit_only_once_reconciled() -> None:
+    replica = node(follow="b", log=FakeLog(last_seqno=10, durable_seqno=10, last_epoch=1))
+    run(replica, replica.start())
+    replica.session_offered("b", offer(2, commit=4))
+    assert replica.leader_commit_seen(8) == []  # its tail may be one the leader lacks
+    assert replica.commit_seqno == 0
+    moved = replica.session_reconciled(4)
+    assert only(moved, m.CommitMoved) == [m.CommitMoved(4)]
+    replica.leader_commit_seen(8)
+    assert replica.commit_seqno == 8
+    replica.leader_commit_seen(20)
+    assert replica.commit_seqno == 10  # capped at what it stores
+
+
+def test_a_replicas_ack_never_counts_past_the_leaders_log() -> None:
+    machine = leader(min_insync=2, log=FakeLog(last_seqno=5, durable_seqno=5, last_epoch=1))
+    machine.replica_opened("r", "r:1", 1, 0.0)
+    machine.replica_acked("r", 2**64 - 1, 2**64 - 1, 1, 0.1)  # a claim beyond the log
+    assert machine.replicas.replicas["r"].durable_seqno == 5
+    assert machine.commit_seqno == 5
+
+
+def test_a_leader_refuses_a_replica_of_a_newer_epoch() -> None:
+    machine = leader(log=FakeLog(last_epoch=0))
+    with pytest.raises(RequestError, match="this leader is stale"):
+        machine.replica_opened("r", "r:1", machine.epoch + 1, 0.0)
+    assert "r" not in machine.replicas.replicas
+
+
+def test_a_replica_refuses_a_stale_leader_and_passes_it_over() -> None:
+    replica = node(follow="b", state=NodeState(3, ["b", "c"], "c"))
+    run(replica, replica.start())
+    with pytest.raises(m.StaleLeader):
+        replica.session_offered("b", offer(3))  # a second leader of epoch 3
+    assert replica.refused == {"b": 3}
+    ended = replica.session_ended("stale")
+    (survey,) = only(ended, m.Survey)
+    answers = {
+        "b": PeerStatus(role=PeerRole.LEADER, epoch=3, leader_address="b"),
+        "c": PeerStatus(role=PeerRole.LEADER, epoch=3, leader_address="c"),
+    }
+    (retry,) = replica.surveyed(survey.token, answers, 0.0)[-1:]
+    assert retry == m.RetrySession("c", rules.RETRY_S[0])
+
+
+def test_a_leader_checks_for_a_newer_one_every_watch_interval() -> None:
+    machine = leader(state=NodeState(0, ["b"], ""))
+    assert only(machine.tick(0.0), m.Survey) == []  # the first tick only sets the clock
+    assert only(machine.tick(1.0), m.Survey) == []
+    (survey,) = only(machine.tick(2.0), m.Survey)
+    answers = {"b": PeerStatus(role=PeerRole.LEADER, epoch=machine.epoch + 1, leader_address="b")}
+    machine.surveyed(survey.token, answers, 2.0)
+    assert role(machine) is m.Role.STEPPING_DOWN
+
+
+def test_a_promotion_is_refused_while_the_leader_answers_unless_forced() -> None:
+    replica = node(follow="b", log=FakeLog(last_seqno=3, durable_seqno=3, last_epoch=1))
+    run(replica, replica.start())
+    alive = {"b": PeerStatus(role=PeerRole.LEADER, epoch=1, leader_address="b")}
+    done = run(replica, replica.promote(0, force=False), alive)
+    (refused,) = only(done, m.PromotionDone)
+    assert isinstance(refused, m.PromotionDone) and refused.error is not None
+    assert role(replica) is m.Role.REPLICA
+    done = run(replica, replica.promote(0, force=True), alive)
+    (promoted,) = only(done, m.PromotionDone)
+    assert isinstance(promoted, m.PromotionDone) and promoted.result is not None
+    assert role(replica) is m.Role.LEADER and replica.epoch == 2
+
+
+def test_a_promotion_gathers_from_the_most_up_to_date_log_and_takes_a_new_epoch() -> None:
+    replica = node(follow="b", log=FakeLog(last_seqno=9, durable_seqno=9, last_epoch=1))
+    run(replica, replica.start())
+    replica.session_offered("b", offer(1, peers=("c", "d")))
+    (check_survey,) = only(replica.promote(0, force=False), m.Survey)
+    with pytest.raises(RequestError, match="being promoted already"):
+        replica.promote(0, force=False)
+    answers = {
+        "c": PeerStatus(
+            role=PeerRole.REPLICA, epoch=1, leader_address="b", last_seqno=7, last_epoch=2
+        ),
+        "d": PeerStatus(
+            role=PeerRole.REPLICA, epoch=4, leader_address="b", last_seqno=20, last_epoch=1
+        ),
+    }
+    check = replica.surveyed(check_survey.token, {}, 0.0)  # no leader answers
+    (gather_survey,) = only(check, m.Survey)
+    assert only(check, m.StopFollowing) and role(replica) is m.Role.PROMOTING
+    (gather,) = replica.surveyed(gather_survey.token, answers, 0.0)
+    assert gather == m.Gather("c", 1, 7)  # the highest last epoch, not the longest log
+    done = run(replica, replica.gathered(3))
+    assert role(replica) is m.Role.LEADER and replica.epoch == 5  # above every epoch heard of
+    assert only(done, m.ForgetAfter)
+
+
+def test_a_failed_promotion_follows_again() -> None:
+    replica = node(follow="b")
+    run(replica, replica.start())
+    (check,) = only(replica.promote(0, force=False), m.Survey)
+    commands = replica.surveyed(check.token, {}, 0.0)
+    assert role(replica) is m.Role.PROMOTING and only(commands, m.Survey)
+    error = RequestError("a peer failed", code="UNAVAILABLE")
+    after = replica.promotion_failed(error)
+    assert role(replica) is m.Role.REPLICA
+    assert after == [m.StartFollowing("b"), m.PromotionDone(error=error)]
+
+
+def test_node_state_snapshots_are_numbered_in_the_order_they_are_made() -> None:
+    replica = node(follow="b")
+    run(replica, replica.start())
+    first = only(replica.session_offered("b", offer(1, peers=("c",))), m.SaveState)
+    second = only(replica.follow("c", 2), m.SaveState)
+    assert [s.version for s in first + second] == sorted(s.version for s in first + second)
+    assert rules.newer_snapshot(2, 1) and not rules.newer_snapshot(1, 2)
