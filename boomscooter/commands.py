@@ -64,7 +64,7 @@ async def run_leader(args: argparse.Namespace) -> int:
 
 
 async def run_promote(args: argparse.Namespace) -> int:
-    from boomscooter.client._rpc import create_channel, error_from_rpc
+    from boomscooter.rpc import create_channel, error_from_rpc
     from boomscooter.v1 import boomscooter_pb2 as pb
     from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 
@@ -229,7 +229,7 @@ async def run_subscribe(args: argparse.Namespace) -> int:
 
 
 async def run_status(args: argparse.Namespace) -> int:
-    from boomscooter.client._rpc import create_channel, error_from_rpc
+    from boomscooter.rpc import create_channel, error_from_rpc
     from boomscooter.v1 import boomscooter_pb2 as pb
     from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 

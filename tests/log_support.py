@@ -12,10 +12,10 @@ from typing import Any
 
 from waiting import eventually, within
 
-from boomscooter.client._rpc import create_channel
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.node.config import NodeConfig
 from boomscooter.node.runtime import Node, start_leader
+from boomscooter.rpc import create_channel
 from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb

@@ -28,9 +28,9 @@ from log_support import random_group
 from log_support import raw_batch as log_raw_batch
 from waiting import PATIENCE_S, eventually
 
-from boomscooter.client._rpc import create_channel
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
+from boomscooter.rpc import create_channel
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb

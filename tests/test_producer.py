@@ -19,7 +19,8 @@ import grpc
 import pytest
 from waiting import eventually, still_pending, within
 
-from boomscooter.client import AckLevel, Producer, ProduceResult, SyncProducer, _rpc
+from boomscooter import rpc
+from boomscooter.client import AckLevel, Producer, ProduceResult, SyncProducer
 from boomscooter.errors import (
     ExpectedSeqnoError,
     NotLeaderError,
@@ -493,22 +494,22 @@ async def test_sync_producer_raises_the_failure_from_flush(serve: Serve) -> None
 def test_status_codes_become_client_errors(
     code: Any, kwargs: dict[str, Any], expected: type[Exception]
 ) -> None:
-    error = _rpc.error_from_status(code, "why", **kwargs)
+    error = rpc.error_from_status(code, "why", **kwargs)
     assert type(error) is expected
 
 
 def test_in_band_retriable_overrides_the_class_default() -> None:
-    error = _rpc.error_from_pb(pb.Error(code=INVALID_ARGUMENT, message="m", retriable=True))
+    error = rpc.error_from_pb(pb.Error(code=INVALID_ARGUMENT, message="m", retriable=True))
     assert isinstance(error, RequestError) and error.retriable
     assert not RequestError("x").retriable
-    redirect = _rpc.error_from_pb(
+    redirect = rpc.error_from_pb(
         pb.Error(code=FAILED_PRECONDITION, message="m", leader_address="a:1")
     )
     assert isinstance(redirect, NotLeaderError) and redirect.leader_address == "a:1"
 
 
 def test_channel_options_allow_large_messages() -> None:
-    options = dict(_rpc.channel_options(max_message_bytes=5 << 20))
+    options = dict(rpc.channel_options(max_message_bytes=5 << 20))
     assert options["grpc.max_send_message_length"] == 5 << 20
     assert options["grpc.max_receive_message_length"] == 5 << 20
     assert options["grpc.keepalive_time_ms"] > 0

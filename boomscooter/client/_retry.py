@@ -13,8 +13,8 @@ import asyncio
 
 import grpc
 
-from boomscooter.client._rpc import error_from_rpc
 from boomscooter.errors import ServerUnavailableError, TrimmedError
+from boomscooter.rpc import error_from_rpc
 
 FIRST_DELAY_S = 0.1
 MAX_DELAY_S = 2.0

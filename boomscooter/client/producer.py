@@ -41,7 +41,7 @@ from typing import Any
 
 import grpc
 
-from boomscooter.client import _rpc
+from boomscooter import rpc
 from boomscooter.client._produce_core import (
     CLOSED,
     DEFAULT,
@@ -424,8 +424,8 @@ class Producer:
 
     def _channel_for(self, address: str) -> grpc.aio.Channel:
         if self._channel is None:
-            max_message = max(_rpc.DEFAULT_MAX_MESSAGE_BYTES, self._max_bytes + (1 << 16))
-            self._channel = _rpc.create_channel(
+            max_message = max(rpc.DEFAULT_MAX_MESSAGE_BYTES, self._max_bytes + (1 << 16))
+            self._channel = rpc.create_channel(
                 address, max_message_bytes=max_message, options=self._channel_options
             )
         return self._channel
@@ -578,7 +578,7 @@ class Producer:
                         self._complete(completion)
                         self._progress()
                     continue
-                error = _rpc.error_from_pb(response.error)
+                error = rpc.error_from_pb(response.error)
                 action = core.on_rejection(sequence, error)
                 if isinstance(action, Reconnect):
                     self._end(action.error, action.address)
@@ -592,7 +592,7 @@ class Producer:
                 self._complete(action)
                 self._progress()
         except grpc.aio.AioRpcError as exc:
-            error = _rpc.error_from_rpc(exc, address=self.address)
+            error = rpc.error_from_rpc(exc, address=self.address)
             if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
                 error = NotLeaderError(str(error))
             self._end(error)

@@ -41,11 +41,11 @@ from boomscooter import loops
 from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
 from boomscooter.client._retry import Retry
-from boomscooter.client._rpc import create_channel
 from boomscooter.client._servers import ServerList
 from boomscooter.client._unicast import UnicastEngine
 from boomscooter.client.delivery import Delivery
 from boomscooter.errors import ConfigError, ServerUnavailableError, TrimmedError
+from boomscooter.rpc import create_channel
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc

@@ -40,9 +40,8 @@ import grpc
 import structlog
 
 from boomscooter.errors import BoomscooterError
-from boomscooter.node import peers
-from boomscooter.node.core import Appended, StreamSession
-from boomscooter.node.machine import RetrySession, SessionOffer, StaleLeader
+from boomscooter.node import convert, peers
+from boomscooter.node.machine import RetrySession, StaleLeader
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.storage.segment import parse_file_name
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
@@ -157,7 +156,7 @@ class Follower:
                 raise SessionEnded("the leader closed the Replicate stream")
             self.stats["sessions"] += 1
             try:
-                self.node.apply(self.machine.session_offered(address, _offer(first)))
+                self.node.apply(self.machine.session_offered(address, convert.session_offer(first)))
             except StaleLeader as exc:
                 raise SessionEnded(str(exc)) from None
             log.info("replica.session", leader=address, epoch=first.session.epoch,
@@ -195,16 +194,7 @@ class Follower:
         if not response.producer_batches:
             return
         async with self.node.append_lock:  # the journal is not being compacted meanwhile
-            self.node.learn_producers(
-                [
-                    (
-                        e.producer_id,
-                        e.batch_sequence,
-                        Appended(e.base_seqno, e.record_count, e.epoch),
-                    )
-                    for e in response.producer_batches
-                ],
-            )
+            self.node.learn_producers(convert.producer_batches(response))
 
     async def _reconcile(self, stub: Any, leader_first: int) -> None:
         node = self.node
@@ -403,28 +393,6 @@ class Follower:
             node.apply(self.machine.session_update(response.commit_seqno, addresses))
             await self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
-
-
-def _offer(first: pb.ReplicateResponse) -> SessionOffer:
-    session = first.session
-    return SessionOffer(
-        session=StreamSession(
-            group=session.group,
-            port=session.port,
-            cast_id=session.cast_id,
-            page_size_bytes=session.page_size_bytes,
-            epoch=session.epoch,
-            interface_hint=session.interface_hint,
-            heartbeat_ms=session.heartbeat_interval_ms,
-            source_port=session.source_port,
-        ),
-        commit_seqno=first.commit_seqno,
-        last_seqno=first.last_seqno,
-        first_seqno=first.first_seqno,
-        min_insync=first.min_insync,
-        keepalive_ms=first.keepalive_ms,
-        replica_addresses=tuple(first.replica_addresses),
-    )
 
 
 CATCHUP_PREFIX = ".catchup-"

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from boomscooter.errors import ConfigError
+from boomscooter.node.config import split_hostport
 from bootcast import server as bserver
 from bootcast.errors import ConfigError as BootcastConfigError
 
@@ -52,8 +53,6 @@ async def _retention_loop(node: Node) -> None:
 
 
 async def start_segment_casts(node: Node) -> None:
-    from boomscooter.node.config import split_hostport
-
     config = node.config
     assert config.cast_listen is not None
     host, port = split_hostport(config.cast_listen, "--cast-listen")

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from boomscooter.client._rpc import create_channel
+from boomscooter.node import convert
 from boomscooter.node.config import GRPC_MESSAGE_BYTES
 from boomscooter.node.replication import CommonPoint
-from boomscooter.node.rules import PeerRole, PeerStatus
+from boomscooter.node.rules import PeerStatus
+from boomscooter.rpc import create_channel
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
@@ -38,7 +39,6 @@ log = structlog.get_logger("boomscooter.peers")
 
 STATUS_TIMEOUT_S = 1.0
 COPY_BYTES = 4 << 20
-_ROLES = {pb.ROLE_LEADER: PeerRole.LEADER, pb.ROLE_REPLICA: PeerRole.REPLICA}
 
 
 class PeerFailed(Exception):
@@ -49,17 +49,6 @@ def node_channel(address: str) -> grpc.aio.Channel:
     return create_channel(address, max_message_bytes=GRPC_MESSAGE_BYTES)
 
 
-def peer_status(response: pb.StatusResponse) -> PeerStatus:
-    return PeerStatus(
-        role=_ROLES.get(response.role, PeerRole.NONE),
-        epoch=response.epoch,
-        leader_address=response.leader_address,
-        first_seqno=response.first_seqno,
-        last_seqno=response.last_seqno,
-        last_epoch=response.last_epoch,
-    )
-
-
 async def status_of(address: str) -> PeerStatus | None:
     channel = node_channel(address)
     try:
@@ -67,7 +56,7 @@ async def status_of(address: str) -> PeerStatus | None:
         response: pb.StatusResponse = await stub.Status(
             pb.StatusRequest(), timeout=STATUS_TIMEOUT_S
         )
-        return peer_status(response)
+        return convert.peer_status(response)
     except grpc.aio.AioRpcError:
         return None
     finally:

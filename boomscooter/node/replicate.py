@@ -20,8 +20,8 @@ import grpc
 import structlog
 
 from boomscooter.errors import BoomscooterError
-from boomscooter.node import rules
-from boomscooter.node.core import MAX_PRODUCER_ID_BYTES, Appended
+from boomscooter.node import convert, rules
+from boomscooter.node.core import MAX_PRODUCER_ID_BYTES
 from boomscooter.storage.segment import parse_file_name
 from boomscooter.v1 import boomscooter_pb2 as pb
 
@@ -32,29 +32,11 @@ log = structlog.get_logger("boomscooter.rpc")
 
 UPDATE_S = 1.0
 RESPONSE_EVERY_S = 0.01
-# Starting, stepping down, stopped: neither (ROLE_UNSPECIFIED), so no peer counts it.
-_ROLES = {
-    rules.PeerRole.LEADER: pb.ROLE_LEADER,
-    rules.PeerRole.REPLICA: pb.ROLE_REPLICA,
-    rules.PeerRole.NONE: pb.ROLE_UNSPECIFIED,
-}
-
-
-def _producer_batch(producer_id: str, sequence: int, appended: Appended) -> pb.ProducerBatch:
-    return pb.ProducerBatch(
-        producer_id=producer_id,
-        batch_sequence=sequence,
-        base_seqno=appended.base_seqno,
-        record_count=appended.record_count,
-        epoch=appended.epoch,
-    )
 
 
 def _response(node: Node, *, first: bool, replica_next: int) -> pb.ReplicateResponse:
-    from boomscooter.node.servicer import session_message
-
     response = pb.ReplicateResponse(
-        session=session_message(node),
+        session=convert.session_message(node.session),
         commit_seqno=node.commit_seqno,
         last_seqno=node.log.last_seqno,
         min_insync=node.tracker.min_insync,
@@ -108,7 +90,7 @@ async def replicate(
     try:
         response = _response(node, first=True, replica_next=hello.last_seqno + 1)
         entries, fed = node.machine.feed_since(-1)
-        response.producer_batches.extend(_producer_batch(*e) for e in entries)
+        response.producer_batches.extend(convert.producer_batch(*e) for e in entries)
         yield response
         sent = (node.commit_seqno, node.log.last_seqno)
         last_sent_at = loop.time()
@@ -120,7 +102,7 @@ async def replicate(
             entries, fed = node.machine.feed_since(fed)
             if entries or now_state[0] != sent[0] or loop.time() - last_sent_at >= UPDATE_S:
                 response = _response(node, first=False, replica_next=0)
-                response.producer_batches.extend(_producer_batch(*e) for e in entries)
+                response.producer_batches.extend(convert.producer_batch(*e) for e in entries)
                 yield response
                 sent, last_sent_at = now_state, loop.time()
                 # Coalesce: the commit reaches replicas in the stream's pages anyway; these
@@ -135,7 +117,7 @@ async def replicate(
 
 def status(node: Node) -> pb.StatusResponse:
     response = pb.StatusResponse(
-        role=_ROLES[node.machine.peer_role],
+        role=convert.ROLES[node.machine.peer_role],
         node_id=node.node_id,
         epoch=node.machine.known_epoch(),  # the newest it knows (a fenced leader's too)
         first_seqno=node.log.first_seqno,

@@ -32,8 +32,8 @@ from typing import Any
 import structlog
 
 from boomscooter.errors import BatchEncodeError, ConfigError, RequestError, StorageError
+from boomscooter.node import housekeeping, peers
 from boomscooter.node import machine as m
-from boomscooter.node import peers
 from boomscooter.node.config import (
     NodeConfig,
     ProduceBatch,
@@ -42,8 +42,10 @@ from boomscooter.node.config import (
     storage_fsync,
 )
 from boomscooter.node.core import Appended, StreamSession
+from boomscooter.node.follower import Follower
 from boomscooter.node.journal import ProducerJournal
 from boomscooter.node.multicast import StreamSender, split_group
+from boomscooter.node.servicer import serve_node
 from boomscooter.node.state import NodeState, load_state, next_version, save_state
 from boomscooter.storage import Batch, FsyncMode, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
@@ -269,8 +271,6 @@ class Node:
             await self._stop_stream()
         elif isinstance(command, m.StartFollowing):
             await self._stop_following()
-            from boomscooter.node.follower import Follower
-
             self.follower = Follower(self, command.leader)
             self.follower.start()
         elif isinstance(command, m.StopFollowing):
@@ -554,9 +554,6 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        from boomscooter.node import housekeeping
-        from boomscooter.node.servicer import serve_node  # the rpc edge imports this module
-
         loaded = await self._loop.run_in_executor(
             self._io, lambda: self.journal.load(self.dedupe, last_seqno=self.log.last_seqno)
         )
@@ -598,8 +595,6 @@ class Node:
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop serving, let the sender drain, close the log (fsyncing it)."""
-        from boomscooter.node import housekeeping
-
         role, commit = self.role, self.commit_seqno
         stats = dict(self.follower.stats) if self.follower is not None else {}
         if role == "stopped":

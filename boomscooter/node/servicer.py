@@ -23,6 +23,7 @@ from boomscooter.errors import (
     NotLeaderError,
     RequestError,
 )
+from boomscooter.node import convert, replicate
 from boomscooter.node.config import GRPC_MESSAGE_BYTES, ProduceBatch, ProduceOutcome
 from boomscooter.storage import Batch, Entry, FsyncMode
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -177,7 +178,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         node = self.node
         log.info("rpc.handshake", subscriber=request.subscriber_id[:200], peer=context.peer())
         return pb.HandshakeResponse(
-            session=session_message(node),
+            session=convert.session_message(node.session),
             first_seqno=node.log.first_seqno,
             last_seqno=node.log.last_seqno,
             commit_seqno=node.commit_seqno,
@@ -321,16 +322,12 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             await node.wait_change(IDLE_HEARTBEAT_S)
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
-        from boomscooter.node.replicate import status
-
-        return status(self.node)
+        return replicate.status(self.node)
 
     async def Replicate(
         self, request_iterator: AsyncIterator[pb.ReplicateRequest], context: Any
     ) -> AsyncIterator[pb.ReplicateResponse]:
-        from boomscooter.node.replicate import replicate
-
-        async for response in replicate(self.node, request_iterator, context):
+        async for response in replicate.replicate(self.node, request_iterator, context):
             yield response
 
     async def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.PromoteResponse:
@@ -407,23 +404,6 @@ class _AckQueue:
                 _, done = pending.popleft()
                 done.ack.commit_seqno = max(done.ack.commit_seqno, self.commit())
                 self.out.put_nowait(done)
-
-
-def session_message(node: Node) -> pb.MulticastSession:
-    """The stream a node's subscribers join (a replica's is its leader's)."""
-    session = node.session
-    if session is None:  # a replica that has not reached its leader: no stream yet
-        return pb.MulticastSession()
-    return pb.MulticastSession(
-        group=session.group,
-        port=session.port,
-        cast_id=session.cast_id,
-        page_size_bytes=session.page_size_bytes,
-        epoch=session.epoch,
-        interface_hint=session.interface_hint,
-        heartbeat_interval_ms=session.heartbeat_ms,
-        source_port=session.source_port,
-    )
 
 
 def _filter(

@@ -1,4 +1,5 @@
-"""The SDK's rpc edge, shared by the producer and the subscriber.
+"""The client side of the rpc edge, shared by the SDK (producer, subscriber), the CLI and
+nodes calling other nodes.
 
 * :func:`create_channel`: a ``grpc.aio`` channel with the options every SDK connection
   wants — message size limits large enough for whole batches, keepalive pings so a dead
