@@ -49,9 +49,6 @@ def _start(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from boomscooter.node.config import DEFAULT_GROUP
-    from boomscooter.stream import DEFAULT_PAGE_SIZE
-
     common = logs.log_options()
     parser = argparse.ArgumentParser(
         prog="boomscooter",
@@ -59,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_nodes(sub, common, _node_options())
+    _add_promote(sub, common)
+    _add_produce(sub, common)
+    _add_subscribe(sub, common)
+    _add_status_and_demo(sub, common)
+    return parser
+
+
+Subparsers = Any  # argparse's _SubParsersAction (private in typeshed)
+
+
+def _node_options() -> argparse.ArgumentParser:
+    """The options of ``leader`` and ``replica``."""
+    from boomscooter.node.config import DEFAULT_GROUP
 
     node = argparse.ArgumentParser(add_help=False)  # options of leader and replica
     node.add_argument("--data-dir", required=True, help="the log's directory")
@@ -98,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="interval",
         help="always | interval[:MS] | never (default interval, 100 ms)",
     )
+    _node_storage_options(node)
+    return node
+
+
+def _node_storage_options(node: argparse.ArgumentParser) -> None:
+    from boomscooter.stream import DEFAULT_PAGE_SIZE
+
     node.add_argument(
         "--page-size",
         type=_positive_int,
@@ -128,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without an ack before a replica leaves the in-sync set (default 5)",
     )
 
+
+def _add_nodes(
+    sub: Subparsers, common: argparse.ArgumentParser, node: argparse.ArgumentParser
+) -> None:
     sub.add_parser(
         "leader",
         parents=[common, node],
@@ -150,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replica.add_argument("--leader", required=True, help="the leader's gRPC HOST:PORT")
 
+
+def _add_promote(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     promote = sub.add_parser(
         "promote",
         parents=[common],
@@ -173,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         "records it commits before it notices the new epoch may be lost)",
     )
 
+
+def _add_produce(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     produce = sub.add_parser(
         "produce",
         parents=[common],
@@ -190,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--quiet", action="store_true", help="no summary")
 
+
+def _add_subscribe(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     subscribe = sub.add_parser(
         "subscribe",
         parents=[common],
@@ -222,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="give up on a lost server after S seconds"
     )
 
+
+def _add_status_and_demo(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     status = sub.add_parser("status", parents=[common], help="a node's role, seqnos, replicas")
     status.add_argument("--server", required=True, help="a node's HOST:PORT")
     status.add_argument("--json", action="store_true", help="as one JSON object")
@@ -236,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
         "if every check passed.",
     )
     demo.add_argument("--records", type=_positive_int, default=100_000, help="records in all")
-    return parser
 
 
 async def interruptible(coro: Coroutine[Any, Any, int]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import Any
 
 from . import logs
 from .errors import BootcastError, ConfigError
@@ -39,15 +40,6 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .defaults import (
-        DEFAULT_GROUP_V4,
-        DEFAULT_GROUP_V6,
-        DEFAULT_IDLE_LOOPS,
-        DEFAULT_PAGE_SIZE,
-        DEFAULT_PORT_BASE,
-        DEFAULT_RATE_MBIT,
-    )
-
     common = logs.log_options()
     parser = argparse.ArgumentParser(
         prog="bootcast",
@@ -55,6 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub, common)
+    _add_fetch(sub, common)
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="serve a generated file on loopback and fetch it with several clients",
+    )
+    demo.add_argument("--clients", type=int, default=4, help="concurrent fetches (default 4)")
+    demo.add_argument("--size-mib", type=int, default=32, help="file size (default 32 MiB)")
+    return parser
+
+
+Subparsers = Any  # argparse's _SubParsersAction (private in typeshed)
+
+
+def _add_serve(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    from .defaults import (
+        DEFAULT_GROUP_V4,
+        DEFAULT_GROUP_V6,
+        DEFAULT_PAGE_SIZE,
+        DEFAULT_PORT_BASE,
+        DEFAULT_RATE_MBIT,
+    )
 
     serve = sub.add_parser(
         "serve",
@@ -98,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MBIT",
         help=f"maximum send rate per cast in Mbit/s on the wire (default {DEFAULT_RATE_MBIT:g})",
     )
+    _add_serve_sending(serve)
+
+
+def _add_serve_sending(serve: argparse.ArgumentParser) -> None:
+    from .defaults import (
+        DEFAULT_IDLE_LOOPS,
+    )
+
     serve.add_argument(
         "--no-adaptive",
         action="store_true",
@@ -132,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_IDLE_LOOPS})",
     )
 
+
+def _add_fetch(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     fetch = sub.add_parser(
         "fetch",
         parents=[common],
@@ -176,15 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask for lost pages themselves, not for parity symbols",
     )
-
-    demo = sub.add_parser(
-        "demo",
-        parents=[common],
-        help="serve a generated file on loopback and fetch it with several clients",
-    )
-    demo.add_argument("--clients", type=int, default=4, help="concurrent fetches (default 4)")
-    demo.add_argument("--size-mib", type=int, default=32, help="file size (default 32 MiB)")
-    return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:

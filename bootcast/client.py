@@ -393,23 +393,8 @@ def _receive(
 ) -> tuple[int, str, int, int, int, dict[str, int]]:
     sock, parity_sock = socks
     from .outfile import MappedWriter, PrefixHash, Writer
-    from .receiver import ReceiverCore
 
-    now = time.monotonic()
-    core = ReceiverCore(
-        pages=reply.pages,
-        page_size=reply.page_size,
-        size=reply.size,
-        cast_id=reply.cast_id,
-        now=now,
-        # A server that follows only the original spec leaves word 4 (our CRC32C) at 0;
-        # ours announces itself with CAST=. Without it, SHA256= (if given) still verifies.
-        verify_crc=reply.cast_id is not None,
-        block_pages=reply.block_pages if parity_sock is not None else None,
-        # With parity a lost page is repaired per block, whenever: asking less often costs
-        # the server (and this client) fewer HTTP requests, and the link no idle time.
-        nack_delay_s=0.1 if parity_sock is not None else 0.03,
-    )
+    core = _receiver_core(reply, parity=parity_sock is not None)
     if reply.size:
         os.ftruncate(fd, reply.size)
     nacks_sent = 0
@@ -449,6 +434,34 @@ def _receive(
         pages_rebuilt=core.pages_rebuilt,
     )
     size = core.file_size()
+    digest = _verify(fd, size, reply, hasher)
+    drops = {reason.value: n for reason, n in core.drops.items()}
+    if drops:
+        bound.info("fetch.dropped", **drops)
+    return size, digest, core.duplicates, core.repairs_received, nacks_sent, drops
+
+
+def _receiver_core(reply: JoinReply, *, parity: bool) -> ReceiverCore:
+    from .receiver import ReceiverCore
+
+    return ReceiverCore(
+        pages=reply.pages,
+        page_size=reply.page_size,
+        size=reply.size,
+        cast_id=reply.cast_id,
+        now=time.monotonic(),
+        # A server that follows only the original spec leaves word 4 (our CRC32C) at 0;
+        # ours announces itself with CAST=. Without it, SHA256= (if given) still verifies.
+        verify_crc=reply.cast_id is not None,
+        block_pages=reply.block_pages if parity else None,
+        # With parity a lost page is repaired per block, whenever: asking less often costs
+        # the server (and this client) fewer HTTP requests, and the link no idle time.
+        nack_delay_s=0.1 if parity else 0.03,
+    )
+
+
+def _verify(fd: int, size: int, reply: JoinReply, hasher: PrefixHash) -> str:
+    """The file's SHA-256, checked against the join reply's; the file cut to its size."""
     if reply.size is None:
         os.ftruncate(fd, size)
     digest = hasher.finish(size)
@@ -456,10 +469,7 @@ def _receive(
         raise VerificationFailed(f"SHA-256 mismatch: got {digest}, server said {reply.sha256}")
     if os.fstat(fd).st_size != size:
         raise VerificationFailed(f"size mismatch: {os.fstat(fd).st_size} != {size}")
-    drops = {reason.value: n for reason, n in core.drops.items()}
-    if drops:
-        bound.info("fetch.dropped", **drops)
-    return size, digest, core.duplicates, core.repairs_received, nacks_sent, drops
+    return digest
 
 
 def _rebuild(core: ReceiverCore, writer: Writer | MappedWriter, now: float) -> None:
@@ -492,8 +502,6 @@ def _receive_loop(
 ) -> None:
     buffer = bytearray(65536)
     view = memoryview(buffer)
-    from .ranges import format_ranges
-
     sock, parity_sock = socks
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -502,35 +510,12 @@ def _receive_loop(
     joined_at = time.monotonic()
     next_tick = joined_at + TICK_S
     monotonic = time.monotonic
-    datagram = core.datagram
-    write = writer.write
     while not core.complete:
         poller.poll(max(0.0, next_tick - monotonic()) * 1000)
         now = monotonic()
-        # Drain everything queued: one wake-up per datagram would cost more than the
-        # datagram. The socket buffer (8 MiB) absorbs what arrives meanwhile.
-        got = 0
-        for _ in range(DRAIN_BATCH):
-            try:
-                n = sock.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
-                break
-            got += 1
-            accepted = datagram(view[:n], now)
-            if accepted is not None:
-                write(accepted.offset, accepted.payload)
-                if core.complete:
-                    break
+        got = _drain(core, sock, buffer, view, writer, now)
         if parity_sock is not None and not core.complete:
-            for _ in range(DRAIN_BATCH):
-                try:
-                    n = parity_sock.recv_into(buffer)
-                except (BlockingIOError, InterruptedError):
-                    break
-                got += 1
-                core.parity(view[:n], now)
-            if core.decodable:
-                _rebuild(core, writer, now)
+            got += _drain_parity(core, parity_sock, buffer, view, writer, now)
         if got < BATCH_TARGET and not core.complete:
             # A trickle (a paced link delivers one datagram at a time): let a few gather
             # before the next wake-up.
@@ -545,33 +530,94 @@ def _receive_loop(
         next_tick = now + TICK_S
         progress.update(core.bytes_held)
         core.overrun(socket_drops(sock))
-        if core.first_page_at is None:
-            if now - joined_at > cfg.timeout_s:
-                raise NoPagesArrived(
-                    f"no pages arrived within {cfg.timeout_s:g} s from {reply.group} port "
-                    f"{reply.port}: is multicast routed on the interface "
-                    f"({interface or 'default'})?"
-                )
-        elif now - core.last_progress > cfg.timeout_s:
-            raise FetchTimeout(
-                f"stalled: no new page for {cfg.timeout_s:g} s "
-                f"({core.held}/{core.pages} pages held)"
-            )
+        _check_progress(core, cfg, reply, interface, joined_at, now)
         if nack is not None and not nack.busy:
-            report = core.poll(now)
-            if report is not None:
-                if report.missing or report.lost:
-                    log.debug(
-                        "fetch.nack.report",
-                        received=report.received,
-                        lost=report.lost,
-                        overrun=report.overrun,
-                        missing=format_ranges(report.missing[:8]),
-                        held=core.held,
-                    )
-                nack.offer(report)
+            _report(core, nack, now)
     writer.flush()
     progress.update(core.bytes_held)
+
+
+def _drain(
+    core: ReceiverCore,
+    sock: socket.socket,
+    buffer: bytearray,
+    view: memoryview,
+    writer: Writer | MappedWriter,
+    now: float,
+) -> int:
+    """Everything queued on the page socket (one wake-up per datagram would cost more than
+    the datagram; the 8 MiB socket buffer absorbs what arrives meanwhile); returns how many
+    datagrams were read."""
+    datagram, write = core.datagram, writer.write
+    got = 0
+    for _ in range(DRAIN_BATCH):
+        try:
+            n = sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            break
+        got += 1
+        accepted = datagram(view[:n], now)
+        if accepted is not None:
+            write(accepted.offset, accepted.payload)
+            if core.complete:
+                break
+    return got
+
+
+def _drain_parity(
+    core: ReceiverCore,
+    sock: socket.socket,
+    buffer: bytearray,
+    view: memoryview,
+    writer: Writer | MappedWriter,
+    now: float,
+) -> int:
+    got = 0
+    for _ in range(DRAIN_BATCH):
+        try:
+            n = sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            break
+        got += 1
+        core.parity(view[:n], now)
+    if core.decodable:
+        _rebuild(core, writer, now)
+    return got
+
+
+def _check_progress(
+    core: ReceiverCore,
+    cfg: FetchConfig,
+    reply: JoinReply,
+    interface: str | None,
+    joined_at: float,
+    now: float,
+) -> None:
+    """No page at all, or no new page, for ``--timeout`` seconds: give up, saying which."""
+    if core.first_page_at is None:
+        if now - joined_at > cfg.timeout_s:
+            raise NoPagesArrived(
+                f"no pages arrived within {cfg.timeout_s:g} s from {reply.group} port "
+                f"{reply.port}: is multicast routed on the interface "
+                f"({interface or 'default'})?"
+            )
+    elif now - core.last_progress > cfg.timeout_s:
+        raise FetchTimeout(
+            f"stalled: no new page for {cfg.timeout_s:g} s ({core.held}/{core.pages} pages held)"
+        )
+
+
+def _report(core: ReceiverCore, nack: _NackSender, now: float) -> None:
+    from .ranges import format_ranges
+
+    report = core.poll(now)
+    if report is None:
+        return
+    if report.missing or report.lost:
+        log.debug("fetch.nack.report", received=report.received, lost=report.lost,
+                  overrun=report.overrun, missing=format_ranges(report.missing[:8]),
+                  held=core.held)  # fmt: skip
+    nack.offer(report)
 
 
 __all__ = ["FetchConfig", "FetchResult", "fetch"]

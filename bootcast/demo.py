@@ -117,25 +117,8 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
         url = f"http://127.0.0.1:{port}/join/images/rootfs.img"
         started = time.monotonic()
         try:
-
-            async def one(i: int, delay: float) -> tuple[int, int, float]:
-                await asyncio.sleep(delay)
-                t0 = time.monotonic()
-                proc = await asyncio.create_subprocess_exec(
-                    *_command(),
-                    "fetch",
-                    url,
-                    "-O",
-                    str(out / f"client{i}.img"),
-                    "--progress",
-                    "log",
-                    "--timeout",
-                    "20",
-                )
-                return i, await proc.wait(), time.monotonic() - t0
-
-            jobs = [one(i, 0.0) for i in range(1, clients + 1)]
-            jobs.append(one(clients + 1, 0.4))
+            jobs = [_fetch_one(url, out, i, 0.0) for i in range(1, clients + 1)]
+            jobs.append(_fetch_one(url, out, clients + 1, 0.4))
             results = await asyncio.gather(*jobs)
         finally:
             server.terminate()
@@ -144,22 +127,7 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(drain, 2)
         wall = time.monotonic() - started
-        print("\nclient    exit  seconds  MB/s    verified", file=sys.stderr)
-        ok = True
-        for i, code, seconds in sorted(results):
-            path = out / f"client{i}.img"
-            good = (
-                code == 0
-                and path.exists()
-                and (hashlib.sha256(path.read_bytes()).hexdigest() == expected)
-            )
-            ok &= good
-            label = f"{i} (late)" if i == clients + 1 else str(i)
-            print(
-                f"{label:<10}{code:<6}{seconds:<9.2f}{size_mib * 1.048576 / seconds:<8.1f}"
-                f"{'yes' if good else 'NO'}",
-                file=sys.stderr,
-            )
+        ok = _report(results, out, expected, clients, size_mib)
         pages = size_mib * 1024 * 1024 // 8192
         copies = f"{sum(sent) / pages:.2f} copies of the file" if sent else "one multicast stream"
         print(
@@ -169,3 +137,37 @@ async def run_demo(*, clients: int = 4, size_mib: int = 32) -> int:
             file=sys.stderr,
         )
         return 0 if ok else 1
+
+
+async def _fetch_one(url: str, out: Path, i: int, delay: float) -> tuple[int, int, float]:
+    """``bootcast fetch`` as client ``i``, after ``delay``: (i, exit code, seconds)."""
+    await asyncio.sleep(delay)
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *_command(), "fetch", url, "-O", str(out / f"client{i}.img"), "--progress", "log",
+        "--timeout", "20",
+    )  # fmt: skip
+    return i, await proc.wait(), time.monotonic() - t0
+
+
+def _report(
+    results: list[tuple[int, int, float]], out: Path, expected: str, clients: int, size_mib: int
+) -> bool:
+    """A table of the clients; True when every copy is verified."""
+    print("\nclient    exit  seconds  MB/s    verified", file=sys.stderr)
+    ok = True
+    for i, code, seconds in sorted(results):
+        path = out / f"client{i}.img"
+        good = (
+            code == 0
+            and path.exists()
+            and (hashlib.sha256(path.read_bytes()).hexdigest() == expected)
+        )
+        ok &= good
+        label = f"{i} (late)" if i == clients + 1 else str(i)
+        print(
+            f"{label:<10}{code:<6}{seconds:<9.2f}{size_mib * 1.048576 / seconds:<8.1f}"
+            f"{'yes' if good else 'NO'}",
+            file=sys.stderr,
+        )
+    return ok

@@ -115,9 +115,18 @@ class ReceiverCore:
         self._wrapped = False
         self._full_pass = False
         self._new_gaps: list[Range] = []
+        self._init_parity(block_pages, parity_retry_s, now)
+        self._received = 0
+        self._lost = 0
+        self._overrun_reported = 0
+        self._overrun_total = 0
+        self._last_report = now
+        self._gap_since: float | None = None
+
+    def _init_parity(self, block_pages: int | None, parity_retry_s: float, now: float) -> None:
         self.block_pages = block_pages
         self._bp = block_pages or 1
-        blocks = _parity.block_count(pages, block_pages) if block_pages else 0
+        blocks = _parity.block_count(self.pages, block_pages) if block_pages else 0
         self.blocks = blocks
         # Pages held per block, and the parity symbols held for incomplete blocks.
         self._block_held = bytearray(blocks) if block_pages and block_pages < 256 else None
@@ -131,12 +140,6 @@ class ReceiverCore:
         self.decodable: list[int] = []
         self.parity_received = 0
         self.pages_rebuilt = 0
-        self._received = 0
-        self._lost = 0
-        self._overrun_reported = 0
-        self._overrun_total = 0
-        self._last_report = now
-        self._gap_since: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -153,15 +156,7 @@ class ReceiverCore:
             return None
         size, index, cast_id, crc = _HEADER.unpack_from(data)
         end = HEADER_BYTES + size
-        reason: DropReason | None = None
-        if size > self.page_size:
-            reason = DropReason.OVERSIZED
-        elif n < end:
-            reason = DropReason.TRUNCATED
-        elif self.cast_id is not None and cast_id != self.cast_id:
-            reason = DropReason.FOREIGN
-        elif index == 0 or index > self.pages:
-            reason = DropReason.BAD_INDEX
+        reason = self._bad_header(size, index, cast_id, n)
         if reason is not None:
             self.drops[reason] += 1
             return None
@@ -176,14 +171,7 @@ class ReceiverCore:
         if flags & FLAG_CAROUSEL_DONE and repair:
             self.carousel_done = True
         if self.have[index]:
-            # Held already (repairs go to everyone): nothing to verify or write, only
-            # the carousel order matters.
-            self.duplicates += 1
-            self.last_datagram = now
-            if repair:
-                self.repairs_received += 1
-            else:
-                self._carousel(index, now)
+            self._duplicate(index, repair, now)
             return None
         payload = (
             data[HEADER_BYTES:end]
@@ -194,11 +182,7 @@ class ReceiverCore:
             self.drops[DropReason.BAD_CRC] += 1
             return None
         pages = self.pages
-        if index < pages:
-            good_size = size == self.page_size
-        else:
-            good_size = size == self._last_size if self._last_size is not None else size > 0
-        if not good_size:
+        if size != self.page_size if index < pages else not self._good_last_size(size):
             self.drops[DropReason.BAD_SIZE] += 1
             return None
         self.last_datagram = now
@@ -213,6 +197,35 @@ class ReceiverCore:
             self.last_carousel_at = now
         else:
             self._carousel(index, now)
+        self._hold(index, size, now)
+        return Accepted(index, (index - 1) * self.page_size, payload)
+
+    def _bad_header(self, size: int, index: int, cast_id: int, n: int) -> DropReason | None:
+        if size > self.page_size:
+            return DropReason.OVERSIZED
+        if n < HEADER_BYTES + size:
+            return DropReason.TRUNCATED
+        if self.cast_id is not None and cast_id != self.cast_id:
+            return DropReason.FOREIGN
+        if index == 0 or index > self.pages:
+            return DropReason.BAD_INDEX
+        return None
+
+    def _good_last_size(self, size: int) -> bool:
+        """The last page's size: exactly what SIZE says, else anything but empty."""
+        return size == self._last_size if self._last_size is not None else size > 0
+
+    def _duplicate(self, index: int, repair: bool, now: float) -> None:
+        """Held already (repairs go to everyone): nothing to verify or write, only the
+        carousel order matters."""
+        self.duplicates += 1
+        self.last_datagram = now
+        if repair:
+            self.repairs_received += 1
+        else:
+            self._carousel(index, now)
+
+    def _hold(self, index: int, size: int, now: float) -> None:
         self.have[index] = 1
         self.held += 1
         self.bytes_held += size
@@ -221,10 +234,9 @@ class ReceiverCore:
             self._block_held[block] += 1
             if block in self._symbols:
                 self._check_decodable(block)
-        if index == pages:
+        if index == self.pages:
             self.last_page_size = size
         self.last_progress = now
-        return Accepted(index, (index - 1) * self.page_size, payload)
 
     def _carousel(self, index: int, now: float) -> None:
         self._received += 1

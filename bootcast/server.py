@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -374,16 +375,7 @@ class BootcastServer:
             interface=cfg.send_interface or "default",
         )
         try:
-            # Clients of one netboot wave join within moments of each other: start once the
-            # joins pause for start_delay_s (each client needs that long to join the group
-            # after its reply), or at the latest start_wait_max_s after the first.
-            first = self._loop.time()
-            while True:
-                now = self._loop.time()
-                quiet_until = max(first, cast.last_join_at) + cfg.start_delay_s
-                if now >= quiet_until or now - first >= cfg.start_wait_max_s:
-                    break
-                await asyncio.sleep(min(quiet_until, first + cfg.start_wait_max_s) - now)
+            await self._joins_settle(cast)
             await send_loop(cast, self.metrics, bound)
         except SourceChanged as exc:
             bound.error("cast.source.changed", error=str(exc))
@@ -392,25 +384,42 @@ class BootcastServer:
             cast.core.shutdown()
             raise
         finally:
-            core = cast.core
-            reason = core.stop_reason or StopReason.SHUTDOWN
-            self.metrics.casts_stopped.labels(reason=reason.value).inc()
-            self.metrics.casts_active.dec()
-            self.metrics.clients_active.dec(core.clients)
-            bound.info(
-                "cast.stopped",
-                reason=reason.value,
-                pages_sent=cast.pages_sent,
-                pages_resent=cast.pages_resent,
-                pages_repeated=cast.pages_repeated,
-                parity_sent=cast.parity_sent,
-                nacks=cast.nacks,
-                clients_left_behind=core.clients,
-                rate_mbit=round(cast.pacer.rate_mbit, 1),
-            )
-            self._release(cast)
-            cast.sock.close()
+            self._stopped(cast, bound)
             source.close()
+
+    async def _joins_settle(self, cast: Cast) -> None:
+        """Clients of one netboot wave join within moments of each other: start once the
+        joins pause for start_delay_s (each client needs that long to join the group after
+        its reply), or at the latest start_wait_max_s after the first."""
+        cfg = self.config
+        first = self._loop.time()
+        while True:
+            now = self._loop.time()
+            quiet_until = max(first, cast.last_join_at) + cfg.start_delay_s
+            if now >= quiet_until or now - first >= cfg.start_wait_max_s:
+                return
+            await asyncio.sleep(min(quiet_until, first + cfg.start_wait_max_s) - now)
+
+    def _stopped(self, cast: Cast, bound: Any) -> None:
+        core, pacer, sock = cast.core, cast.pacer, cast.sock
+        assert core is not None and pacer is not None and sock is not None
+        reason = core.stop_reason or StopReason.SHUTDOWN
+        self.metrics.casts_stopped.labels(reason=reason.value).inc()
+        self.metrics.casts_active.dec()
+        self.metrics.clients_active.dec(core.clients)
+        bound.info(
+            "cast.stopped",
+            reason=reason.value,
+            pages_sent=cast.pages_sent,
+            pages_resent=cast.pages_resent,
+            pages_repeated=cast.pages_repeated,
+            parity_sent=cast.parity_sent,
+            nacks=cast.nacks,
+            clients_left_behind=core.clients,
+            rate_mbit=round(pacer.rate_mbit, 1),
+        )
+        self._release(cast)
+        sock.close()
 
     def _release(self, cast: Cast) -> None:
         for token in cast.tokens:

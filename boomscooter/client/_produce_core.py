@@ -580,11 +580,11 @@ class ProduceCore(Generic[H]):
         return [Completion(batch, None, error) for batch in batches]
 
 
-class _Default:
+class DefaultChannel:
     """Marker: use the producer's default channel."""
 
 
-DEFAULT = _Default()
+DEFAULT = DefaultChannel()
 
 
 class Handle(Protocol):

@@ -49,13 +49,13 @@ from boomscooter.client._produce_core import (
     Ack,
     AckLevel,
     Completion,
+    DefaultChannel,
     Handle,
     OutBatch,
     ProduceCore,
     ProduceResult,
     ProducerSettings,
     Reconnect,
-    _Default,
     check_entry,
 )
 from boomscooter.client._servers import ServerList, ask_leader
@@ -157,7 +157,7 @@ class Producer:
     # -- public API --------------------------------------------------------------------
 
     async def __aenter__(self) -> Producer:
-        self._start()
+        self.start()
         return self
 
     async def __aexit__(
@@ -178,7 +178,7 @@ class Producer:
         self,
         payload: bytes,
         *,
-        channel: str | _Default | None = DEFAULT,
+        channel: str | DefaultChannel | None = DEFAULT,
         key: bytes | None = None,
         timestamp_ms: int = 0,
     ) -> asyncio.Future[int | None]:
@@ -189,7 +189,7 @@ class Producer:
         never be sent (too large, wrong types)."""
         core = self._core
         if not core.accepting or self._run_task is None or self._closing:
-            await self._ready()
+            await self.room()
         if channel is DEFAULT:
             channel = self.default_channel
         if (
@@ -201,7 +201,7 @@ class Producer:
         ):  # the common case, checked inline: this runs once per record
             entry = _new_tuple(Entry, (_time_ns() // 1_000_000, payload, None, None))
         else:
-            entry = self._entry(payload, channel, key, timestamp_ms)
+            entry = self.entry(payload, channel, key, timestamp_ms)
         future: asyncio.Future[int | None] = _Future(loop=self._loop)
         flags = core.append(entry, future, _monotonic())
         if flags:
@@ -219,17 +219,17 @@ class Producer:
         ``expected_first_seqno`` asserts the seqno its first record gets; on a mismatch
         nothing is appended and the future fails with ``ExpectedSeqnoError`` (whose
         ``next_seqno`` is what the log assigns next)."""
-        await self._ready()
+        await self.room()
         assert self._loop is not None
         future: asyncio.Future[ProduceResult | None] = self._loop.create_future()
-        self._add_batch(entries, future, expected_first_seqno)
+        self.add_batch(entries, future, expected_first_seqno)
         return future
 
     async def flush(self) -> None:
         """Send what is batched and wait until everything sent so far is resolved; raises
         the first failure since the previous flush (the failed records' futures hold
         theirs)."""
-        self._start()
+        self.start()
         core = self._core
         target = core.close_open()
         self._wake.set()
@@ -276,16 +276,23 @@ class Producer:
             await call.done_writing()
         await asyncio.wait([reader], timeout=timeout_s)
 
-    # -- records -----------------------------------------------------------------------
+    # -- the hand-over interface (the blocking SyncProducer moves records in bulk) -----
 
-    def _entry(
+    @property
+    def accepting(self) -> bool:
+        """The window has room for another record (else await :meth:`room`)."""
+        return self._core.accepting
+
+    def entry(
         self,
         payload: bytes,
-        channel: str | _Default | None,
+        channel: str | DefaultChannel | None,
         key: bytes | None,
         timestamp_ms: int,
     ) -> Entry:
-        if isinstance(channel, _Default):
+        """The record ``send`` would make (stamped, checked: raises :class:`RequestError`
+        for one that can never be sent)."""
+        if isinstance(channel, DefaultChannel):
             channel = self.default_channel
         if (
             channel is None
@@ -301,14 +308,18 @@ class Producer:
         check_entry(entry, self._max_bytes)
         return entry
 
-    def _append(self, entry: Entry, handle: Handle) -> None:
+    def append_entry(self, entry: Entry, handle: Handle) -> None:
+        """Append a record made by :meth:`entry`; ``handle`` (a future of any kind) is resolved
+        with its seqno. The caller awaited :meth:`room` while :attr:`accepting` was False."""
         flags = self._core.append(entry, handle, _monotonic())
         if flags:
             self._after_append(flags)
 
-    def _add_batch(
+    def add_batch(
         self, entries: Sequence[Entry], handle: Handle, expected_first_seqno: int | None
     ) -> None:
+        """Queue ``entries`` as one batch (see :meth:`send_batch`); ``handle`` is resolved
+        with its :class:`ProduceResult`. The caller awaited :meth:`room`."""
         self._core.add_batch(entries, handle, expected_first_seqno=expected_first_seqno)
         self._wake.set()
 
@@ -344,18 +355,19 @@ class Producer:
             self._wake.set()
         self._arm_linger()
 
-    async def _ready(self) -> None:
+    async def room(self) -> None:
         """Started, not closed, and room for a record (the backpressure wait)."""
         if self._closing:
             raise RequestError("producer is closed", code="FAILED_PRECONDITION")
-        self._start()
+        self.start()
         while not self._core.accepting:
             self._room.clear()
             await self._room.wait()
             if self._closing:
                 raise RequestError("producer is closed", code="FAILED_PRECONDITION")
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the producer's task on the running loop (the first send does it too)."""
         if self._run_task is None:
             if self._closed:
                 raise RequestError("producer is closed", code="FAILED_PRECONDITION")

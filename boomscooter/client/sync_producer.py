@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from boomscooter import loops
-from boomscooter.client._produce_core import DEFAULT, ProduceResult, _Default
+from boomscooter.client._produce_core import DEFAULT, DefaultChannel, ProduceResult
 from boomscooter.client.producer import Producer
 from boomscooter.errors import ClientError, RequestError
 from boomscooter.storage.batch import Entry
@@ -62,20 +62,20 @@ class SyncProducer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _start(self) -> None:
-        self._producer._start()
+        self._producer.start()
 
     def send(
         self,
         payload: bytes,
         *,
-        channel: str | _Default | None = DEFAULT,
+        channel: str | DefaultChannel | None = DEFAULT,
         key: bytes | None = None,
         timestamp_ms: int = 0,
     ) -> concurrent.futures.Future[int | None]:
         """Queue one record (see :meth:`Producer.send`)."""
         if self._closed:
             raise RequestError("producer is closed", code="FAILED_PRECONDITION")
-        entry = self._producer._entry(payload, channel, key, timestamp_ms)
+        entry = self._producer.entry(payload, channel, key, timestamp_ms)
         future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
         pending = self._pending
         if len(pending) >= self._high_water:
@@ -106,8 +106,8 @@ class SyncProducer:
         expected_first_seqno: int | None,
     ) -> None:
         await self._drained()
-        await self._producer._ready()
-        self._producer._add_batch(entries, future, expected_first_seqno)
+        await self._producer.room()
+        self._producer.add_batch(entries, future, expected_first_seqno)
 
     def flush(self) -> None:
         """Block until everything sent so far is resolved (see :meth:`Producer.flush`)."""
@@ -148,7 +148,6 @@ class SyncProducer:
 
     async def _drain(self) -> None:
         producer = self._producer
-        core = producer._core
         idle_rounds = 0
         while True:
             items = []
@@ -173,11 +172,11 @@ class SyncProducer:
                 continue
             idle_rounds = 0
             for entry, future in items:
-                if not core.accepting:
+                if not producer.accepting:
                     try:
-                        await producer._ready()
+                        await producer.room()
                     except ClientError as error:
                         if not future.done():
                             future.set_exception(error)
                         continue
-                producer._append(entry, future)
+                producer.append_entry(entry, future)

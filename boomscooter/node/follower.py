@@ -48,6 +48,7 @@ from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap,
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from bootcast import mcast
+from bootcast.client import FetchConfig, fetch
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
@@ -213,8 +214,6 @@ class Follower:
     # -- catch-up through segment casts ---------------------------------------------------
 
     async def _catch_up_by_cast(self, stub: Any, first: pb.ReplicateResponse) -> None:
-        from bootcast.client import FetchConfig, fetch
-
         node = self.node
         names = sorted(n for n in first.sealed_segments if parse_file_name(n) is not None)
         bases = [parse_file_name(n).base_seqno for n in names]  # type: ignore[union-attr]

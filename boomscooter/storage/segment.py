@@ -30,6 +30,7 @@ from boomscooter.storage.batch import (
     BATCH_VERSION,
     HEADER_BYTES,
     Batch,
+    BatchHeader,
     batch_crc,
     crc32c,
     decode_header,
@@ -224,10 +225,7 @@ def read_batches(
                 raise CorruptLogError(
                     f"{path}: partial batch header at offset {pos}", path=path, offset=pos
                 )
-        try:
-            header = decode_header(buf, off)
-        except BatchDecodeError as exc:
-            raise CorruptLogError(f"{path}: offset {pos}: {exc}", path=path, offset=pos) from None
+        header = _header_at(buf, off, path, pos)
         if header.next_seqno <= from_seqno:
             pos += header.length
             continue
@@ -250,14 +248,24 @@ def read_batches(
                 raise CorruptLogError(
                     f"{path}: batch at offset {pos} runs past the end", path=path, offset=pos
                 )
-        if crc32c(view[off + 8 : off + length], crc32c(view[off : off + 4])) != header.crc:
-            raise CorruptLogError(
-                f"{path}: offset {pos}: batch CRC32C mismatch", path=path, offset=pos
-            )
-        batches.append(Batch(header, view[off : off + length]))
+        batches.append(_checked(header, view[off : off + length], path, pos))
         total += length
         pos += length
     return batches, pos
+
+
+def _header_at(buf: bytes, off: int, path: str, pos: int) -> BatchHeader:
+    try:
+        return decode_header(buf, off)
+    except BatchDecodeError as exc:
+        raise CorruptLogError(f"{path}: offset {pos}: {exc}", path=path, offset=pos) from None
+
+
+def _checked(header: BatchHeader, data: memoryview, path: str, pos: int) -> Batch:
+    """The batch, once its CRC32C (over all but the CRC field itself) matched."""
+    if crc32c(data[8:], crc32c(data[:4])) != header.crc:
+        raise CorruptLogError(f"{path}: offset {pos}: batch CRC32C mismatch", path=path, offset=pos)
+    return Batch(header, data)
 
 
 def seqno_at_time(
