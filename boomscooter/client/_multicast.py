@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,14 +27,13 @@ from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
 from boomscooter.errors import ServerUnavailableError
 from boomscooter.storage.batch import Record, split_batches
-from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
+from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap
+from boomscooter.stream.listener import StreamListener, listen
 from boomscooter.v1 import boomscooter_pb2 as pb
-from bootcast import mcast
 
 log = structlog.get_logger("boomscooter.subscriber")
 
 FETCH_BYTES = 4 << 20
-_DRAIN_MAX = 256
 _MAX_PENDING_RECORDS = 1_000_000
 
 
@@ -66,38 +64,31 @@ class MulticastEngine:
         self.rehandshake = rehandshake
         self.multicast_timeout_s = multicast_timeout_s
         self.server_timeout_s = server_timeout_s
-        self.stats = {"pages": 0, "fetches": 0, "fetched_batches": 0, "gaps": 0, "epochs": 0}
+        self._counts = {"fetches": 0, "fetched_batches": 0, "gaps": 0, "epochs": 0}
         self._loop = asyncio.get_running_loop()
         self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._commit_moved = asyncio.Event()
         self._drained = asyncio.Event()  # _ready was handed to the application
         self._new_epoch: int | None = None
-        self._pages_seen = False
-        self._last_page_at = self._loop.time()
-        self._joined_at = self._last_page_at
-        self._source: tuple[str | None, int | None] = (None, None)
         self._ready: list[Record] = []
-        self._timer: asyncio.Handle | None = None
-        self._timer_at = 0.0  # when the timer fires (uvloop's handles do not say)
-        self._sock: socket.socket | None = None
-        self._receiver: StreamReceiver | None = None
-        self.drops: dict[str, int] = {}
+        self._listener: StreamListener | None = None
+        self._closed_pages = 0  # pages of listeners closed before the current one
+        self._drops: dict[str, int] = {}  # of closed listeners
         self.delivery.commit(handshake.commit_seqno)
 
-    # -- socket side ---------------------------------------------------------------------
+    # -- the stream (boomscooter.stream.listener) ----------------------------------------
 
     def _join(self) -> None:
         session = self.session
-        self._sock = mcast.receiver_socket(session.group, session.port, interface=self.interface)
-        self._receiver = StreamReceiver(
-            session.epoch,
+        self._listener = listen(
+            session,
             self.delivery.received_end,
-            page_size_bytes=session.page_size_bytes,
+            interface=self.interface,
+            sink=self._handle,
+            page_filter=self.page_filter,
+            gaps=self._gaps,
         )
-        self._loop.add_reader(self._sock.fileno(), self._readable)
-        self._joined_at = self._loop.time()
-        self._source = mcast.expected_source(self.session.interface_hint, self.session.source_port)
         log.info(
             "subscriber.joined",
             group=f"{session.group}:{session.port}",
@@ -107,39 +98,28 @@ class MulticastEngine:
         )
 
     def _leave(self) -> None:
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        if self._receiver is not None:
-            for reason, n in self._receiver.drops.items():
-                self.drops[reason.value] = self.drops.get(reason.value, 0) + n
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            self._closed_pages += listener.pages
+            for reason, n in listener.drops.items():
+                self._drops[reason] = self._drops.get(reason, 0) + n
 
-    def _readable(self) -> None:
-        sock, receiver = self._sock, self._receiver
-        assert sock is not None and receiver is not None
-        now = self._loop.time()
-        events = []
-        drops_before = receiver.drops.total()
-        pages = 0
-        for data in mcast.receive_from(sock, self._source, self.drops, limit=_DRAIN_MAX):
-            if self.page_filter is not None and not self.page_filter(data):
-                continue  # a test's simulated loss
-            pages += 1
-            events.extend(receiver.datagram(data, now))
-        self.stats["pages"] += pages
-        if pages > receiver.drops.total() - drops_before:  # some page was valid
-            self._pages_seen = True
-            self._last_page_at = now
-        self._handle(events)
+    @property
+    def stats(self) -> dict[str, int]:
+        pages = self._closed_pages + (self._listener.pages if self._listener else 0)
+        return {"pages": pages, **self._counts}
 
-    def _poll(self) -> None:
-        self._timer = None
-        if self._receiver is not None:
-            self._handle(self._receiver.poll(self._loop.time()))
+    @property
+    def drops(self) -> dict[str, int]:
+        """Dropped datagrams by reason (the socket's source filter and the receiver's)."""
+        out = dict(self._drops)
+        if (listener := self._listener) is not None:
+            live = [*listener.drops.items()]
+            live += [(r.value, n) for r, n in listener.receiver.drops.items()]
+            for reason, n in live:
+                out[reason] = out.get(reason, 0) + n
+        return out
 
     def _handle(self, events: list[Any]) -> None:
         delivery = self.delivery
@@ -150,42 +130,26 @@ class MulticastEngine:
                 delivery.commit(event.commit_seqno)
                 self._commit_moved.set()
             elif isinstance(event, Gap):
-                self.stats["gaps"] += 1
-                self._gaps.put_nowait((event.from_seqno, event.to_seqno))
+                self._counts["gaps"] += 1
             elif isinstance(event, EpochChanged):
                 self._new_epoch = event.epoch
         self._ready.extend(delivery.release())
         if self._ready or self._new_epoch is not None or delivery.done:
             self._wake.set()
-        if self._sock is not None and len(self._ready) > _MAX_PENDING_RECORDS:
-            self._loop.remove_reader(self._sock.fileno())  # the application is behind
-        self._arm()
-
-    def _arm(self) -> None:
-        receiver = self._receiver
-        if receiver is None:
-            return
-        deadline = receiver.next_deadline()
-        if deadline is None:
-            return
-        if self._timer is not None:
-            if self._timer_at <= deadline:
-                return
-            self._timer.cancel()
-        self._timer_at = max(deadline, self._loop.time())
-        self._timer = self._loop.call_at(self._timer_at, self._poll)
+        if self._listener is not None and len(self._ready) > _MAX_PENDING_RECORDS:
+            self._listener.pause()  # the application is behind
 
     # -- fetch side ----------------------------------------------------------------------
 
     async def _fetch_worker(self) -> None:
         while True:
             start, end = await self._gaps.get()
-            await self._fetch_range(start, end)
+            if self._listener is not None:
+                await self._fetch_range(self._listener, start, end)
 
-    async def _fetch_range(self, start: int, end: int) -> None:
-        receiver = self._receiver
-        while receiver is not None and receiver is self._receiver:
-            start = max(start, receiver.next_seqno)
+    async def _fetch_range(self, listener: StreamListener, start: int, end: int) -> None:
+        while listener is self._listener and listener.open:
+            start = max(start, listener.receiver.next_seqno)
             if start > end:
                 return
             if start > self.delivery.commit_seqno:  # not committed yet: Fetch has nothing
@@ -199,15 +163,13 @@ class MulticastEngine:
                 self._drained.clear()
                 await self._drained.wait()
             response = await self._call_fetch(start, end)
-            self.stats["fetches"] += 1
+            self._counts["fetches"] += 1
             self.delivery.commit(response.commit_seqno)
             if not response.batches:
                 return
-            events = []
             for batch in split_batches(response.batches):
-                self.stats["fetched_batches"] += 1
-                events.extend(receiver.repaired(batch.data))
-            self._handle(events)
+                self._counts["fetched_batches"] += 1
+                listener.repaired(batch.data)
             start = response.last_seqno + 1
 
     async def _call_fetch(self, start: int, end: int) -> pb.FetchResponse:
@@ -243,31 +205,37 @@ class MulticastEngine:
                 self._wake.clear()
                 if self._ready:
                     await self.emit(self.take_ready())
-                    if self._sock is not None:
-                        self._loop.add_reader(self._sock.fileno(), self._readable)
+                    if self._listener is not None:
+                        self._listener.resume()
                     continue
                 if self._new_epoch is not None:
                     await self._restart_epoch()
                     continue
-                now = self._loop.time()
-                if not self._pages_seen and now - self._joined_at > self.multicast_timeout_s:
-                    raise NoMulticast(
-                        f"no page from {self.session.group}:{self.session.port} within "
-                        f"{self.multicast_timeout_s:.1f} s"
-                    )
-                if self._pages_seen and now - self._last_page_at > self.multicast_timeout_s:
-                    await self._check_server()
+                await self._check_pages()
         finally:
             worker.cancel()
             self._leave()
 
-    async def _check_server(self) -> None:
+    async def _check_pages(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        now = self._loop.time()
+        if not listener.pages_seen and now - listener.joined_at > self.multicast_timeout_s:
+            raise NoMulticast(
+                f"no page from {self.session.group}:{self.session.port} within "
+                f"{self.multicast_timeout_s:.1f} s"
+            )
+        if listener.pages_seen and now - listener.last_page_at > self.multicast_timeout_s:
+            await self._check_server(listener.last_page_at)
+
+    async def _check_server(self, last_page_at: float) -> None:
         """Pages stopped: the leader is gone (wait for it, up to server_timeout_s), or
         multicast stopped reaching us while it lives (fall back to unicast)."""
         try:
             await self.stub.Status(pb.StatusRequest(), timeout=2)
         except grpc.aio.AioRpcError as exc:
-            if self._loop.time() - self._last_page_at > self.server_timeout_s:
+            if self._loop.time() - last_page_at > self.server_timeout_s:
                 raise ServerUnavailableError(
                     f"lost the server: no page and no answer for {self.server_timeout_s:.0f} s "
                     f"({exc.code().name})"
@@ -285,7 +253,7 @@ class MulticastEngine:
         if self._same_stream(response.session):
             # A page with a newer cast id, but the server has not moved on: a stray or
             # forged datagram. The receiver counted and dropped it; carry on.
-            self.stats["foreign_epochs"] = self.stats.get("foreign_epochs", 0) + 1
+            self._counts["foreign_epochs"] = self._counts.get("foreign_epochs", 0) + 1
             return
         self._restart_session(response)
 
@@ -296,9 +264,9 @@ class MulticastEngine:
     def _restart_session(self, response: pb.HandshakeResponse) -> None:
         """A new epoch (failover) or a restarted leader (a new source port): what was
         received but not committed may be replaced, so it is dropped and fetched again."""
-        self.stats["sessions"] = self.stats.get("sessions", 0) + 1
+        self._counts["sessions"] = self._counts.get("sessions", 0) + 1
         if response.session.epoch != self.session.epoch:
-            self.stats["epochs"] += 1
+            self._counts["epochs"] += 1
         self._leave()
         self.delivery.drop_uncommitted()
         self.session = response.session
@@ -308,5 +276,4 @@ class MulticastEngine:
             epoch=self.session.epoch,
             source_port=self.session.source_port,
         )
-        self._pages_seen = False
         self._join()

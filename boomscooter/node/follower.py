@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +43,10 @@ from boomscooter.node import convert, peers
 from boomscooter.node.machine import RetrySession, StaleLeader
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.storage.segment import parse_file_name
-from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap, StreamReceiver
+from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap
+from boomscooter.stream.listener import StreamListener, listen
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
-from bootcast import mcast
 from bootcast.client import FetchConfig, fetch
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ log = structlog.get_logger("boomscooter.replica")
 
 FETCH_BYTES = 4 << 20
 MAX_PENDING_BYTES = 64 << 20
-_DRAIN_MAX = 256
 
 
 class SessionEnded(Exception):
@@ -69,7 +67,7 @@ class Follower:
         self.node = node
         self.machine = node.machine
         self.leader_address = leader_address
-        self.stats = {
+        self._counts = {
             "sessions": 0,
             "pages": 0,
             "gaps": 0,
@@ -88,12 +86,15 @@ class Follower:
         self._drained = asyncio.Event()
         self._pending: list[Batch] = []
         self._pending_bytes = 0
-        self._sock: socket.socket | None = None
-        self._receiver: StreamReceiver | None = None
-        self._source: tuple[str | None, int | None] = (None, None)
+        self._listener: StreamListener | None = None
         self._gaps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-        self._timer: asyncio.TimerHandle | None = None
         self.drops: dict[str, int] = {}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The replica's counters (pages: of every session, the current one included)."""
+        live = self._listener.pages if self._listener is not None else 0
+        return {**self._counts, "pages": self._counts["pages"] + live}
 
     def start(self) -> None:
         _remove_catchup_files(self.node.config.data_dir)  # left by a crash mid-catch-up
@@ -155,7 +156,7 @@ class Follower:
             first = await call.read()
             if not isinstance(first, pb.ReplicateResponse):
                 raise SessionEnded("the leader closed the Replicate stream")
-            self.stats["sessions"] += 1
+            self._counts["sessions"] += 1
             try:
                 self.node.apply(self.machine.session_offered(address, convert.session_offer(first)))
             except StaleLeader as exc:
@@ -209,7 +210,7 @@ class Follower:
             await node.exclusive(lambda: node.rebase(leader_first))
             log.info("replica.rebased", first_seqno=leader_first)
         if await peers.reconcile(node, stub, leader_first):
-            self.stats["truncations"] += 1
+            self._counts["truncations"] += 1
 
     # -- catch-up through segment casts ---------------------------------------------------
 
@@ -236,60 +237,36 @@ class Follower:
                 )
                 result = await asyncio.to_thread(fetch, config)
                 records = await node.import_segment(path, bases[i])
-                self.stats["imported_records"] += records
+                self._counts["imported_records"] += records
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            self.stats["segments_cast"] += 1
-            self.stats["segment_cast_bytes"] += result.size
+            self._counts["segments_cast"] += 1
+            self._counts["segment_cast_bytes"] += result.size
             log.info("replica.segment_cast", segment=name, bytes=result.size, records=records,
                      mbyte_per_s=round(result.mbyte_per_s, 1))  # fmt: skip
 
     # -- the live stream ------------------------------------------------------------------
 
     def _join(self, session: pb.MulticastSession) -> None:
-        interface = self.node.config.interface or session.interface_hint or None
-        self._sock = mcast.receiver_socket(session.group, session.port, interface=interface)
-        self._receiver = StreamReceiver(
-            session.epoch, self.node.log.next_seqno, page_size_bytes=session.page_size_bytes
-        )
-        self._source = mcast.expected_source(session.interface_hint, session.source_port)
         self._restart.clear()
-        self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._listener = listen(
+            session,
+            self.node.log.next_seqno,
+            interface=self.node.config.interface,
+            sink=self._handle,
+            gaps=self._gaps,
+        )
 
     def _leave(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        if self._receiver is not None:
-            for reason, n in self._receiver.drops.items():
-                self.drops[reason.value] = self.drops.get(reason.value, 0) + n
-            self._receiver = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            self._counts["pages"] += listener.pages
+            for reason, n in listener.drops.items():
+                self.drops[reason] = self.drops.get(reason, 0) + n
         self._pending.clear()
         self._pending_bytes = 0
-        while not self._gaps.empty():
-            self._gaps.get_nowait()
-
-    def _readable(self) -> None:
-        sock, receiver = self._sock, self._receiver
-        if sock is None or receiver is None:
-            return
-        now = self._loop.time()
-        events: list[Any] = []
-        for data in mcast.receive_from(sock, self._source, self.drops, limit=_DRAIN_MAX):
-            self.stats["pages"] += 1
-            events.extend(receiver.datagram(data, now))
-        self._handle(events)
-
-    def _poll(self) -> None:
-        self._timer = None
-        if self._receiver is not None:
-            self._handle(self._receiver.poll(self._loop.time()))
 
     def _handle(self, events: list[Any]) -> None:
         node = self.node
@@ -301,20 +278,11 @@ class Follower:
             elif isinstance(event, CommitAdvanced):
                 node.apply(self.machine.leader_commit_seen(event.commit_seqno))
             elif isinstance(event, Gap):
-                self.stats["gaps"] += 1
-                self._gaps.put_nowait((event.from_seqno, event.to_seqno))
+                self._counts["gaps"] += 1
             elif isinstance(event, EpochChanged):
                 self._restart.set()
-        if self._sock is not None and self._pending_bytes > MAX_PENDING_BYTES:
-            self._loop.remove_reader(self._sock.fileno())  # the disk is behind: Fetch later
-        self._arm()
-
-    def _arm(self) -> None:
-        receiver = self._receiver
-        deadline = receiver.next_deadline() if receiver is not None else None
-        if deadline is None or self._timer is not None:
-            return
-        self._timer = self._loop.call_at(max(deadline, self._loop.time()), self._poll)
+        if self._listener is not None and self._pending_bytes > MAX_PENDING_BYTES:
+            self._listener.pause()  # the disk is behind: Fetch later
 
     async def _appender(self) -> None:
         node = self.node
@@ -324,24 +292,23 @@ class Follower:
             batches, self._pending = self._pending, []
             self._pending_bytes = 0
             self._drained.set()
-            if self._sock is not None:
-                self._loop.remove_reader(self._sock.fileno())
-                self._loop.add_reader(self._sock.fileno(), self._readable)
+            if self._listener is not None:
+                self._listener.resume()
             if not batches:
                 continue
             async with node.append_lock:
                 # pwrites into the page cache (every fsync policy leaves the fdatasyncs to
                 # the storage's syncer thread): cheaper inline than a thread hop per group.
                 node.store_replicated(batches)
-            self.stats["appended_batches"] += len(batches)
+            self._counts["appended_batches"] += len(batches)
             node.apply(self.machine.log_grew())
             node.held(self.machine.held_seqno())
 
     async def _fetcher(self, stub: Any) -> None:
         while True:
             start, end = await self._gaps.get()
-            while (receiver := self._receiver) is not None:
-                start = max(start, receiver.next_seqno)
+            while (listener := self._listener) is not None:
+                start = max(start, listener.receiver.next_seqno)
                 if start > end:
                     break
                 while self._pending_bytes > MAX_PENDING_BYTES:  # the disk is behind
@@ -354,11 +321,9 @@ class Follower:
                 batches = list(split_batches(response.batches))
                 if not batches:
                     break
-                events = []
                 for batch in batches:
-                    self.stats["fetched_batches"] += 1
-                    events.extend(receiver.repaired(batch.data))
-                self._handle(events)
+                    self._counts["fetched_batches"] += 1
+                    listener.repaired(batch.data)
                 start = response.last_seqno + 1
 
     async def _acks(self, call: Any) -> None:

@@ -45,6 +45,8 @@ class IntervalSyncer:
             if wait_s > 0 and self._stop.wait(wait_s):
                 return
             self._dirty.clear()
+            if self._stop.is_set():  # a stop whose wake-up the clear just took (not lost)
+                return
             last_sync = time.monotonic()
             if not self._pending():
                 continue
