@@ -65,6 +65,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="busy loops beside the suite (default: %(default)s)",
     )
     parser.add_argument(
+        "--run-timeout",
+        type=float,
+        default=30 * 60,
+        help="seconds a run may take before it counts as hung and is killed (default %(default)s)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="first run's shuffle seed (default: random)"
     )
     parser.add_argument(
@@ -128,7 +134,7 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
-def run_suite(run: Run, pytest_args: list[str], junit: Path) -> None:
+def run_suite(run: Run, pytest_args: list[str], junit: Path, timeout_s: float) -> None:
     argv = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         "-p", "randomly", f"--randomly-seed={run.seed}", f"--junitxml={junit}",
@@ -141,7 +147,10 @@ def run_suite(run: Run, pytest_args: list[str], junit: Path) -> None:
         # tests started (nodes, fetches) with it.
         suite = subprocess.Popen(argv, process_group=0)
         try:
-            run.exit_code = suite.wait()
+            run.exit_code = suite.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            run.failures.append(f"(hung: no end within {timeout_s:.0f} s)")
+            run.exit_code = -1
         finally:
             if suite.poll() is None:
                 stop_group(suite)
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             run = Run(index=index, seed=first_seed + index - 1, load=load_of(args, index))
             print(f"flakehunt: run {index}/{args.runs}, seed {run.seed}, load {run.load}",
                   flush=True)  # fmt: skip
-            run_suite(run, pytest_args, Path(scratch) / f"run-{index}.xml")
+            run_suite(run, pytest_args, Path(scratch) / f"run-{index}.xml", args.run_timeout)
             runs.append(run)
             print(f"flakehunt: run {index} failed {len(run.failures)}: {run.failures}", flush=True)
     text = summary(runs, pytest_args)
