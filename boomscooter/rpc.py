@@ -8,7 +8,8 @@ nodes calling other nodes.
 * :func:`error_from_status`, :func:`error_from_rpc`, :func:`error_from_pb`: the one place
   where gRPC status codes and the in-band ``Error`` message become
   :mod:`boomscooter.errors` client errors, so callers catch domain classes, never
-  ``grpc.aio.AioRpcError``.
+  ``grpc.aio.AioRpcError``; and the way back for servers, :func:`grpc_status` and
+  :func:`error_to_pb` (an error's ``grpc_status`` name; ``INTERNAL`` for anything else).
 
 Mapping of status codes: ``FAILED_PRECONDITION`` with a leader address is
 :class:`NotLeaderError`, with a next seqno :class:`ExpectedSeqnoError`; ``OUT_OF_RANGE``
@@ -27,6 +28,7 @@ from typing import Any
 import grpc
 
 from boomscooter.errors import (
+    BoomscooterError,
     ClientError,
     ExpectedSeqnoError,
     NotLeaderError,
@@ -62,6 +64,8 @@ __all__ = [
     "error_from_pb",
     "error_from_rpc",
     "error_from_status",
+    "error_to_pb",
+    "grpc_status",
     "status_code",
 ]
 
@@ -165,3 +169,25 @@ def error_from_pb(error: boomscooter_pb2.Error) -> ClientError:
         next_seqno=error.next_seqno if error.HasField("next_seqno") else None,
         leader_address=error.leader_address if error.HasField("leader_address") else None,
     )
+
+
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The status a server answers ``exc`` with."""
+    name = getattr(exc, "grpc_status", "INTERNAL")
+    return _BY_NAME.get(name, grpc.StatusCode.INTERNAL)
+
+
+def error_to_pb(exc: BaseException) -> boomscooter_pb2.Error:
+    """``exc`` as an in-band ``Error`` (what :func:`error_from_pb` reads back)."""
+    if not isinstance(exc, ClientError | BoomscooterError):
+        return boomscooter_pb2.Error(
+            code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}"
+        )
+    error = boomscooter_pb2.Error(
+        code=grpc_status(exc).value[0], message=str(exc), retriable=exc.retriable
+    )
+    if isinstance(exc, ExpectedSeqnoError):
+        error.next_seqno = exc.next_seqno
+    if isinstance(exc, NotLeaderError) and exc.leader_address:
+        error.leader_address = exc.leader_address
+    return error

@@ -29,7 +29,19 @@ class RemoteProtocolError(BootcastError):
 
 
 class ConfigError(BootcastError):
-    """Bad command-line or constructor arguments."""
+    """Bad command-line or constructor arguments. ``option`` names the flag at fault (a
+    program that sets it under another name says so with :meth:`renamed`)."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(f"{option} {message}" if option else message)
+        self.option = option
+        self.detail = message
+
+    def renamed(self, names: dict[str, str]) -> str:
+        """The message, with the flag as the caller's program calls it."""
+        if self.option is None:
+            return str(self)
+        return f"{names.get(self.option, self.option)} {self.detail}"
 
 
 class PathRejected(BootcastError):

@@ -96,22 +96,23 @@ class ServeConfig:
         if self.idle_loops < 1:
             raise ConfigError("--idle-loops must be ≥ 1")
         if not 1 <= self.port_base <= 65535 - self.max_casts:
-            raise ConfigError("--port-base leaves no room for the cast ports")
+            raise ConfigError("leaves no room for the cast ports", option="--port-base")
         if self.group is not None:
             try:
                 ok = ipaddress.ip_address(self.group).is_multicast
             except ValueError:
                 ok = False
             if not ok:
-                raise ConfigError(f"--group {self.group} is not a multicast address")
+                raise ConfigError(f"{self.group} is not a multicast address", option="--group")
         try:
             last = ipaddress.ip_address(self.base_group) + (self.max_casts - 1)
         except ValueError:
             last = None
         if last is None or not last.is_multicast:
             raise ConfigError(
-                f"--group {self.base_group}: {self.max_casts} consecutive groups leave the "
-                "multicast range"
+                f"{self.base_group}: {self.max_casts} consecutive groups leave the multicast "
+                "range",
+                option="--group",
             )
 
     @property

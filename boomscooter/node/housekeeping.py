@@ -75,7 +75,8 @@ async def start_segment_casts(node: Node) -> None:
         if config.cast_port_base is not None:
             serve = dataclasses.replace(serve, port_base=config.cast_port_base)
     except BootcastConfigError as exc:
-        raise ConfigError(f"segment casts: {exc}".replace("--group", "--cast-group")) from None
+        names = {"--group": "--cast-group", "--port-base": "--cast-port-base"}
+        raise ConfigError(f"segment casts: {exc.renamed(names)}") from None
     node.cast_server, node.cast_runner, node.cast_port = await bserver.start_server(serve)
     if host in ("0.0.0.0", "::"):  # bound to any: name the host replicas reach us at
         host = node.address.rpartition(":")[0] or "127.0.0.1"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
+from boomscooter import rpc
 from boomscooter.errors import BoomscooterError
 from boomscooter.node import convert, rules
 from boomscooter.node.core import MAX_PRODUCER_ID_BYTES
@@ -73,7 +74,7 @@ async def replicate(
             replica_id, hello.address, hello.last_epoch, loop.time()
         )
     except BoomscooterError as exc:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await context.abort(rpc.grpc_status(exc), str(exc))
     node.apply(commands)
     session = state.sessions
     epoch = node.epoch
@@ -97,7 +98,8 @@ async def replicate(
         while not reader.done():
             await node.wait_change(UPDATE_S)
             if not node.is_leader or node.epoch != epoch:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(node.not_leader()))
+                error = node.not_leader()
+                await context.abort(rpc.grpc_status(error), str(error))
             now_state = (node.commit_seqno, node.log.last_seqno)
             entries, fed = node.machine.feed_since(fed)
             if entries or now_state[0] != sent[0] or loop.time() - last_sent_at >= UPDATE_S:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
+from boomscooter import rpc
 from boomscooter.errors import (
     BoomscooterError,
-    ExpectedSeqnoError,
     NotLeaderError,
     RequestError,
 )
@@ -48,20 +48,11 @@ _ACK_LEVELS = {
 }
 
 
-def status_code(exc: BoomscooterError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
-
-
 def error_message(exc: BaseException) -> pb.Error:
-    if isinstance(exc, BoomscooterError):
-        error = pb.Error(code=status_code(exc).value[0], message=str(exc), retriable=exc.retriable)
-        if isinstance(exc, ExpectedSeqnoError):
-            error.next_seqno = exc.next_seqno
-        if isinstance(exc, NotLeaderError) and exc.leader_address:
-            error.leader_address = exc.leader_address
-        return error
-    log.error("rpc.produce.internal_error", error=repr(exc))
-    return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc!r}")
+    """A failure answered in-band on a Produce stream (an unexpected one logged here)."""
+    if not isinstance(exc, BoomscooterError):
+        log.error("rpc.produce.internal_error", error=repr(exc))
+    return rpc.error_to_pb(exc)
 
 
 def _entries(request: pb.ProduceRequest) -> list[Entry]:
@@ -185,7 +176,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         )
 
     async def _abort(self, context: Any, exc: BoomscooterError) -> None:
-        await context.abort(status_code(exc), str(exc))
+        await context.abort(rpc.grpc_status(exc), str(exc))
 
     def _check_start(self, seqno: int) -> None:
         first = self.node.log.first_seqno
