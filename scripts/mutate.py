@@ -135,7 +135,7 @@ MUTATIONS = [
     Mutation(
         "stale-close",
         "the close of an older session leaves the replica's live one counted",
-        "boomscooter/node/replication.py",
+        "boomscooter/node/replicas.py",
         "if state is None or (session is not None and session != state.sessions):",
         "if state is None:",
     ),
@@ -173,6 +173,8 @@ def tracked_files() -> list[str]:
 
 def copy_repo(into: Path, files: list[str]) -> None:
     for name in files:
+        if not (REPO / name).is_file():  # deleted meanwhile (an edit under way)
+            continue
         target = into / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)

@@ -322,7 +322,7 @@ class Cluster:
             self._held(node)
 
     def _held(self, node: Node) -> None:
-        self.execute(node, node.machine.held(node.store.held()))
+        self.execute(node, node.machine.durable_moved(node.store.held()))
         if not node.machine.is_leader:
             self._ack(node)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from boomscooter.errors import BatchDecodeError
-from boomscooter.node import core, machine, replication, rules
+from boomscooter.node import core, machine, replicas, rules
 from boomscooter.node.machine import MachineConfig, NodeMachine
 from boomscooter.node.rules import PeerRole, PeerStatus, SelfView
 from boomscooter.node.state import NodeState
@@ -218,7 +218,7 @@ class Node:
         return self.machine.tracker
 
     @property
-    def replicas(self) -> replication.ReplicaSet:
+    def replicas(self) -> replicas.ReplicaSet:
         return self.machine.replicas
 
     def status_epoch(self) -> int:
@@ -231,7 +231,7 @@ class Node:
 def common_point(ours: CrashLog, theirs: CrashLog) -> int:
     """The last seqno up to which ``ours`` agrees with ``theirs``: the production search
     (CommonPoint, floor 0) comparing the batches both hold, as peers.reconcile does."""
-    search = replication.CommonPoint(ours.last, floor=0)
+    search = replicas.CommonPoint(ours.last, floor=0)
     while (seqno := search.probe()) is not None:
         batch = ours.batch_at(seqno)
         assert batch is not None
@@ -258,7 +258,7 @@ class _SingleAck(core.CommitTracker):
         super().__init__(1, commit_seqno=commit_seqno)
 
 
-class _AgreeingPoint(replication.CommonPoint):
+class _AgreeingPoint(replicas.CommonPoint):
     """A reconciliation that finds the logs agreeing everywhere (``no-reconcile``)."""
 
     def probe(self) -> int | None:
@@ -280,13 +280,13 @@ def _uncapped(self: core.CommitTracker) -> bool:
 
 
 def _disconnect_any_session(
-    self: replication.ReplicaSet, replica_id: str, session: int | None = None
+    self: replicas.ReplicaSet, replica_id: str, session: int | None = None
 ) -> None:
     """The close of any session disconnects the replica (``stale-close``)."""
     _ORIGINAL_DISCONNECTED(self, replica_id, None)
 
 
-_ORIGINAL_DISCONNECTED = replication.ReplicaSet.disconnected
+_ORIGINAL_DISCONNECTED = replicas.ReplicaSet.disconnected
 _ORIGINAL_NEWER_LEADER = rules.newer_leader
 _ORIGINAL_STATUS = NodeMachine.status
 
@@ -369,10 +369,10 @@ def _self_named_newer(
 
 PLANTS: dict[str, list[tuple[object, str, object]]] = {
     "single-ack": [(machine, "CommitTracker", _SingleAck)],
-    "no-reconcile": [(replication, "CommonPoint", _AgreeingPoint)],
+    "no-reconcile": [(replicas, "CommonPoint", _AgreeingPoint)],
     "no-gather": [(rules, "gather_source", lambda ours, answers: None)],
     "uncapped-commit": [(core.CommitTracker, "_recompute", _uncapped)],
-    "stale-close": [(replication.ReplicaSet, "disconnected", _disconnect_any_session)],
+    "stale-close": [(replicas.ReplicaSet, "disconnected", _disconnect_any_session)],
     "extends-gather": [
         (rules, "gather_source", _longest_log),
         (sys.modules[__name__], "gather_point", lambda ours, theirs: ours.last),

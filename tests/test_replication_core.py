@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boomscooter.node.core import CommitTracker
-from boomscooter.node.replication import CommonPoint, ReplicaSet
+from boomscooter.node.replicas import CommonPoint, ReplicaSet
 from boomscooter.node.state import NodeState, load_state, next_version, save_state
 
 # -- ReplicaSet --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ One *session* per connection to the leader:
    (group, port, epoch, source port), commit and last seqno, its other replicas and, when
    the replica is behind the start of the leader's active segment, its sealed segments;
 2. **reconcile**: find the last seqno where the two logs agree
-   (:class:`~boomscooter.node.replication.CommonPoint`, comparing batches fetched from the
+   (:class:`~boomscooter.node.replicas.CommonPoint`, comparing batches fetched from the
    leader) and truncate after it — a tail written under an older epoch that the leader
    does not hold is dropped before anything is appended or counted as committed;
 3. **catch up by cast**: whole sealed segments the replica lacks are fetched through the
@@ -302,7 +302,7 @@ class Follower:
                 node.store_replicated(batches)
             self._counts["appended_batches"] += len(batches)
             node.apply(self.machine.log_grew())
-            node.held(self.machine.held_seqno())
+            node.durable_moved(self.machine.held_seqno())
 
     async def _fetcher(self, stub: Any) -> None:
         while True:

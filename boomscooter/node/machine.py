@@ -4,7 +4,7 @@ A node of a log is a leader, a replica, or between the two. Its whole state live
 the role (:class:`Role`, changed only through the table :data:`TRANSITIONS`), the epoch,
 ``node.json`` in memory (:class:`~boomscooter.node.state.NodeState`), whom it follows, the
 commit rule (:class:`~boomscooter.node.core.CommitTracker`), the replica set
-(:class:`~boomscooter.node.replication.ReplicaSet`), the producer dedupe table — and every
+(:class:`~boomscooter.node.replicas.ReplicaSet`), the producer dedupe table — and every
 decision is taken here, by the rules of :mod:`boomscooter.node.rules`.
 
 The machine does no I/O and reads no clock. The runtime (the asyncio shell,
@@ -49,7 +49,7 @@ from boomscooter.errors import (
 )
 from boomscooter.node import rules
 from boomscooter.node.core import Appended, CommitTracker, DedupeTable, StreamSession
-from boomscooter.node.replication import ReplicaSet, ReplicaState
+from boomscooter.node.replicas import ReplicaSet, ReplicaState
 from boomscooter.node.rules import PeerRole, PeerStatus, SelfView
 from boomscooter.node.state import NodeState
 
@@ -315,7 +315,7 @@ class NodeMachine:
             config.min_insync, commit_seqno=rules.start_commit(config.min_insync, log.last_seqno)
         )
         self.replicas = ReplicaSet(self.tracker, insync_timeout_s=config.insync_timeout_s)
-        self.held_seen = 0  # the leader's held seqno as last reported (acks=leader waits)
+        self.durable_seen = 0  # the leader's held seqno as last reported (acks=leader waits)
         self._tokens = 0
         self._surveys: dict[int, Purpose] = {}
         self._saves: dict[int, _Lead | str] = {}  # awaited saves: lead, or whom to follow
@@ -458,9 +458,9 @@ class NodeMachine:
         self.replicas = ReplicaSet(self.tracker, insync_timeout_s=self.config.insync_timeout_s)
         self.leader_address = self.address
         self.session_live = False
-        self.held_seen = self.held_seqno()  # as a replica it may have truncated since
+        self.durable_seen = self.held_seqno()  # as a replica it may have truncated since
         out: list[Command] = [StartStream(lead.epoch)]
-        out += self.held(self.held_seqno())
+        out += self.durable_moved(self.held_seqno())
         out.append(
             Note(
                 "node.leading",
@@ -543,12 +543,12 @@ class NodeMachine:
     def truncated(self, seqno: int) -> None:
         """The log lost every record after ``seqno`` (a diverged tail cut, a rebase): what
         this node held and the dedupe entries of those records are gone with them."""
-        self.held_seen = min(self.held_seen, seqno)
+        self.durable_seen = min(self.durable_seen, seqno)
         self.dedupe.forget_after(seqno)
 
-    def held(self, seqno: int) -> list[Command]:
+    def durable_moved(self, seqno: int) -> list[Command]:
         """This node now holds everything up to ``seqno`` (durably, as its policy says)."""
-        self.held_seen = max(self.held_seen, seqno)
+        self.durable_seen = max(self.durable_seen, seqno)
         out: list[Command] = []
         if self.is_leader and self.tracker.held(LEADER_COPY, seqno):
             out.append(CommitMoved(self.tracker.commit_seqno))

@@ -4,7 +4,7 @@
   need (:class:`~boomscooter.node.rules.PeerStatus`); a node that does not answer within
   ``STATUS_TIMEOUT_S`` is left out.
 * :func:`reconcile` finds where this node's log diverged from a peer's
-  (:class:`~boomscooter.node.replication.CommonPoint`, comparing the batches both hold at a
+  (:class:`~boomscooter.node.replicas.CommonPoint`, comparing the batches both hold at a
   probed seqno) and truncates this log after it. Each leader incarnation writes under an
   epoch no earlier writer used, so two logs holding the same batch at a seqno agree on
   everything before it (Raft's log matching property).
@@ -25,7 +25,7 @@ import structlog
 
 from boomscooter.node import convert
 from boomscooter.node.config import GRPC_MESSAGE_BYTES
-from boomscooter.node.replication import CommonPoint
+from boomscooter.node.replicas import CommonPoint
 from boomscooter.node.rules import PeerStatus
 from boomscooter.rpc import create_channel
 from boomscooter.storage.batch import Batch, split_batches

@@ -2,7 +2,7 @@
 
 Every decision the node makes about roles, epochs and commits that is not bookkeeping (the
 commit rule itself is :class:`~boomscooter.node.core.CommitTracker`, the in-sync set
-:class:`~boomscooter.node.replication.ReplicaSet`) is a function here, called by
+:class:`~boomscooter.node.replicas.ReplicaSet`) is a function here, called by
 :class:`~boomscooter.node.machine.NodeMachine` through this module — so a test or the
 mutation check (``scripts/mutate.py``) can replace one rule and see what breaks. No I/O,
 no clock: the facts come in as arguments.

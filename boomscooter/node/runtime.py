@@ -161,8 +161,8 @@ class Node:
         return self.machine.commit_seqno
 
     @property
-    def held_seen(self) -> int:
-        return self.machine.held_seen
+    def durable_seen(self) -> int:
+        return self.machine.durable_seen
 
     def held_seqno(self) -> int:
         return self.machine.held_seqno()
@@ -211,7 +211,7 @@ class Node:
         """Wait until the leader holds ``seqno`` durably (False after ``timeout_s``); raises
         :class:`NotLeaderError` when this node stops leading meanwhile (as a replica it may
         truncate the record)."""
-        return await self._wait_leading(lambda: self.held_seen, seqno, timeout_s)
+        return await self._wait_leading(lambda: self.durable_seen, seqno, timeout_s)
 
     async def _wait_leading(
         self, position: Callable[[], int], seqno: int, timeout_s: float
@@ -300,15 +300,15 @@ class Node:
         if self.sender is not None:
             self.sender.commit_advanced()
 
-    def held(self, seqno: int) -> None:
+    def durable_moved(self, seqno: int) -> None:
         """This node holds everything up to ``seqno`` (the syncer, an append)."""
-        self.apply(self.machine.held(seqno))
+        self.apply(self.machine.durable_moved(seqno))
         if self.follower is not None:
             self.follower.durable_changed()
 
     def _durable_from_thread(self, seqno: int) -> None:
         if self.config.fsync.mode is not FsyncMode.NEVER:
-            self._loop.call_soon_threadsafe(self.held, seqno)
+            self._loop.call_soon_threadsafe(self.durable_moved, seqno)
 
     # -- the stream -----------------------------------------------------------------------------
 
@@ -406,7 +406,7 @@ class Node:
             self.counters["batches"] += 1
             self.counters["records"] += batch.record_count
             await self.sender.enqueue(bytes(batch.data))
-            self.held(machine.held_seqno())
+            self.durable_moved(machine.held_seqno())
             return ProduceOutcome(appended, False)
 
     def _stamp(self, request: ProduceBatch, base_seqno: int) -> Batch:

@@ -86,7 +86,7 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         # share fdatasyncs (group commit) — for the leader's durable copy (leader).
         commit = lambda: node.commit_seqno  # noqa: E731
         quorum = _AckQueue(out, node.wait_commit, commit, commit, "committed")
-        durable = _AckQueue(out, node.wait_durable, lambda: node.held_seen, commit, "durable")
+        durable = _AckQueue(out, node.wait_durable, lambda: node.durable_seen, commit, "durable")
         group_commit = node.config.fsync.mode is FsyncMode.ALWAYS
 
         async def read() -> None:
