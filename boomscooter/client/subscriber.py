@@ -30,19 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 import structlog
 
-from boomscooter import loops
 from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
 from boomscooter.client._retry import Retry
 from boomscooter.client._servers import ServerList
 from boomscooter.client._unicast import UnicastEngine
+from boomscooter.client.blocking import BackgroundLoop
 from boomscooter.client.delivery import Delivery
 from boomscooter.errors import ConfigError, ServerUnavailableError, TrimmedError
 from boomscooter.rpc import create_channel
@@ -341,22 +340,14 @@ class Subscriber:
 
 
 class _SyncRunner:
-    """Runs the async subscriber on an event loop in a background thread."""
+    """Runs the async subscriber on a background loop; hands its batches over a queue."""
 
     def __init__(self, subscriber: Subscriber) -> None:
         self.subscriber = subscriber
         self._out: queue.Queue[Any] = queue.Queue(64)
-        self._loop = loops.new_event_loop()
         self._stopping = False
-        self._thread = threading.Thread(target=self._main, name="subscriber-sync", daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._pump())
-        finally:
-            self._loop.close()
+        self._background = BackgroundLoop("subscriber-sync")
+        self._pumping = asyncio.run_coroutine_threadsafe(self._pump(), self._background.loop)
 
     async def _pump(self) -> None:
         sub = self.subscriber
@@ -401,10 +392,7 @@ class _SyncRunner:
 
     def stop(self) -> None:
         self._stopping = True
-        with contextlib.suppress(RuntimeError):  # the loop may have finished already
-            self._loop.call_soon_threadsafe(self._cancel_all)
-        self._thread.join(timeout=10)
-
-    def _cancel_all(self) -> None:
-        for task in asyncio.all_tasks(self._loop):
-            task.cancel()
+        self._background.cancel_all()
+        with contextlib.suppress(BaseException):  # its end was handed over already
+            self._pumping.result(timeout=10)
+        self._background.close(timeout_s=10)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from boomscooter import loops
 from boomscooter.client._produce_core import DEFAULT, DefaultChannel, ProduceResult
+from boomscooter.client.blocking import BackgroundLoop
 from boomscooter.client.producer import Producer
 from boomscooter.errors import ClientError, RequestError
 from boomscooter.storage.batch import Entry
@@ -36,11 +36,8 @@ class SyncProducer:
         self._drain_scheduled = False
         self._drain_task: asyncio.Task[None] | None = None
         self._closed = False
-        self._loop = loops.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="boomscooter-producer", daemon=True
-        )
-        self._thread.start()
+        self._background = BackgroundLoop("boomscooter-producer")
+        self._loop = self._background.loop
         self._call(self._start())
 
     def __enter__(self) -> SyncProducer:
@@ -59,7 +56,7 @@ class SyncProducer:
                 self.close()
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._background.call(coro)
 
     async def _start(self) -> None:
         self._producer.start()
@@ -88,7 +85,7 @@ class SyncProducer:
                 schedule = not self._drain_scheduled
                 self._drain_scheduled = True
             if schedule:
-                self._loop.call_soon_threadsafe(self._start_drain)
+                self._background.call_soon(self._start_drain)
         return future
 
     def send_batch(
@@ -125,9 +122,7 @@ class SyncProducer:
         try:
             self._call(self._close())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._background.close()
 
     async def _close(self) -> None:
         try:
