@@ -19,7 +19,7 @@ to *every* packet the clients receive, TCP included, because HTTP has no multica
 ``--http-loss skip`` runs HTTP only at 0 % instead.
 
 What each peer is, its configuration and where its clock starts and stops are
-described in :mod:`bench.peers`.
+described in :mod:`bench.files_peers` and the modules it names.
 
 A run that exceeds ``--timeout-factor`` × ideal (× N for HTTP, which must push N copies;
 at least ``--min-timeout-s``) is killed and recorded as failed. Logs of every process are
@@ -30,24 +30,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from bench.netns import Topology, cleanup_stale, netns_available
-from bench.peers import PEERS, SERVER_NICE, TOOLS, RunSpec, find_bootcast
+from bench.files_harness import FILE_NAME, RunSpec, make_source, prepare_netns, sha256_of
+from bench.files_peers import PEERS, TOOLS
+from bench.netns import Topology
+from bench.peer_bootcast import find_bootcast
+from bench.processes import SERVER_NICE
+from bench.report import write_json
 
 PREFIX = "bcb"
-FILE_NAME = "file.bin"
 ALL_PEERS = ("http", "udpcast", "uftp", "bootcast")
 
 
@@ -73,31 +72,6 @@ class Result:
     @property
     def ratio(self) -> float | None:
         return None if self.wall_s is None else self.wall_s / self.ideal_s
-
-
-def sha256_of(path: Path) -> str | None:
-    """The file's SHA-256 (hex), or None if it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
-def make_source(path: Path, size_bytes: int) -> str:
-    """Write ``size_bytes`` of random data to ``path`` and return its SHA-256."""
-    digest = hashlib.sha256()
-    with path.open("wb") as fh:
-        left = size_bytes
-        while left:
-            chunk = os.urandom(min(left, 1 << 20))
-            fh.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
 
 
 def _one_run(
@@ -252,23 +226,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def prepare_netns(prog: str, prefix: str) -> bool:
-    """Check that namespaces can be built (else say why and return False), remove stale
-    ones of ``prefix`` and turn SIGTERM (e.g. from `timeout` or make) into SystemExit, so
-    the Topology context managers still delete their namespaces and stop their processes."""
-    available, reason = netns_available()
-    if not available:
-        print(f"{prog}: cannot run: {reason}", file=sys.stderr)
-        return False
-    cleanup_stale(prefix)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not prepare_netns("files_bench", PREFIX):
@@ -317,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "http_loss": args.http_loss,
                 "results": [asdict(r) | {"ratio": r.ratio} for r in results],
             }
-            args.json.write_text(json.dumps(payload, indent=2) + "\n")
+            write_json(args.json, payload)
         if args.keep:
             print(f"kept {work}")
         else:

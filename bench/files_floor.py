@@ -19,7 +19,7 @@ with the ideal (``size * 8 / link``) they are compared with:
 
 Their sum is the floor for any Python client that joins after it starts. Two measured
 rows follow, each best of ``--repeats``, from launching the N clients until all exited,
-against ``bootcast serve`` as :mod:`bench.peers` runs it:
+against ``bootcast serve`` as :mod:`bench.peer_bootcast` runs it:
 
 * **minimal receivers** (:mod:`bench.floor_client`): join, count distinct pages, exit — no
   CRC, no file, no SHA-256, no leave;
@@ -37,9 +37,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.files_bench import FILE_NAME, make_source, prepare_netns, sha256_of
+from bench.files_harness import FILE_NAME, Outcome, RunSpec, make_source, prepare_netns, sha256_of
 from bench.netns import Topology
-from bench.peers import Outcome, RunSpec, run_bootcast
+from bench.peer_bootcast import run_bootcast
 from bootcast.defaults import DEFAULT_GROUP_V4, DEFAULT_PAGE_SIZE
 from bootcast.page import HEADER_BYTES, TRAILER_BYTES
 from bootcast.sender import wire_bytes
@@ -77,7 +77,7 @@ def interpreter_starts_s(topo: Topology) -> float:
 
 
 def run_minimal(spec: RunSpec) -> Outcome:
-    """``bootcast serve`` as in :func:`bench.peers.run_bootcast`, with the minimal
+    """``bootcast serve`` as in :func:`bench.peer_bootcast.run_bootcast`, with the minimal
     receivers of :mod:`bench.floor_client` as clients."""
     return run_bootcast(spec, lambda url, host, _: [sys.executable, str(CLIENT), url, host.addr])
 

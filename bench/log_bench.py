@@ -26,15 +26,14 @@ Goals (issue 4), checked for the rows that are not peers (boomscooter): end-to-e
 best peer; ≤ 0.35 bytes sent per delivered payload byte; producer ≥ 200k records/s; latency
 p50 ≤ 1 ms and p99 no worse than the best peer's.
 
-Adding a system: a :class:`bench.log_support.Runner` subclass and one line in ``RUNNERS``.
+Adding a system: a :class:`bench.harness.Runner` subclass (in a module of its own, as
+:mod:`bench.peer_redis`) and one line in ``RUNNERS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -44,13 +43,16 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from bench import report
+from bench.harness import Runner, Workload, run_workload
 from bench.log_boomscooter import BoomscooterRunner
-from bench.log_peers import NatsRunner, RedisRunner
-from bench.log_support import Runner, TrafficCounter, Workload, percentile, run_workload
-from bench.peers import SERVER_NICE
+from bench.peer_nats import NatsRunner
+from bench.peer_redis import RedisRunner
+from bench.processes import SERVER_NICE, exit_on_sigterm
+from bench.report import cell, percentile
+from bench.traffic import TrafficCounter
 
 RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (RedisRunner, NatsRunner, BoomscooterRunner)}
 """Every system the bench knows, in table order."""
@@ -79,7 +81,7 @@ class Metrics:
 
 
 HIGHER_BETTER = {"e2e_rps": True, "producer_rps": True}
-COLUMNS: list[tuple[str, str, str]] = [  # field, header, format
+COLUMNS: list[report.Column] = [
     ("e2e_rps", "e2e rec/s", "{:,.0f}"),
     ("producer_rps", "prod rec/s", "{:,.0f}"),
     ("bytes_per_byte", "B sent/B", "{:.3f}"),
@@ -193,23 +195,15 @@ def goals(m: Metrics, medians: dict[str, Metrics]) -> list[tuple[str, bool | Non
     ]  # fmt: skip
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
 def print_table(title: str, rows: dict[str, Metrics]) -> None:
-    print(f"\n{title}")
-    print(f"{'system':<13}" + "".join(f"{h:>13}" for _, h, _ in COLUMNS) + "  note")
-    for system, m in rows.items():
-        cells = "".join(f"{_cell(getattr(m, n), fmt):>13}" for n, _, fmt in COLUMNS)
-        print(f"{system:<13}{cells}  {m.note}", flush=True)
+    report.print_table(title, rows, COLUMNS, key_width=13, cell_width=13)
 
 
 def print_ratios(table: dict[str, dict[str, float | None]]) -> None:
     print("\nratio to the best peer per metric (>1: more; for bytes and latency, lower is better)")
     print(f"{'system':<13}" + "".join(f"{h:>13}" for _, h, _ in COLUMNS))
     for system, row in table.items():
-        print(f"{system:<13}" + "".join(f"{_cell(row[n], '{:.2f}x'):>13}" for n, _, _ in COLUMNS))
+        print(f"{system:<13}" + "".join(f"{cell(row[n], '{:.2f}x'):>13}" for n, _, _ in COLUMNS))
 
 
 def _peer_list(text: str) -> list[str]:
@@ -255,13 +249,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     runners: list[Runner] = []
     skipped: dict[str, str] = {}
     for name in args.peers:
@@ -313,17 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     checked = {name: goals(m, medians) for name, m in medians.items() if not RUNNERS[name].peer}
     for name, results in checked.items():
         print(f"\ngoals (issue 4) for {name}:")
-        for text, ok in results:
-            print(f"  {'n/a ' if ok is None else 'MET ' if ok else 'MISS'} {text}")
+        report.print_goals(results)
     if args.json is not None:
         payload: dict[str, Any] = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "host": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "loadavg_1min_start": load_start,
-                "loadavg_1min_end": os.getloadavg()[0],
-            },
+            "config": report.config_of(args),
+            "host": report.host_of(load_start),
             "systems": {r.name: r.describe() for r in runners},
             "bytes_counting": "nft counter, output hook, oifname lo, the server's ports; "
             "bytes_per_byte = TCP/UDP payload / (records * payload_bytes * subscribers); "
@@ -335,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_to_best_peer": table,
             "goals": {name: [{"goal": t, "met": ok} for t, ok in r] for name, r in checked.items()},
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        report.write_json(args.json, payload)
     if interrupted:
         return 130
     complete = all(

@@ -22,8 +22,8 @@ from tempfile import TemporaryDirectory
 # handlers (and no warning about them) are wanted.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+from bench.harness import filler
 from bench.log_boomscooter import BATCH_RECORDS, BoomscooterRunner
-from bench.log_support import filler
 from boomscooter import loops
 
 

@@ -6,8 +6,9 @@ Run: ``python -m bench.replication_bench [--quick] [--records 300000] [--repeats
 [--latency-rate 1000] [--latency-seconds 5] [--fsync interval,always] [--json OUT]``.
 
 Per system, durability setting and repeat, one freshly started cluster (temp data dirs,
-free 127.0.0.1 ports; see :mod:`bench.replication_peers`) and two runs on it, the producer
-in its own spawned process (the harness of :mod:`bench.log_support`, no subscribers):
+free 127.0.0.1 ports; see :class:`bench.log_boomscooter.BoomscooterCluster` and
+:class:`bench.peer_nats.NatsCluster`) and two runs on it, the producer in its own spawned
+process (the harness of :mod:`bench.harness`, no subscribers):
 
 * latency: ``--latency-rate`` records/s for ``--latency-seconds``; each record's ack
   latency is send → acknowledgement processed by the producer; p50/p99/p99.9 after a
@@ -28,9 +29,7 @@ with fsync=interval, and >= 1.5x NATS R3's records/s under both settings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -41,20 +40,14 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from bench.log_boomscooter import LATENCY_LINGER_MS
-from bench.log_support import Runner, Workload, percentile, run_workload
-from bench.peers import SERVER_NICE
-from bench.replication_peers import (
-    WINDOWS,
-    AckedResult,
-    BoomscooterCluster,
-    NatsCluster,
-    nats_sync_always_supported,
-    nats_version,
-)
+from bench import report
+from bench.harness import AckedResult, Runner, Workload, run_workload
+from bench.log_boomscooter import LATENCY_LINGER_MS, BoomscooterCluster
+from bench.peer_nats import WINDOWS, NatsCluster, nats_sync_always_supported, nats_version
+from bench.processes import SERVER_NICE, exit_on_sigterm
+from bench.report import cell, percentile
 
 GOAL_RPS = 100_000.0
 GOAL_VS_NATS = 1.5
@@ -74,7 +67,7 @@ class Metrics:
     note: str = ""
 
 
-COLUMNS: list[tuple[str, str, str]] = [  # field, header, format
+COLUMNS: list[report.Column] = [
     ("producer_rps", "records/s", "{:,.0f}"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
@@ -177,16 +170,8 @@ def median_metrics(runs: Sequence[Metrics]) -> Metrics:
     return med
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
 def print_table(title: str, rows: dict[str, Metrics]) -> None:
-    print(f"\n{title}")
-    print(f"{'system':<28}" + "".join(f"{h:>12}" for _, h, _ in COLUMNS) + "  note")
-    for key, m in rows.items():
-        cells = "".join(f"{_cell(getattr(m, n), fmt):>12}" for n, _, fmt in COLUMNS)
-        print(f"{key:<28}{cells}  {m.note}", flush=True)
+    report.print_table(title, rows, COLUMNS, key_width=28, cell_width=12)
 
 
 def comparisons(
@@ -212,7 +197,7 @@ def print_ratios(table: dict[str, dict[str, Any]]) -> None:
     print("\nboomscooter / NATS R3 (records/s: >1 is faster; latency: <1 is lower)")
     print(f"{'fsync':<12}{'vs':<24}" + "".join(f"{h:>12}" for _, h, _ in COLUMNS))
     for setting, ratio in table.items():
-        cells = "".join(f"{_cell(ratio[n], '{:.2f}x'):>12}" for n, _, _ in COLUMNS)
+        cells = "".join(f"{cell(ratio[n], '{:.2f}x'):>12}" for n, _, _ in COLUMNS)
         print(f"{setting:<12}{ratio['peer']:<24}{cells}")
 
 
@@ -297,10 +282,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _missing(row: Row, args: argparse.Namespace) -> str | None:
     runner: Runner = make_runner(row, args)
     return runner.missing()
@@ -308,7 +289,7 @@ def _missing(row: Row, args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     has_nats = "nats" in args.systems and shutil.which("nats-server") is not None
     sync_always = has_nats and nats_sync_always_supported()
     rows = plan(args.fsync, args.systems, sync_always)
@@ -359,17 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_ratios(table)
     checked = goals(args.fsync, medians, table)
     print("\ngoals (the issue) for boomscooter:")
-    for text, ok in checked:
-        print(f"  {'n/a ' if ok is None else 'MET ' if ok else 'MISS'} {text}")
+    report.print_goals(checked)
     if args.json is not None:
         payload: dict[str, Any] = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "host": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "loadavg_1min_start": load_start,
-                "loadavg_1min_end": os.getloadavg()[0],
-            },
+            "config": report.config_of(args),
+            "host": report.host_of(load_start),
             "systems": {r.key: make_runner(r, args).describe() for r in rows},
             "nats_sync_always": sync_always,
             "skipped": skipped,
@@ -378,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "boomscooter_over_nats": table,
             "goals": [{"goal": t, "met": ok} for t, ok in checked],
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        report.write_json(args.json, payload)
     if interrupted:
         return 130
     complete = all(

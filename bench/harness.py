@@ -1,14 +1,17 @@
-"""What every system in :mod:`bench.log_bench` shares: the :class:`Runner` interface, the
-process harness that runs one producer and N subscribers, the nftables byte counter and the
-server-process helpers.
+"""The workload harness of :mod:`bench.log_bench` and :mod:`bench.replication_bench`: the
+:class:`Runner` interface every system implements, the payloads, pacing and tallies of its
+producer and subscribers, and :func:`run_workload`, which runs one producer and N
+subscribers (N = 0 in the replication bench), each in its own process.
 
-A runner (one per system: Redis Streams, NATS JetStream, later boomscooter) provides
+A runner (one per system: :mod:`bench.peer_redis`, :mod:`bench.peer_nats`,
+:mod:`bench.log_boomscooter`) provides
 
 * ``start(workdir) -> Endpoint``: start the server on free loopback ports, wait until it
   serves, return a picklable :data:`Endpoint` (a plain dict: ports, names) the processes use;
 * ``stop()``: stop the server and remove its data (idempotent; called in ``finally``);
 * ``count_rules() -> list[str]``: nft match expressions for the traffic *the server* sends
-  (``tcp sport <port>``, ``udp dport <group port>``), counted on ``oifname "lo"``;
+  (``tcp sport <port>``, ``udp dport <group port>``), counted on ``oifname "lo"`` by
+  :class:`bench.traffic.TrafficCounter`;
 * ``producer(endpoint, work, ready)`` and ``subscriber(endpoint, work, index, ready)``:
   static methods, each the body of its own spawned process (see :class:`Runner`).
 
@@ -24,19 +27,13 @@ producer's ``time.time_ns()`` as 8 bytes little-endian (:func:`stamped`).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
-import math
+import importlib.util
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
-import socket
 import struct
-import subprocess
-import tempfile
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -45,12 +42,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, ClassVar, Self, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
-from bench.peers import SERVER_NICE
+from bench.processes import ServerProcess, data_dir, free_port, remove, wait_tcp
 
-HOST = "127.0.0.1"
 Endpoint: TypeAlias = dict[str, Any]
 """What the producer and subscribers need to reach a server: picklable (plain values)."""
 _STAMP = struct.Struct("<q")
@@ -80,6 +75,14 @@ class ProducerResult:
     end_ns: int
     """``time.time_ns()`` once the last record was acknowledged."""
     records: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AckedResult(ProducerResult):
+    """A producer's result with, in latency runs, each record's ack latency in send order
+    (``array('q')`` bytes, ns)."""
+
+    latencies_ns: bytes = b""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,222 +214,51 @@ class Tally:
         )
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of an ascending sequence."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
+# --- one server, one port ------------------------------------------------------------------
 
 
-# --- servers -------------------------------------------------------------------------------
+class ServerRunner(Runner):
+    """A runner whose server is one process on one TCP port: ``binary``, with the Python
+    client ``module`` (:meth:`missing` checks both); :meth:`launch` starts it."""
 
+    binary: ClassVar[str] = ""
+    module: ClassVar[str] = ""
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    def __init__(self) -> None:
+        self._server: ServerProcess | None = None
+        self._dir: Path | None = None
+        self._port = 0
 
+    def missing(self) -> str | None:
+        if shutil.which(self.binary) is None:
+            return f"{self.binary} not found"
+        if importlib.util.find_spec(self.module) is None:
+            return f"python module {self.module} not installed"
+        return None
 
-def wait_tcp(
-    port: int, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
+    def count_rules(self) -> list[str]:
+        return [f"tcp sport {self._port}"]
+
+    def launch(self, workdir: Path, argv_for: Callable[[int, Path], list[str]]) -> int:
+        """Start ``argv_for(port, data_dir)`` on a free port with a fresh data directory
+        under ``workdir``, wait until it listens, and return the port."""
+        self.stop()
+        self._port = free_port()
+        self._dir = data_dir(workdir, self.name)
+        argv = argv_for(self._port, self._dir)
+        self._server = ServerProcess(argv, self._dir.with_suffix(".log"))
         try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}") from None
-            if time.monotonic() > end:
-                raise TimeoutError(f"nothing listens on {HOST}:{port}") from None
-            time.sleep(0.05)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the bench dies (even by SIGKILL)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class ServerProcess:
-    """A server started at :data:`bench.peers.SERVER_NICE` (as every server in the benches),
-    logging to ``log``, killed if the bench dies, and stopped by :meth:`stop`."""
-
-    def __init__(self, argv: Sequence[str], log: Path) -> None:
-        self.log = log
-        self._fh: IO[bytes] = log.open("wb")
-        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            ["nice", "-n", str(SERVER_NICE), *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the bench, which stops the server last
-            preexec_fn=_die_with_parent,
-        )
-
-    def tail(self, lines: int = 3) -> str:
-        try:
-            text = self.log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+            wait_tcp(self._port, proc=self._server.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{self.name} server: {exc}: {self._server.tail()}") from exc
+        return self._port
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._fh.close()
-
-
-def data_dir(workdir: Path, name: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
-
-
-def remove(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# --- bytes the server sent: nftables -------------------------------------------------------
-
-IP_HEADER = 20  # IPv4 without options: all traffic here is 127.0.0.1
-UDP_HEADER = 8
-
-
-@dataclass(frozen=True, slots=True)
-class Traffic:
-    packets: int
-    bytes: int
-    """Whole IP packets as nft counts them (IP + TCP/UDP headers + payload). On ``lo`` a
-    TCP GSO skb of up to 64 KiB counts one header."""
-    payload_bytes: int | None
-    """The TCP/UDP payload alone (headers subtracted exactly: TCP rules are split by data
-    offset); ``None`` if a match is neither TCP nor UDP."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class TrafficCounter:
-    """Counts the packets matching any of ``matches`` on the output hook of ``oifname``.
-
-    Each match (e.g. ``"tcp sport 6379"``, ``"udp dport 5000"``, ``"ip daddr 239.1.2.3 udp
-    dport 5000"``) becomes counter rules in a table ``inet logbench_<pid>`` that exists
-    only inside the ``with`` block; a match without its own ``oif``/``oifname`` gets
-    ``oifname "<oifname>"`` (multicast sent with ``IP_MULTICAST_LOOP`` leaves by the
-    interface the socket chose, not ``lo``). Matches must be disjoint (a packet matching two
-    is counted twice). Needs root and ``nft``; otherwise :attr:`error` says why and
-    :meth:`read` returns ``None``.
-    """
-
-    def __init__(self, matches: Sequence[str], oifname: str = "lo") -> None:
-        self.table = f"logbench_{os.getpid()}"
-        self.matches = list(matches)
-        self.oifname = oifname
-        self.error: str | None = None
-        self._headers: dict[str, int | None] = {}
-
-    def _rules(self) -> list[str]:
-        rules = []
-        for i, match in enumerate(self.matches):
-            tokens = match.split()
-            if "tcp" in tokens:
-                for doff in range(5, 16):
-                    tag = f"m{i}d{doff}"
-                    self._headers[tag] = IP_HEADER + 4 * doff
-                    rules.append(f"{match} tcp doff {doff} counter comment {tag}")
-            else:
-                tag = f"m{i}"
-                self._headers[tag] = IP_HEADER + UDP_HEADER if "udp" in tokens else None
-                rules.append(f"{match} counter comment {tag}")
-        return rules
-
-    def _nft(self, args: Sequence[str], stdin: str | None = None) -> str:
-        proc = subprocess.run(
-            ["nft", *args], input=stdin, capture_output=True, text=True, timeout=10, check=False
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip() or f"nft exited {proc.returncode}")
-        return proc.stdout
-
-    def __enter__(self) -> Self:
-        if os.geteuid() != 0 or shutil.which("nft") is None:
-            self.error = "needs root and nft"
-            return self
-        self._remove_stale()
-        lines = []
-        for rule in self._rules():
-            own = {"oif", "oifname"} & set(rule.split())
-            lines.append(f"    {rule}" if own else f'    oifname "{self.oifname}" {rule}')
-        body = "\n".join(lines)
-        ruleset = (
-            f"table inet {self.table} {{\n  chain out {{\n"
-            f"    type filter hook output priority 0; policy accept;\n{body}\n  }}\n}}\n"
-        )
-        try:
-            self._nft(["delete", "table", "inet", self.table]) if self._exists() else None
-            self._nft(["-f", "-"], stdin=ruleset)
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
-            self.error = f"nft: {exc}"
-        return self
-
-    def _remove_stale(self) -> None:
-        """Delete the tables of benches that died without cleaning up (pid gone)."""
-        with contextlib.suppress(OSError, RuntimeError, subprocess.TimeoutExpired):
-            for line in self._nft(["list", "tables"]).splitlines():
-                name = line.split()[-1]
-                pid = name.removeprefix("logbench_")
-                if name.startswith("logbench_") and pid.isdigit() and not _alive(int(pid)):
-                    self._nft(["delete", "table", "inet", name])
-
-    def _exists(self) -> bool:
-        try:
-            self._nft(["list", "table", "inet", self.table])
-        except (OSError, RuntimeError, subprocess.TimeoutExpired):
-            return False
-        return True
-
-    def read(self) -> Traffic | None:
-        if self.error is not None:
-            return None
-        out = json.loads(self._nft(["-j", "list", "table", "inet", self.table]))
-        packets = total = headers = 0
-        exact = True
-        for item in out.get("nftables", []):
-            rule = item.get("rule")
-            if not rule or rule.get("comment") not in self._headers:
-                continue
-            for expr in rule.get("expr", []):
-                if "counter" in expr:
-                    n, b = int(expr["counter"]["packets"]), int(expr["counter"]["bytes"])
-                    packets, total = packets + n, total + b
-                    size = self._headers[rule["comment"]]
-                    if size is None:
-                        exact = False
-                    else:
-                        headers += n * size
-        return Traffic(packets, total, total - headers if exact else None)
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.error is None:
-            with contextlib.suppress(OSError, RuntimeError, subprocess.TimeoutExpired):
-                self._nft(["delete", "table", "inet", self.table])
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        remove(self._dir)
+        self._dir = None
 
 
 # --- the process harness -------------------------------------------------------------------
