@@ -248,8 +248,9 @@ class Cluster:
         session = StreamSession(group="sim", port=0, cast_id=epoch, page_size_bytes=0,
                                 epoch=epoch, interface_hint="", heartbeat_ms=0,
                                 source_port=node.id)  # fmt: skip
-        node.machine.stream_started(session)
-        self._beat(node)
+        self.execute(node, node.machine.stream_started(session))
+        if node.machine.is_leader:
+            self._beat(node)
 
     # -- ticks, producers, the stream ---------------------------------------------------------
 

@@ -84,6 +84,8 @@ def run(
         elif isinstance(command, m.Survey):
             found = {a: s for a, s in (answers or {}).items() if a in command.addresses}
             queue[:0] = machine.surveyed(command.token, found, 0.0)
+        elif isinstance(command, m.StartStream):
+            queue[:0] = machine.stream_started(session(command.epoch))
         else:
             out.append(command)
         if isinstance(command, m.SaveState):
@@ -117,9 +119,11 @@ def test_a_starting_leader_saves_its_epoch_before_it_leads() -> None:
     assert isinstance(save, m.SaveState) and save.wait
     assert (save.state.epoch, save.state.leader) == (4, "a")
     assert role(machine) is m.Role.STARTING  # not before the save is on disk
-    led = machine.state_saved(save.version)
+    (start,) = machine.state_saved(save.version)
+    assert start == m.StartStream(4)
+    assert role(machine) is m.Role.STARTING  # nor before its stream exists
+    machine.stream_started(session(4))
     assert role(machine) is m.Role.LEADER and machine.epoch == 4
-    assert only(led, m.StartStream) == [m.StartStream(4)]
     assert machine.commit_seqno == 5  # min_insync 1: its own durable log is committed
 
 

@@ -187,3 +187,38 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
     assert leader.role == "replica" and leader.leader_address == replica.address
     assert replica.is_leader
     assert await replica_sees_newer() is None
+
+
+async def test_a_cancelled_promotion_leaves_the_node_following(
+    cluster: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Promote RPC's deadline passes during a long gather: the node follows again
+    rather than stay one that neither follows nor leads (nor can be promoted again)."""
+    leader = await cluster("leader")
+    replica = await cluster("r1", follow=leader.address)
+    await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
+    await leader.stop(grace_s=0.1)
+    ahead = rules.PeerStatus(role=rules.PeerRole.REPLICA, epoch=1, leader_address="",
+                             last_seqno=100, last_epoch=9)  # fmt: skip
+    gathering = asyncio.Event()
+
+    async def survey(addresses: Any) -> dict[str, rules.PeerStatus]:
+        return {"127.0.0.1:9": ahead}
+
+    async def slow_gather(node: Node, source: str, first: int, last: int) -> int:
+        gathering.set()
+        await asyncio.Event().wait()  # until cancelled
+        return 0
+
+    monkeypatch.setattr(peers, "survey", survey)
+    monkeypatch.setattr(peers, "gather", slow_gather)
+    promotion = asyncio.create_task(replica.promote())
+    await within(gathering.wait(), "the gather under way")
+    promotion.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await promotion
+    await eventually(lambda: replica.role == "replica" and replica.follower is not None,
+                     "following again")  # fmt: skip
+    monkeypatch.undo()
+    done = await replica.promote()  # not stuck: a new promotion goes through
+    assert replica.is_leader and done["epoch"] == 2

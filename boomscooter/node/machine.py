@@ -325,6 +325,7 @@ class NodeMachine:
         self._gather_answers: dict[str, PeerStatus] = {}
         self._next_watch = 0.0
         self._promotion: tuple[int, bool] | None = None  # (min_insync, force) asked
+        self._leading: _Lead | None = None  # a lead whose stream is being started
 
     # -- the role table -----------------------------------------------------------------
 
@@ -443,12 +444,22 @@ class NodeMachine:
         """An awaited ``node.json`` save is on disk."""
         pending = self._saves.pop(version, None)
         if isinstance(pending, _Lead) and self.role in (Role.STARTING, Role.PROMOTING):
-            return self._lead(pending)
+            self._leading = pending
+            return [StartStream(pending.epoch)]
         if isinstance(pending, str) and self.role in (Role.STEPPING_DOWN, Role.REPLICA):
             return self._followed(pending)
         if isinstance(pending, str) and self.role is Role.STARTING:
             return self._followed(pending)
         return []
+
+    def stream_started(self, session: StreamSession) -> list[Command]:
+        """The runtime started the stream :class:`StartStream` asked for: only now does the
+        node lead (a peer asking earlier must not find a leader without its stream)."""
+        lead, self._leading = self._leading, None
+        if lead is None or self.role not in (Role.STARTING, Role.PROMOTING):
+            return [StopStream()]  # stopped or stepped aside meanwhile
+        self.session = session
+        return self._lead(lead)
 
     def _lead(self, lead: _Lead) -> list[Command]:
         was = self.role
@@ -459,8 +470,7 @@ class NodeMachine:
         self.leader_address = self.address
         self.session_live = False
         self.durable_seen = self.held_seqno()  # as a replica it may have truncated since
-        out: list[Command] = [StartStream(lead.epoch)]
-        out += self.durable_moved(self.held_seqno())
+        out = self.durable_moved(self.held_seqno())
         out.append(
             Note(
                 "node.leading",
@@ -477,10 +487,6 @@ class NodeMachine:
             out.append(Note("node.promoted", "warning", dict(lead.promotion)))
             out.append(PromotionDone(result=lead.promotion))
         return out
-
-    def stream_started(self, session: StreamSession) -> None:
-        """The runtime started the stream :class:`StartStream` asked for."""
-        self.session = session
 
     def tick(self, now: float) -> list[Command]:
         """Time passed: replicas silent too long leave the in-sync set; the leader's
@@ -640,6 +646,7 @@ class NodeMachine:
     def _followed(self, leader: str) -> list[Command]:
         self._step(Step.FOLLOW)
         self.leader_address = leader
+        self.leader_min_insync = 0  # known again from its leader's offer
         self.leader_commit = 0  # known again once the session reconciled
         self.session = None
         self.session_live = False

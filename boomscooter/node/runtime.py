@@ -25,7 +25,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,6 +98,7 @@ class Node:
         self._changed = asyncio.Event()  # replaced on every change: a broadcast
         self._promotions: list[asyncio.Future[m.PromotionDone]] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.grpc_server: Any = None
         self.port = 0
         self.node_id = config.node_id or ""
@@ -266,15 +267,15 @@ class Node:
             answers = await peers.survey(command.addresses)
             return machine.surveyed(command.token, answers, self._loop.time())
         if isinstance(command, m.StartStream):
-            await self._start_stream(command.epoch)
-        elif isinstance(command, m.StopStream):
+            return machine.stream_started(await self._start_stream(command.epoch))
+        if isinstance(command, m.StopStream):
             await self._stop_stream()
         elif isinstance(command, m.StartFollowing):
-            await self._stop_following()
+            await self._stop_following(locked=True)
             self.follower = Follower(self, command.leader)
             self.follower.start()
         elif isinstance(command, m.StopFollowing):
-            await self._stop_following()
+            await self._stop_following(locked=True)
         elif isinstance(command, m.Gather):
             return await self._gather(command)
         elif isinstance(command, m.ForgetAfter):
@@ -287,6 +288,14 @@ class Node:
         else:
             self.apply([command])
         return []
+
+    def _background(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``work`` on a task of its own (it must finish even if its caller was
+        cancelled), kept until it ends."""
+        task: asyncio.Task[Any] = self._loop.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure(f"node.{name}_failed"))
 
     def _save(self, command: m.SaveState) -> asyncio.Future[None]:
         return self._loop.run_in_executor(
@@ -312,9 +321,10 @@ class Node:
 
     # -- the stream -----------------------------------------------------------------------------
 
-    async def _start_stream(self, epoch: int) -> None:
+    async def _start_stream(self, epoch: int) -> StreamSession:
+        """A sender for ``epoch`` (the old one closed: never two streams)."""
+        await self._stop_following(locked=True)
         async with self.append_lock:
-            await self._stop_following()
             if self.sender is not None:  # never two streams
                 await self.sender.close()
                 self.sender = None
@@ -331,17 +341,15 @@ class Node:
                 position=lambda: (self.log.last_seqno, self.tracker.commit_seqno),
             )
             self.sender.start()
-            self.machine.stream_started(
-                StreamSession(
-                    group=self.group,
-                    port=self.group_port,
-                    cast_id=epoch,
-                    page_size_bytes=self.config.page_size_bytes,
-                    epoch=epoch,
-                    interface_hint=self.config.interface or "",
-                    heartbeat_ms=self.config.heartbeat_ms,
-                    source_port=self.sender.source_port,
-                )
+            return StreamSession(
+                group=self.group,
+                port=self.group_port,
+                cast_id=epoch,
+                page_size_bytes=self.config.page_size_bytes,
+                epoch=epoch,
+                interface_hint=self.config.interface or "",
+                heartbeat_ms=self.config.heartbeat_ms,
+                source_port=self.sender.source_port,
             )
 
     async def _stop_stream(self) -> None:
@@ -352,19 +360,38 @@ class Node:
                 await sender.close()
         self._notify()  # quorum waiters see the role change
 
-    async def _stop_following(self) -> None:
-        if self.follower is not None:
+    async def _stop_following(self, *, locked: bool = False) -> None:
+        """Stop the follower; ``locked``: once the work it does under the append lock (a
+        truncation, a rebase, a segment import) is done — the log is then not changing
+        under whoever comes next (a promotion's gather, a new leader's stream)."""
+        if self.follower is None:
+            return
+        if locked:
+            async with self.append_lock:
+                follower, self.follower = self.follower, None
+                if follower is not None:
+                    await follower.stop()
+        else:
             follower, self.follower = self.follower, None
             await follower.stop()
 
     async def _tick_loop(self) -> None:
         interval = min(MAX_TICK_S, self.config.insync_timeout_s / 4)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run(self.machine.tick(self._loop.time()))
-            except Exception:  # a failed check must not stop the node's clock
-                log.exception("node.tick_failed")
+        check: asyncio.Task[list[m.Command]] | None = None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                commands = self.machine.tick(self._loop.time())
+                surveys: list[m.Command] = [c for c in commands if isinstance(c, m.Survey)]
+                self.apply([c for c in commands if not isinstance(c, m.Survey)])
+                # The fencing check waits for slow peers on a task of its own: the expiry
+                # of silent replicas does not wait for it.
+                if surveys and (check is None or check.done()):
+                    check = self._loop.create_task(self.run(surveys), name="fencing-check")
+                    check.add_done_callback(_log_failure("node.fencing_check_failed"))
+        finally:
+            if check is not None:
+                check.cancel()
 
     # -- appends (leader) ---------------------------------------------------------------------
 
@@ -529,8 +556,16 @@ class Node:
         self._promotions.append(waiter)
         try:
             await self.run(self.machine.promote(min_insync, force=force))
-        except BaseException:
-            self._promotions.remove(waiter)
+        except BaseException as exc:
+            # Cancelled (the RPC's deadline), or a failure of the log or a save: follow
+            # again rather than stay a node that neither follows nor leads.
+            if waiter in self._promotions:
+                self._promotions.remove(waiter)
+            if not isinstance(exc, RequestError):
+                error = RequestError(f"promotion failed, still a replica: {exc!r}",
+                                     code="UNAVAILABLE")  # fmt: skip
+                recover = self.machine.promotion_failed(error)
+                self._background(self.run(recover), "promotion-recovery")
             raise
         done = await waiter
         if done.error is not None:
@@ -542,7 +577,7 @@ class Node:
         try:
             records = await peers.gather(self, command.source, command.first_seqno,
                                          command.last_seqno)  # fmt: skip
-        except peers.PeerFailed as exc:
+        except (peers.PeerFailed, StorageError) as exc:
             error = RequestError(f"promotion failed, still a replica: {exc}", code="UNAVAILABLE")
             return self.machine.promotion_failed(error)
         return self.machine.gathered(records)
@@ -600,8 +635,12 @@ class Node:
         if role == "stopped":
             return
         housekeeping.stop(self)
+        for task in list(self._tasks):
+            task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         await self._stop_following()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace_s)
@@ -613,6 +652,9 @@ class Node:
             async with asyncio.timeout(grace_s + 5):
                 async with self.append_lock:
                     pass
+        if self.sender is not None:  # without the lock: its close frees a blocked append
+            sender, self.sender = self.sender, None
+            await sender.close()
         await self.run(self.machine.stop())
         await self._stop_stream()
         async with self.append_lock:
