@@ -110,8 +110,7 @@ class ServeConfig:
             last = None
         if last is None or not last.is_multicast:
             raise ConfigError(
-                f"{self.base_group}: {self.max_casts} consecutive groups leave the multicast "
-                "range",
+                f"{self.base_group}: {self.max_casts} consecutive groups leave the multicast range",
                 option="--group",
             )
 
