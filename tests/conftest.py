@@ -1,21 +1,23 @@
-"""Shared fixtures: loopback multicast slots and in-process bootcast servers."""
+"""Shared fixtures (loopback multicast slots, in-process bootcast servers and nodes) and the
+hooks that print the multicast-group seed and a failing test's groups (``support/net.py``)."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import node_cluster
 import pytest
 from aiohttp import web
-from log_support import random_group
+from support import net, node_cluster
+from support.net import random_group
 
 from boomscooter.node.config import NodeConfig
 from boomscooter.node.runtime import Node, start_leader
 from bootcast.server import BootcastServer, ServeConfig, start_server
+
+_FIRST_GROUP = pytest.StashKey[int]()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +30,29 @@ class McastSlot:
 
 @pytest.fixture
 def mcast_slot() -> McastSlot:
-    rng = random.Random()
-    # Octet 66 is the server's default group (239.255.66.1); keep clear of it.
-    third = rng.choice([n for n in range(1, 255) if n != 66])
-    return McastSlot(group=f"239.255.{third}.1", port_base=rng.randrange(30000, 60000))
+    group, port_base = net.group_slot()
+    return McastSlot(group=group, port_base=port_base)
+
+
+def pytest_report_header() -> str:
+    return f"multicast groups: BOOMSCOOTER_TEST_GROUP_SEED={net.SEED}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_FIRST_GROUP] = len(net.handed_out)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        groups = net.handed_out[item.stash.get(_FIRST_GROUP, len(net.handed_out)) :]
+        lines = [f"seed {net.SEED} (BOOMSCOOTER_TEST_GROUP_SEED)", *groups]
+        report.sections.append(("multicast groups of this test", "\n".join(lines)))
+    return report
 
 
 @dataclass(slots=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from waiting import eventually, within
+from support.net import group_slot
+from support.waiting import eventually, within
 
 from bootcast import page
 from bootcast.mcast import sender_socket
@@ -32,16 +33,11 @@ class Served:
         return f"http://127.0.0.1:{self.port}/join/{path}"
 
 
-def _free_base() -> tuple[str, int]:
-    rng = random.Random()
-    return f"239.255.{rng.randrange(1, 250)}.1", rng.randrange(30000, 60000, 100)
-
-
 @pytest.fixture
 async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     root = tmp_path / "srv"
     root.mkdir()
-    group, port_base = _free_base()
+    group, port_base = group_slot()
     options = getattr(request, "param", {})
     config = ServeConfig(
         root=root,
@@ -169,7 +165,7 @@ async def fake_join_server(reply: str) -> tuple[web.AppRunner, int, list[str]]:
 
 
 async def test_no_pages_arrived_says_so_and_leaves(tmp_path: Path) -> None:
-    group, port_base = _free_base()
+    group, port_base = group_slot()
     reply = f"CONNECT={group}:{port_base}\nTOKEN=tok\nPAGES=5\nPAGESIZE=1000\nSIZE=4500\n"
     runner, port, leaves = await fake_join_server(reply)
     try:
@@ -213,7 +209,7 @@ async def fetch_from_fake_cast(
 
 
 async def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
-    group, port_base = _free_base()
+    group, port_base = group_slot()
     data = os.urandom(2500)
     wrong = hashlib.sha256(b"something else").hexdigest()
     reply = (
@@ -231,7 +227,7 @@ async def test_a_spec_only_server_is_fetched_exactly(tmp_path: Path) -> None:
     """A server that follows only the original spec: the four required keys (no SIZE, CAST,
     SHA256, NACK or PARITY), words 3 and 4 left 0, no trailer. The client learns the size
     from the last page, checks no CRC, sends no NACK, and still writes an exact copy."""
-    group, port_base = _free_base()
+    group, port_base = group_slot()
     data = os.urandom(4 * 1000 + 237)
     reply = f"CONNECT={group}:{port_base}\nTOKEN=spec\nPAGES=5\nPAGESIZE=1000\n"
     pages = [

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from log_support import running_leader
 from structlog.testing import capture_logs
+from support.log import running_leader
 
 from boomscooter.node.core import Appended, DedupeTable
 from boomscooter.node.journal import (

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
     reflection_pb2,
     reflection_pb2_grpc,
 )
-from leader_rpc_support import (
+from support.leader_rpc import (
     ALWAYS,
     INVALID_ARGUMENT,
     OK,
@@ -34,8 +34,8 @@ from leader_rpc_support import (
     rpc_error,
     three_batches,
 )
-from log_support import running_leader
-from waiting import stays_quiet, within
+from support.log import running_leader
+from support.waiting import stays_quiet, within
 
 from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb

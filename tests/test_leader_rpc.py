@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from leader_rpc_support import (
+from support.leader_rpc import (
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
     SMALL_BATCH_BYTES,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from log_support import (
+from support.log import (
     check_exactly_once,
     check_payloads,
     check_producer_order,
@@ -24,7 +24,8 @@ from log_support import (
     payload,
     running_leader,
 )
-from waiting import eventually, within
+from support.net import random_group
+from support.waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
@@ -265,8 +266,6 @@ async def test_two_logs_on_one_group_never_mix(tmp_path: Path) -> None:
     """Two leaders, both at epoch 1, multicast on the same group and port: a subscriber
     of one delivers only its own log (pages are filtered by the source port the
     handshake names)."""
-    from log_support import random_group
-
     group = random_group()
     async with (
         running_leader(tmp_path / "a", group=group) as a,

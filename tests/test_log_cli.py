@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from typing import Any
 
 import grpc
 import pytest
-from log_support import random_group
-from waiting import PATIENCE_S, eventually_blocking
+from support.net import free_port
+from support.process import Node
+from support.waiting import PATIENCE_S, eventually_blocking
 
 from boomscooter import cli
 from boomscooter.v1 import boomscooter_pb2 as pb
@@ -96,53 +96,23 @@ def run_concurrently(
     return results
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound and released; nothing here reuses it soon)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass(eq=False)
+class LeaderProcess(Node):
+    """``boomscooter leader --listen 127.0.0.1:0``: the port it bound is in ``leader.started``."""
 
-
-@dataclass
-class LeaderProcess:
-    proc: subprocess.Popen[bytes]
-    data_dir: Path
-    port: int
-    started: dict[str, Any]
-    log: list[dict[str, Any]] = field(default_factory=list)
-    drain: threading.Thread | None = None
+    port: int = 0
     produce_results: list[subprocess.CompletedProcess[bytes]] = field(default_factory=list)
 
     @property
     def server(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.process.address
 
 
 def start_leader_process(data_dir: Path, *extra: str) -> LeaderProcess:
-    """``boomscooter leader --listen 127.0.0.1:0``; returns once ``leader.started`` is logged
-    (the JSON log on stderr is drained by a thread so the pipe never fills)."""
-    proc = subprocess.Popen(
-        [*CLI, "--log-json", "leader", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-         "--group", random_group(), "--interface", "127.0.0.1", "--heartbeat-ms", "50", *extra],
-        stderr=subprocess.PIPE, env=ENV, cwd=REPO,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    stream = proc.stderr
-    events: list[dict[str, Any]] = []
-    for line in stream:
-        event = json.loads(line)
-        events.append(event)
-        if event["event"] == "leader.started":
-            break
-    else:
-        proc.wait(10)
-        raise AssertionError(f"leader exited {proc.returncode} before starting: {events}")
-    drain = threading.Thread(
-        target=lambda: events.extend(json.loads(x) for x in stream), daemon=True
-    )
-    drain.start()
-    _, _, port = str(event["listen"]).rpartition(":")
-    return LeaderProcess(proc, data_dir, int(port), event, events, drain)
+    """A leader of the CLI on any port; returns once it logged ``leader.started``."""
+    leader = LeaderProcess("leader", data_dir, "leader", list(extra))
+    leader.process.start()
+    return leader
 
 
 def last_seqno(leader: LeaderProcess) -> int:
@@ -151,19 +121,8 @@ def last_seqno(leader: LeaderProcess) -> int:
     return int(status.last_seqno)
 
 
-def stop_leader_process(leader: LeaderProcess) -> int:
-    if leader.proc.poll() is None:
-        leader.proc.send_signal(signal.SIGTERM)
-        try:
-            leader.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            leader.proc.kill()
-            leader.proc.wait(5)
-    if leader.drain is not None:
-        leader.drain.join(5)
-    if leader.proc.stderr is not None:
-        leader.proc.stderr.close()
-    return leader.proc.returncode
+def stop_leader_process(leader: LeaderProcess) -> int | None:
+    return leader.process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +249,11 @@ def test_a_cast_group_that_is_not_multicast_is_a_usage_error(tmp_path: Path) -> 
 
 
 def test_leader_on_port_0_logs_the_bound_address(leader: LeaderProcess) -> None:
-    assert leader.port != 0
-    assert leader.started["listen"] == f"127.0.0.1:{leader.port}"
-    assert leader.started["fsync"] == "always"
-    with socket.create_connection(("127.0.0.1", leader.port), timeout=5):
+    assert leader.argv()[leader.argv().index("--listen") + 1] == "127.0.0.1:0"
+    host, _, port = str(leader.process.started["listen"]).rpartition(":")
+    assert host == "127.0.0.1" and int(port) != 0
+    assert leader.process.started["fsync"] == "always"
+    with socket.create_connection((host, int(port)), timeout=5):
         pass  # something really listens there
 
 

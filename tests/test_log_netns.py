@@ -16,12 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from waiting import PATIENCE_S, eventually_blocking
+from support.netns_cluster import Cluster
+from support.process import NodeProcess
+from support.waiting import PATIENCE_S, eventually_blocking
 
 from bench.netns import Topology, netns_available
 
@@ -41,23 +42,6 @@ def line(index: int) -> bytes:
     return b"netns-%06d" % index
 
 
-def wait_started(proc: subprocess.Popen[bytes], log: list[dict[str, Any]]) -> threading.Thread:
-    """Read the leader's JSON log until ``leader.started``; drain the rest in a thread."""
-    assert proc.stderr is not None
-    stream = proc.stderr
-    for raw in stream:
-        event = json.loads(raw)
-        log.append(event)
-        if event["event"] == "leader.started":
-            drain = threading.Thread(
-                target=lambda: log.extend(json.loads(x) for x in stream), daemon=True
-            )
-            drain.start()
-            return drain
-    proc.wait(10)
-    raise AssertionError(f"the leader exited {proc.returncode} before it started: {log}")
-
-
 def done_event(err: bytes) -> dict[str, Any]:
     for raw in err.decode(errors="replace").splitlines():
         if raw.startswith("{"):
@@ -70,16 +54,18 @@ def done_event(err: bytes) -> dict[str, Any]:
 @pytest.mark.slow
 def test_lossy_subscribers_in_other_namespaces_get_every_record_once(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with Topology(n_clients=len(LOSSES), prefix="bsl", ipv6=False) as topo:
-        leader_log: list[dict[str, Any]] = []
-        leader = topo.run(
-            topo.server,
+    with (
+        Topology(n_clients=len(LOSSES), prefix="bsl", ipv6=False) as topo,
+        Cluster(log_dir=tmp_path) as cluster,
+    ):
+        leader = cluster.add(NodeProcess(
+            "leader",
             [*CLI, "leader", "--data-dir", str(tmp_path / "log"),
              "--listen", f"{topo.server.addr}:7700", "--group", GROUP,
              "--interface", topo.server.addr, "--heartbeat-ms", "50"],
-            stderr=subprocess.PIPE, env=env, cwd=REPO,
-        )  # fmt: skip
-        drain = wait_started(leader, leader_log)
+            spawn=lambda argv, **popen: topo.run(topo.server, argv, **popen),
+        ))  # fmt: skip
+        leader.start()
         server = f"{topo.server.addr}:7700"
         for host, loss in zip(topo.clients, LOSSES, strict=True):
             if loss:
@@ -111,11 +97,7 @@ def test_lossy_subscribers_in_other_namespaces_get_every_record_once(tmp_path: P
             for proc, log_file in zip(subscribers, logs, strict=True)
         ]
         dropped = [topo.loss_counters(host) for host in topo.clients]
-        leader.terminate()
-        leader.wait(15)
-        drain.join(5)
-        assert leader.stderr is not None
-        leader.stderr.close()
+        assert leader.stop() == 0, leader.tail()
 
     expected = [line(i).decode() for i in range(RECORDS)]
     for loss, proc, (out, err), drops in zip(LOSSES, subscribers, outputs, dropped, strict=True):
@@ -131,5 +113,5 @@ def test_lossy_subscribers_in_other_namespaces_get_every_record_once(tmp_path: P
             assert done["fetched_batches"] < RECORDS // 500, "fetched more than it lost"
         else:
             assert drops == 0
-    stopped = [e for e in leader_log if e["event"] == "leader.stopped"]
+    stopped = leader.events("leader.stopped")
     assert stopped and stopped[0]["last_seqno"] == RECORDS

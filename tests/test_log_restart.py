@@ -16,13 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,115 +24,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from log_support import (
+from support.log import (
     check_exactly_once,
     payload,
     produce_raw,
-    random_group,
     raw_batch,
     running_leader,
 )
-from waiting import eventually, within
+from support.net import random_group
+from support.process import Node, cluster
+from support.replication import read_log
+from support.waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.errors import ServerUnavailableError
 from boomscooter.node.config import ProduceBatch
 from boomscooter.node.multicast import StreamSender
-from boomscooter.storage import Entry, FsyncPolicy, LogReader
+from boomscooter.storage import Entry, FsyncPolicy
 from boomscooter.storage.batch import Record
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class LeaderProcess:
-    """``boomscooter leader`` as a child process, its JSON log collected by a thread."""
-
-    data_dir: Path
-    port: int
-    group: str
-    proc: subprocess.Popen[bytes] | None = None
-    log: list[dict[str, Any]] = field(default_factory=list)
-    _drain: threading.Thread | None = None
-
-    def argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "boomscooter.cli", "--log-json", "leader",
-            "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
-            "--group", self.group, "--interface", "127.0.0.1", "--fsync", "always",
-            "--heartbeat-ms", "50",
-        ]  # fmt: skip
-
-    def _start_blocking(self) -> dict[str, Any]:
-        assert self.proc is None
-        self.proc = subprocess.Popen(self.argv(), stderr=subprocess.PIPE, env=ENV, cwd=REPO)
-        assert self.proc.stderr is not None
-        stream = self.proc.stderr
-        for line in stream:
-            event: dict[str, Any] = json.loads(line)
-            self.log.append(event)
-            if event["event"] == "leader.started":
-                self._drain = threading.Thread(
-                    target=lambda: self.log.extend(json.loads(x) for x in stream), daemon=True
-                )
-                self._drain.start()
-                return event
-        self.proc.wait(10)
-        raise AssertionError(f"leader exited {self.proc.returncode} before it started")
-
-    async def start(self) -> dict[str, Any]:
-        """Start the leader; return its ``leader.started`` event."""
-        return await asyncio.to_thread(self._start_blocking)
-
-    def _stop_blocking(self, signum: int) -> int:
-        proc = self.proc
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(signum)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self._drain is not None:
-            self._drain.join(5)
-            self._drain = None
-        if proc.stderr is not None:
-            proc.stderr.close()
-        self.proc = None
-        return proc.returncode
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        return await asyncio.to_thread(self._stop_blocking, signum)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.log if e["event"] == name]
 
 
 @contextlib.asynccontextmanager
-async def leader_process(data_dir: Path) -> AsyncIterator[LeaderProcess]:
-    leader = LeaderProcess(data_dir=data_dir, port=free_port(), group=random_group())
-    try:
+async def leader_process(data_dir: Path) -> AsyncIterator[Node]:
+    """``boomscooter leader --fsync always`` as a process on a fixed port, so a restart
+    comes back where the clients look for it; killed on the way out."""
+    with cluster(Node("leader", data_dir, "leader", ["--fsync", "always"])) as (leader,):
         yield leader
-    finally:
-        await leader.stop(signal.SIGKILL)
-
-
-def read_log(data_dir: Path) -> list[Record]:
-    records: list[Record] = []
-    with LogReader(data_dir) as reader:
-        while chunk := reader.read():
-            records.extend(chunk)
-    return records
 
 
 @dataclass
@@ -204,7 +116,7 @@ async def test_leader_restart_keeps_every_acked_record_and_subscribers_continue(
     async with leader_process(data_dir) as leader:
         first = await leader.start()
         assert first["last_seqno"] == 0
-        server = f"127.0.0.1:{leader.port}"
+        server = leader.address
         subs = [
             SubscriberRun(
                 Subscriber(
@@ -312,7 +224,7 @@ async def test_a_batch_retried_after_a_restart_is_stored_once(tmp_path: Path, si
     data_dir = tmp_path / "log"
     async with leader_process(data_dir) as leader:
         await leader.start()
-        server = f"127.0.0.1:{leader.port}"
+        server = leader.address
         batches = [raw_batch("p1", n, [b"a%d" % n, b"b%d" % n]) for n in (1, 2)]
         other = raw_batch("p2", 1, [b"other"])
         first = await produce_raw(server, [*batches, other])
@@ -342,8 +254,9 @@ HUNG_S = 10.0  # a close that takes this long, even on a loaded host, has hung
 async def test_stream_sender_close_always_returns() -> None:
     hangs = 0
     for attempt in range(40):
+        group, _, port = random_group().rpartition(":")
         sender = StreamSender(
-            "239.255.33.3", 34567, epoch=1, page_size_bytes=1400, interface="127.0.0.1",
+            group, int(port), epoch=1, page_size_bytes=1400, interface="127.0.0.1",
             heartbeat_ms=10, position=lambda: (0, 0),
         )  # fmt: skip
         sender.start()

@@ -114,7 +114,7 @@ def test_lossy_clients_verify_with_fetch_and_with_the_spec_client(
                     [
                         sys.executable,
                         "-m",
-                        "tests.spec_client",
+                        "tests.support.spec_client",
                         url,
                         "--interface",
                         host.addr,

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from waiting import eventually, still_pending, within
+from support.waiting import eventually, still_pending, within
 
 from boomscooter import rpc
 from boomscooter.client import AckLevel, Producer, ProduceResult, SyncProducer

@@ -6,14 +6,14 @@ or of a restarted leader with min_insync > 1 announce exactly the committed end.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from node_cluster import Start
-from waiting import PATIENCE_S, eventually, within
+from support.net import free_port
+from support.node_cluster import Start
+from support.waiting import PATIENCE_S, eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.errors import RequestError
@@ -93,19 +93,13 @@ def _write_log(path: Path, batches: list[tuple[int, int, list[bytes]]]) -> None:
             log.append_batch(encode_batch(entries, base_seqno=base, epoch=epoch))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_notifications_on_a_restarted_replica_never_deliver_its_uncommitted_tail(
     cluster: Start, tmp_path: Path
 ) -> None:
     common = [(1 + 10 * i, 1, [b"c%d-%d" % (i, j) for j in range(10)]) for i in range(10)]
     _write_log(tmp_path / "leader", [*common, (101, 2, [b"new"] * 50)])
     _write_log(tmp_path / "r1", [*common, (101, 1, [b"stale"] * 35)])
-    leader_address = f"127.0.0.1:{_free_port()}"
+    leader_address = f"127.0.0.1:{free_port()}"
     replica = await cluster("r1", follow=leader_address)  # the leader is not up yet
 
     sub = Subscriber(replica.address, start=1, count=150, mode="notifications",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from node_cluster import Start
-from waiting import eventually, within
+from support.node_cluster import Start
+from support.waiting import eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.node.runtime import Node

@@ -25,17 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from log_support import produce_raw
-from replication_support import (
-    Node,
+from support.log import produce_raw
+from support.net import free_port
+from support.process import Node, cluster
+from support.replication import (
     ProducerRun,
     SubscriberRun,
     check_contiguous,
     check_identical_logs,
     check_stored,
     cli,
-    cluster,
-    free_port,
     in_sync,
     raw_batch,
     replica_view,
@@ -45,7 +44,7 @@ from replication_support import (
     three_nodes,
     wait_status,
 )
-from waiting import eventually, within
+from support.waiting import eventually, within
 
 from boomscooter.client.producer import Producer
 from boomscooter.errors import ServerUnavailableError

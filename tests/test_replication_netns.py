@@ -29,12 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from replica_cluster_support import (
-    CLI,
-    ENV,
-    REPO,
+from support.netns_cluster import (
     Cluster,
-    NodeProcess,
     log_digest,
     node_argv,
     read_payloads,
@@ -42,6 +38,7 @@ from replica_cluster_support import (
     status,
     wait_status,
 )
+from support.process import CLI, ENV, REPO, NodeProcess
 
 from bench.netns import Host, Topology, netns_available
 
@@ -103,7 +100,8 @@ def test_lossy_replicas_in_other_namespaces_hold_every_acked_record(tmp_path: Pa
         # leader's stream (the replica's handshake names it) and repairs from the replica.
         topo.set_loss(reader, SUBSCRIBER_LOSS)
         subscriber = topo.run(reader, [
-            *CLI, "subscribe", "--server", f"{hosts['replica-20'].addr}:{PORT}", "--from", "1",
+            *CLI, "--log-json", "subscribe", "--server", f"{hosts['replica-20'].addr}:{PORT}",
+            "--from", "1",
             "--count", str(RECORDS), "--interface", reader.addr,
         ], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=REPO)  # fmt: skip
         outputs: list[tuple[bytes, bytes]] = []  # read at once: a full pipe would stall it
@@ -114,7 +112,7 @@ def test_lossy_replicas_in_other_namespaces_hold_every_acked_record(tmp_path: Pa
 
         produce = subprocess.run(
             topo.ns_argv(topo.server, [
-                *CLI, "produce", "--server", server, "--acks", "quorum",
+                *CLI, "--log-json", "produce", "--server", server, "--acks", "quorum",
                 "--batch-records", str(BATCH_RECORDS),
             ]),
             input=b"".join(line(i) + b"\n" for i in range(RECORDS)),

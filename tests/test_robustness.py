@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from waiting import eventually
+from support.net import group_slot
+from support.waiting import eventually
 
 from bootcast import page
 from bootcast.joinreply import JoinReply
@@ -43,13 +43,13 @@ def test_a_late_joiner_notices_the_wrap_and_asks_for_what_it_lost_after_it() -> 
 async def served(tmp_path: Path) -> AsyncIterator[tuple[BootcastServer, int, Path]]:
     root = tmp_path / "srv"
     root.mkdir()
-    rng = random.Random()
+    group, port_base = group_slot()
     config = ServeConfig(
         root=root,
         host="127.0.0.1",
         port=0,
-        group=f"239.255.{rng.randrange(1, 250)}.1",
-        port_base=rng.randrange(30000, 60000, 100),
+        group=group,
+        port_base=port_base,
         rate_mbit=2.0,
         idle_loops=1000,
         prehash_bytes=0,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from log_support import check_exactly_once, payload, running_leader
+from support.log import check_exactly_once, payload, running_leader
 
 from boomscooter.client.producer import Producer
 from boomscooter.node.runtime import Node

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import StartBootcast
-from http_support import (
+from support.bootcast_http import (
     REPO_ROOT,
     cast_of,
     cast_of_or_none,
@@ -32,11 +32,11 @@ from http_support import (
     listening,
     write_file,
 )
-from spec_client import (
+from support.spec_client import (
     fetch_result,
     parse_datagram,
 )
-from waiting import PATIENCE_S, eventually
+from support.waiting import PATIENCE_S, eventually
 
 from bootcast import source as source_module
 from bootcast.digests import DigestCache
@@ -126,7 +126,8 @@ async def test_spec_client_that_binds_after_a_round_trip_still_gets_the_file(
 async def test_spec_client_command_line(
     start_bootcast: StartBootcast, tmp_path: Path, size: int
 ) -> None:
-    """``python -m tests.spec_client URL --interface ADDR -O FILE``, as the netns tests run it."""
+    """``python -m tests.support.spec_client URL --interface ADDR -O FILE``, as the netns
+    tests run it."""
     served = await start_bootcast()
     data = content(size)
     write_file(served.root, "cli/file.bin", data)
@@ -136,7 +137,7 @@ async def test_spec_client_command_line(
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.spec_client",
+            "tests.support.spec_client",
             url,
             "--interface",
             "127.0.0.1",

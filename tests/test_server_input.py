@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import RunningServer, StartBootcast
-from http_support import (
+from support.bootcast_http import (
     REJECTED,
     Joined,
     build_request,
@@ -29,10 +29,10 @@ from http_support import (
     staged_exchange,
     write_file,
 )
-from spec_client import (
+from support.spec_client import (
     parse_datagram,
 )
-from waiting import QUIET_S, eventually
+from support.waiting import QUIET_S, eventually
 
 MARKER = b"OUTSIDE-THE-ROOT-" + os.urandom(8).hex().encode()
 

@@ -20,8 +20,8 @@ import os
 from collections import Counter
 
 import pytest
-from sim_cluster import Cluster, SimConfig, Violation, simulate
-from sim_nodes import BUGS, REGRESSIONS, planted
+from support.sim_cluster import Cluster, SimConfig, Violation, simulate
+from support.sim_nodes import BUGS, REGRESSIONS, planted
 
 from boomscooter.node import machine as m
 from boomscooter.node import rules

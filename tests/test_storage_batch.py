@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storage_support import random_entries, spec_encode
+from support.storage import random_entries, spec_encode
 
 from boomscooter.errors import BatchDecodeError, BatchEncodeError
 from boomscooter.storage import Batch, Entry, Record, encode_batch, split_batches

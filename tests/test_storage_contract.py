@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage_support import quiet_logs, random_entries, small_config
+from support.storage import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import (
     BatchDecodeError,

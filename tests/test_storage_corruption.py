@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from storage_support import captured_logs, quiet_logs, random_entries, small_config
+from support.storage import captured_logs, quiet_logs, random_entries, small_config
 
 from boomscooter.errors import CorruptLogError
 from boomscooter.storage import Entry, LogConfig, RecoveryKind, SegmentedLog

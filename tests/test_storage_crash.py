@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storage_support import quiet_logs
+from support.storage import quiet_logs
 
 from boomscooter.storage import (
     FsyncMode,

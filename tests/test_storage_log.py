@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from storage_support import NEVER, Syscalls, quiet_logs, random_entries, small_config
-from waiting import PATIENCE_S, eventually_blocking
+from support.storage import NEVER, Syscalls, quiet_logs, random_entries, small_config
+from support.waiting import PATIENCE_S, eventually_blocking
 
 import boomscooter.storage
 from boomscooter.errors import ConfigError, LogClosedError, LogLockedError, StorageIOError

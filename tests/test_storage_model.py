@@ -3,7 +3,7 @@ crashes, retention runs and truncations leaves SegmentedLog and MemoryLog readin
 exactly what a plain list-of-segments model says.
 
 The model knows nothing of the codec: batch sizes come from the specification-written
-encoder in ``storage_support``, and the roll and retention rules are restated here.
+encoder in ``support.storage``, and the roll and retention rules are restated here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from storage_support import small_config, spec_encode
+from support.storage import small_config, spec_encode
 
 import bootcast.logs
 from boomscooter.storage import Entry, MemoryLog, Record, SegmentedLog, encode_batch

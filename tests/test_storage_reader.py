@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storage_support import quiet_logs, random_entries, small_config
+from support.storage import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import CorruptLogError, LogTruncatedError, SeqnoOutOfRangeError
 from boomscooter.storage import Entry, LogReader, Record, SegmentedLog, encode_batch

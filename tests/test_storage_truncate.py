@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storage_support import Crash, Syscalls, abandon, quiet_logs
+from support.storage import Crash, Syscalls, abandon, quiet_logs
 
 from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, LogConfig, Record, SegmentedLog
 

@@ -10,7 +10,7 @@ import os
 import random
 
 import pytest
-from storage_support import random_entries
+from support.storage import random_entries
 
 from boomscooter.storage import Batch, encode_batch
 from boomscooter.stream import (

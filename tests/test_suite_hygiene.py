@@ -1,5 +1,5 @@
 """A guard against tests that fail by chance: no short deadlines, no sleeps used to wait for
-something to happen (see ``tests/waiting.py`` for how the tests wait instead).
+something to happen (see ``tests/support/waiting.py`` for how the tests wait instead).
 
 Every test module is parsed, and three kinds of call are flagged:
 
@@ -7,7 +7,7 @@ Every test module is parsed, and three kinds of call are flagged:
   ``asyncio.timeout(1)``, ``asyncio.wait(..., timeout=0.3)``, or any ``timeout=`` /
   ``timeout_s=`` keyword (a gRPC deadline, a helper's bound). On a loaded two-core host a
   second is not a safe bound for anything;
-- a sleep (``asyncio.sleep``, ``time.sleep``) outside ``tests/waiting.py``, unless the
+- a sleep (``asyncio.sleep``, ``time.sleep``) outside ``tests/support/waiting.py``, unless the
   function it is in stands in ``ALLOWED_SLEEPS`` with the reason it is not a wait for
   something else to happen (pacing a sender, a window a negative check watches, a delay
   that is itself under test). An entry whose function no longer sleeps fails too, so the
@@ -28,11 +28,11 @@ POLLING = "a polling loop bounded by waiting.PATIENCE_S"
 
 # (file, function) -> why its sleeps are not synchronisation.
 ALLOWED_SLEEPS: dict[tuple[str, str], str] = {
-    ("replica_cluster_support.py", "NodeProcess.wait_for"): POLLING,
-    ("replica_cluster_support.py", "wait_status"): POLLING + " (each poll runs the CLI)",
-    ("replication_support.py", "status"): POLLING + " (retried while unreachable)",
-    ("replication_support.py", "wait_status"): POLLING + " (an async Status per poll)",
-    ("replication_support.py", "ProducerRun.run"): "pacing a producer, and its pause gate",
+    ("support/process.py", "NodeProcess.wait_for"): POLLING + " (blocking: no event loop)",
+    ("support/netns_cluster.py", "wait_status"): POLLING + " (each poll runs the CLI)",
+    ("support/replication.py", "status"): POLLING + " (retried while unreachable)",
+    ("support/replication.py", "wait_status"): POLLING + " (an async Status per poll)",
+    ("support/replication.py", "ProducerRun.run"): "pacing a producer, and its pause gate",
     ("test_log_restart.py", "ProducerRun.run"): "pacing a producer",
     ("test_log_acceptance.py", "produce"): "pacing a producer: a stream, not one burst",
     ("test_fetch.py", "fetch_from_fake_cast.carousel"): "pacing a fake sender's carousel",
@@ -149,14 +149,17 @@ class _Scanner(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def scan(path: Path) -> _Scanner:
-    scanner = _Scanner(path.name)
+def scan(path: Path, name: str | None = None) -> _Scanner:
+    scanner = _Scanner(name or path.name)
     scanner.visit(ast.parse(path.read_text(), filename=str(path)))
     return scanner
 
 
 def scan_all() -> list[_Scanner]:
-    return [scan(path) for path in sorted(TESTS.glob("*.py")) if path.name != "waiting.py"]
+    """Every test module and support module (``support/…``), the waiting helpers aside."""
+    paths = sorted(TESTS.rglob("*.py"))
+    found = [scan(p, p.relative_to(TESTS).as_posix()) for p in paths]
+    return [s for s in found if s.file != "support/waiting.py"]
 
 
 def test_no_deadline_under_two_seconds() -> None:

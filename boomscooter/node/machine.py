@@ -8,7 +8,7 @@ commit rule (:class:`~boomscooter.node.core.CommitTracker`), the replica set
 decision is taken here, by the rules of :mod:`boomscooter.node.rules`.
 
 The machine does no I/O and reads no clock. The runtime (the asyncio shell,
-:mod:`boomscooter.node.runtime`) or the simulation (``tests/sim_cluster.py``) feeds it
+:mod:`boomscooter.node.runtime`) or the simulation (``tests/support/sim_cluster.py``) feeds it
 events — a method call each, with ``now`` where time matters — and carries out the
 commands it returns, in order: save ``node.json``, start or stop the stream, start or stop
 following, ask the peers for their Status, gather a log from a peer, tell waiters that

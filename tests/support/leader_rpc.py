@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from log_support import running_leader
+from support.log import running_leader
 
 from boomscooter.node.runtime import Node
 from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches

@@ -3,14 +3,14 @@ records with checkable payloads, and the checks every subscriber view must pass.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from waiting import eventually, within
+from support.net import random_group
+from support.waiting import eventually, within
 
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.node.config import NodeConfig
@@ -20,13 +20,6 @@ from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
-
-
-def random_group() -> str:
-    """A loopback multicast group and port unlikely to collide with another test's."""
-    rng = random.Random()
-    third = rng.choice([n for n in range(1, 255) if n != 66])
-    return f"239.255.{third}.{rng.randrange(2, 254)}:{rng.randrange(20000, 60000)}"
 
 
 @asynccontextmanager

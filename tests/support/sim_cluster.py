@@ -32,8 +32,8 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
-import sim_nodes
-from sim_nodes import (
+from support import sim_nodes
+from support.sim_nodes import (
     ACKS_LEADER,
     FSYNC_S,
     HELLO_S,

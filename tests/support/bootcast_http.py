@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conftest import RunningServer
-from spec_client import (
+from support.spec_client import (
     HEADER,
     JoinInfo,
     open_group_socket,
@@ -33,7 +33,7 @@ SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
 TRAILER_MAGIC = 0xBC
 FLAG_REPAIR = 0x01
 REJECTED = {400, 403, 404}
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 

@@ -1,12 +1,11 @@
 """Helpers for the replication tests that run every node as a real process
-(``python -m boomscooter.cli --log-json leader|replica``), on loopback or inside the
-network namespaces of :class:`bench.netns.Topology`.
+(:class:`support.process.NodeProcess`) with a command line of their own, on loopback or
+inside the network namespaces of :class:`bench.netns.Topology`.
 
-:class:`NodeProcess` starts one node, waits for its ``leader.started`` /
-``replica.started`` event and collects its JSON log (stderr) in a thread;
 :class:`Cluster` stops every node it started (SIGTERM, then SIGKILL), also when a test
-fails. :func:`status` runs ``boomscooter status --json``; :func:`log_digest`,
-:func:`segment_digests` and :func:`read_payloads` read a stopped node's data directory.
+fails, and keeps their logs. :func:`status` runs ``boomscooter status --json``;
+:func:`log_digest`, :func:`segment_digests` and :func:`read_payloads` read a stopped node's
+data directory.
 """
 
 from __future__ import annotations
@@ -14,139 +13,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from waiting import PATIENCE_S
+from support.process import CLI, ENV, REPO, NodeProcess
+from support.waiting import PATIENCE_S
 
 from boomscooter.storage import LogReader
 from boomscooter.storage.segment import LOG_SUFFIX, parse_file_name
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-CLI = [sys.executable, "-m", "boomscooter.cli", "--log-json"]
-
-Spawn = Callable[..., "subprocess.Popen[bytes]"]
-"""Starts an argv like :class:`subprocess.Popen` (``Topology.run`` bound to a host fits)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-    text = raw.decode(errors="replace").rstrip("\n")
-    if text.startswith("{"):
-        with contextlib.suppress(ValueError):
-            event = json.loads(text)
-            if isinstance(event, dict):
-                return event
-    return {"event": "raw", "text": text}  # a traceback, a warning: kept for the report
-
-
-@dataclass
-class NodeProcess:
-    """One ``boomscooter leader|replica`` process and its JSON log."""
-
-    name: str
-    argv: list[str]
-    spawn: Spawn = subprocess.Popen
-    proc: subprocess.Popen[bytes] | None = None
-    log: list[dict[str, Any]] = field(default_factory=list)
-    started: dict[str, Any] = field(default_factory=dict)
-    _drain: threading.Thread | None = None
-    _signalled: bool = False
-
-    def start(self, timeout_s: float = PATIENCE_S) -> dict[str, Any]:
-        """Start the node; return its ``leader.started`` / ``replica.started`` event."""
-        assert self.proc is None, f"{self.name} already started"
-        self.proc = self.spawn(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=ENV, cwd=REPO,
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        stream = self.proc.stderr
-        found = threading.Event()
-
-        def drain() -> None:
-            for raw in stream:
-                event = _parse(raw)
-                self.log.append(event)
-                if str(event["event"]).endswith(".started") and not found.is_set():
-                    self.started = event
-                    found.set()
-            found.set()  # the process ended (before it started, if ``started`` is empty)
-
-        self._drain = threading.Thread(target=drain, name=f"log {self.name}", daemon=True)
-        self._drain.start()
-        if not found.wait(timeout_s) or not self.started:
-            raise AssertionError(f"{self.name} did not start: {self.tail()}")
-        return self.started
-
-    @property
-    def address(self) -> str:
-        return str(self.started["listen"])
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in list(self.log) if e.get("event") == name]
-
-    def wait_for(
-        self,
-        name: str,
-        predicate: Callable[[list[dict[str, Any]]], bool],
-        timeout_s: float = PATIENCE_S,
-    ) -> list[dict[str, Any]]:
-        """Wait until ``predicate(self.events(name))`` holds; return those events."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            events = self.events(name)
-            if predicate(events):
-                return events
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {name} as wanted: {self.tail()}")
-            time.sleep(0.1)
-
-    def tail(self, lines: int = 15) -> str:
-        return "\n".join(json.dumps(e) for e in list(self.log)[-lines:])
-
-    def send_signal(self, signum: int = signal.SIGTERM) -> None:
-        """Send ``signum`` (once: :meth:`stop` then only waits)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._signalled = True
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signum)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout_s: float = PATIENCE_S) -> int | None:
-        """Stop the node (SIGKILL if it does not end within ``timeout_s``); its exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            if not self._signalled:  # a second SIGTERM after the loop closed would kill it
-                self.send_signal(signum)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self._drain is not None:
-            self._drain.join(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
-        return proc.returncode
 
 
 @dataclass
@@ -192,8 +71,8 @@ def node_argv(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """``boomscooter --log-json leader|replica`` with the options every node here takes."""
-    argv = [*CLI, role, "--data-dir", str(data_dir), "--listen", listen, "--group", group,
-            "--interface", interface, "--fsync", fsync, *extra]  # fmt: skip
+    argv = [*CLI, "--log-json", role, "--data-dir", str(data_dir), "--listen", listen,
+            "--group", group, "--interface", interface, "--fsync", fsync, *extra]  # fmt: skip
     if leader is not None:
         argv += ["--leader", leader]
     return argv

@@ -1,8 +1,7 @@
-"""Helpers for the replication acceptance tests: ``boomscooter leader`` / ``replica`` as real
-processes (``python -m boomscooter.cli`` run from the repository, their ``--log-json``
-stderr collected by a thread), a cluster of them that is always torn down, producers and
-subscribers of the SDK that note what they were acked and what they delivered, and the
-checks on logs read back from the data directories after every node stopped."""
+"""Helpers for the replication acceptance tests, whose nodes are real processes
+(:class:`support.process.Node`): the CLI, a node's Status, producers and subscribers of the
+SDK that note what they were acked and what they delivered, and the checks on logs read back
+from the data directories after every node stopped."""
 
 from __future__ import annotations
 
@@ -10,23 +9,17 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
-from log_support import random_group
-from log_support import raw_batch as log_raw_batch
-from waiting import PATIENCE_S, eventually
+from support.log import payload
+from support.log import raw_batch as log_raw_batch
+from support.process import CLI, ENV, REPO, Node
+from support.waiting import PATIENCE_S
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
@@ -35,17 +28,6 @@ from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
-
-REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "boomscooter.cli"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-STARTED = ("leader.started", "replica.started")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[bytes]:
@@ -56,135 +38,6 @@ def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[
 
 async def cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[bytes]:
     return await asyncio.to_thread(functools.partial(run_cli, *args, timeout_s=timeout_s))
-
-
-def _parse(line: bytes) -> dict[str, Any]:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return {"event": "<not json>", "line": line.decode(errors="replace")}
-    return event if isinstance(event, dict) else {"event": "<not json>", "line": str(event)}
-
-
-@dataclass
-class Node:
-    """One node's command line (``leader`` or ``replica``) and its current process."""
-
-    name: str
-    data_dir: Path
-    command: str  # "leader" or "replica"
-    options: list[str]
-    port: int = field(default_factory=free_port)
-    group: str = field(default_factory=random_group)
-    leader: str | None = None  # --leader of a replica
-    proc: subprocess.Popen[bytes] | None = None
-    log: list[dict[str, Any]] = field(default_factory=list)  # every incarnation's events
-    starts: int = 0
-    _drain: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def argv(self) -> list[str]:
-        argv = [*CLI, "--log-json", self.command, "--data-dir", str(self.data_dir),
-                "--listen", self.address, "--group", self.group, "--interface", "127.0.0.1",
-                "--heartbeat-ms", "50", *self.options]  # fmt: skip
-        if self.command == "replica":
-            assert self.leader is not None
-            argv += ["--leader", self.leader]
-        return argv
-
-    def _start_blocking(self) -> dict[str, Any]:
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
-        self._reap()
-        self.proc = subprocess.Popen(self.argv(), stderr=subprocess.PIPE, env=ENV, cwd=REPO)
-        self.starts += 1
-        assert self.proc.stderr is not None
-        stream = self.proc.stderr
-        for line in stream:
-            event = _parse(line)
-            event["incarnation"] = self.starts
-            self.log.append(event)
-            if event["event"] in STARTED:
-                self._drain = threading.Thread(target=self._drain_rest, args=(stream,), daemon=True)
-                self._drain.start()
-                return event
-        self.proc.wait(10)
-        raise AssertionError(f"{self.name} exited {self.proc.returncode} before it started")
-
-    def _drain_rest(self, stream: Any) -> None:
-        incarnation = self.starts
-        for line in stream:
-            event = _parse(line)
-            event["incarnation"] = incarnation
-            self.log.append(event)
-
-    async def start(self) -> dict[str, Any]:
-        """Start the process; return its ``leader.started`` / ``replica.started`` event."""
-        return await asyncio.to_thread(self._start_blocking)
-
-    def _reap(self) -> None:
-        if self._drain is not None:
-            self._drain.join(5)
-            self._drain = None
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def stop_blocking(self, signum: int = signal.SIGTERM) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signum)
-            try:
-                proc.wait(PATIENCE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self._reap()
-        self.proc = None
-        return proc.returncode
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int | None:
-        return await asyncio.to_thread(self.stop_blocking, signum)
-
-    async def kill(self) -> None:
-        """SIGKILL (no clean stop: what the replica had not fsynced may be gone)."""
-        assert await self.stop(signal.SIGKILL) == -signal.SIGKILL
-
-    async def pause(self) -> None:
-        """SIGSTOP: the process is frozen, its connections stay open."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    async def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def events(self, name: str, incarnation: int | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in list(self.log)
-            if e["event"] == name and incarnation in (None, e["incarnation"])
-        ]
-
-    async def wait_event(self, name: str, incarnation: int | None = None) -> None:
-        where = self.starts if incarnation is None else incarnation
-        await eventually(lambda: bool(self.events(name, where)), f"{self.name}: {name}")
-
-    def stderr_tail(self, lines: int = 30) -> str:
-        return "\n".join(json.dumps(e) for e in list(self.log)[-lines:])
-
-
-@contextlib.contextmanager
-def cluster(*nodes: Node) -> Iterator[tuple[Node, ...]]:
-    """Every process of ``nodes`` is killed on the way out, whatever happened."""
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop_blocking(signal.SIGKILL)
 
 
 def three_nodes(root: Path, *options: str) -> tuple[Node, Node, Node]:
@@ -251,10 +104,6 @@ def in_sync(node: Node) -> Callable[[pb.StatusResponse], bool]:
 
 
 # -- producers and subscribers ---------------------------------------------------------------
-
-
-def payload(producer: str, index: int) -> bytes:
-    return b"%s-%d" % (producer.encode(), index)
 
 
 @dataclass

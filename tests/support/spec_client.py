@@ -19,7 +19,7 @@ multi-host tests. (From a test that also runs the server in-process, give it a t
 own rather than ``asyncio.to_thread``: the server opens each cast in the default executor,
 and a few parked clients would starve it.) ::
 
-    python -m tests.spec_client http://HOST:PORT/join/PATH --interface ADDR -O FILE
+    python -m tests.support.spec_client http://HOST:PORT/join/PATH --interface ADDR -O FILE
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def fetch(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.spec_client", description="spec-only bootcast client"
+        prog="python -m tests.support.spec_client", description="spec-only bootcast client"
     )
     parser.add_argument("url", help="join URL: http://HOST:PORT/join/PATH")
     parser.add_argument("--interface", default=None, help="address (or name) to join on")
