@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import structlog
 
 from boomscooter.errors import ConfigError
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.cli")
+log = get_logger("boomscooter.cli")
 
 
 async def run_leader(args: argparse.Namespace) -> int:

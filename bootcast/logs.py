@@ -1,8 +1,14 @@
-"""structlog configuration shared by both command-line tools.
+"""Logging for both packages: the one entry point (:func:`get_logger`) every module of
+bootcast and boomscooter takes its logger from, and the command-line tools' configuration.
 
-Human-readable on a TTY (colours) and plain ``key=value`` lines otherwise; one JSON object
-per line with ``--log-json``. Always to stderr, so ``bootcast fetch -O -`` keeps stdout for
-the file. Event names are dotted (``cast.started``); context is bound, not formatted in.
+Event names are dotted (``cast.started``); context is bound, not formatted in.
+
+- A command-line tool calls :func:`configure` (``--log-json``, ``--log-level``): human-readable
+  on a TTY (colours) and plain ``key=value`` lines otherwise, one JSON object per line with
+  ``--log-json``; always to stderr, so ``bootcast fetch -O -`` keeps stdout for the file.
+- A program that uses the SDK (or a server) as a library and never calls :func:`configure`
+  keeps its own structlog configuration: events go to ``structlog.get_logger(name)`` as the
+  program configured it, and nothing here changes structlog's global settings.
 
 structlog is imported on the first event that passes the level filter: ``bootcast fetch
 --quiet`` on a rack of machines starting at once then never pays for the import.
@@ -28,11 +34,12 @@ _METHOD_LEVELS = {
     "exception": ERROR,
     "critical": CRITICAL,
 }
-_settings: dict[str, Any] = {"json": False, "level": INFO, "applied": False}
+_settings: dict[str, Any] = {"json": False, "level": INFO, "applied": False, "owned": False}
 
 
 def configure(*, json: bool = False, level: str = "info") -> None:
-    _settings.update(json=json, level=LEVELS[level], applied=False)
+    """Take over structlog's configuration (the command-line tools do, once, at start)."""
+    _settings.update(json=json, level=LEVELS[level], applied=False, owned=True)
 
 
 def log_options() -> argparse.ArgumentParser:
@@ -112,9 +119,12 @@ class _LazyLogger:
             raise AttributeError(method)
 
         def emit(event: str, **fields: Any) -> None:
-            if level < _settings["level"]:
+            if not _settings["owned"]:  # a library in someone's program: their structlog
+                import structlog
+            elif level < _settings["level"]:
                 return
-            structlog = _apply()
+            else:
+                structlog = _apply()
             logger = structlog.get_logger(self._name).bind(**self._context)
             getattr(logger, method)(event, **fields)
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from support import net, node_cluster
-from support.net import random_group
 
 from boomscooter.node.config import NodeConfig
 from boomscooter.node.runtime import Node, start_leader
 from bootcast.server import BootcastServer, ServeConfig, start_server
+
+from support import net, node_cluster
+from support.net import random_group
 
 _FIRST_GROUP = pytest.StashKey[int]()
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import StartBootcast
 
 from bench.files_floor import CLIENT, FRAME_OVERHEAD, LARGEST_PAGE, wire_s
+
+from conftest import StartBootcast
 
 
 def test_wire_time_counts_every_frame_byte() -> None:

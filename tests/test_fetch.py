@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from support.net import group_slot
-from support.waiting import eventually, within
 
 from bootcast import page
 from bootcast.mcast import sender_socket
 from bootcast.server import BootcastServer, ServeConfig, start_server
+
+from support.net import group_slot
+from support.waiting import eventually, within
 
 BOOTCAST = [sys.executable, "-m", "bootcast"]
 

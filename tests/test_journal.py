@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 from structlog.testing import capture_logs
-from support.log import running_leader
 
 from boomscooter.node.core import Appended, DedupeTable
 from boomscooter.node.journal import (
@@ -24,6 +23,8 @@ from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
 from boomscooter.storage.batch import crc32c
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc
+
+from support.log import running_leader
 
 Item = tuple[str, int, Appended]
 

@@ -17,6 +17,11 @@ from grpc_reflection.v1alpha import (  # type: ignore[import-untyped]
     reflection_pb2,
     reflection_pb2_grpc,
 )
+
+from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
+from boomscooter.v1 import boomscooter_pb2 as pb
+from boomscooter.v1 import boomscooter_pb2_grpc
+
 from support.leader_rpc import (
     ALWAYS,
     INVALID_ARGUMENT,
@@ -36,10 +41,6 @@ from support.leader_rpc import (
 )
 from support.log import running_leader
 from support.waiting import stays_quiet, within
-
-from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
-from boomscooter.v1 import boomscooter_pb2 as pb
-from boomscooter.v1 import boomscooter_pb2_grpc
 
 if TYPE_CHECKING:
     pass

@@ -10,6 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+
+from boomscooter.node.core import Appended, DedupeTable
+from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
+from boomscooter.storage.batch import (
+    MAX_CHANNEL_BYTES,
+    Batch,
+)
+from boomscooter.v1 import boomscooter_pb2 as pb
+
 from support.leader_rpc import (
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
@@ -31,14 +40,6 @@ from support.leader_rpc import (
     three_batches,
     with_crc,
 )
-
-from boomscooter.node.core import Appended, DedupeTable
-from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
-from boomscooter.storage.batch import (
-    MAX_CHANNEL_BYTES,
-    Batch,
-)
-from boomscooter.v1 import boomscooter_pb2 as pb
 
 if TYPE_CHECKING:
     pass

@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from boomscooter.client.producer import Producer
+from boomscooter.client.subscriber import Subscriber
+from boomscooter.node.runtime import Node
+from boomscooter.storage import LogReader
+from boomscooter.storage.batch import Record
+from boomscooter.stream import StreamEncoder
+from bootcast import page as bpage
+
 from support.log import (
     check_exactly_once,
     check_payloads,
@@ -26,14 +35,6 @@ from support.log import (
 )
 from support.net import random_group
 from support.waiting import eventually, within
-
-from boomscooter.client.producer import Producer
-from boomscooter.client.subscriber import Subscriber
-from boomscooter.node.runtime import Node
-from boomscooter.storage import LogReader
-from boomscooter.storage.batch import Record
-from boomscooter.stream import StreamEncoder
-from bootcast import page as bpage
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,13 +24,14 @@ from typing import Any
 
 import grpc
 import pytest
-from support.net import free_port
-from support.process import Node
-from support.waiting import PATIENCE_S, eventually_blocking
 
 from boomscooter import cli
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+from support.net import free_port
+from support.process import Node
+from support.waiting import PATIENCE_S, eventually_blocking
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "boomscooter.cli"]

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.netns import Topology, netns_available
+
 from support.netns_cluster import Cluster
 from support.process import NodeProcess
 from support.waiting import PATIENCE_S, eventually_blocking
-
-from bench.netns import Topology, netns_available
 
 AVAILABLE, REASON = netns_available()
 pytestmark = [

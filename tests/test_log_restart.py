@@ -24,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from boomscooter.client.producer import Producer
+from boomscooter.client.subscriber import Subscriber
+from boomscooter.errors import ServerUnavailableError
+from boomscooter.node.config import ProduceBatch
+from boomscooter.node.multicast import StreamSender
+from boomscooter.storage import Entry, FsyncPolicy
+from boomscooter.storage.batch import Record
+
 from support.log import (
     check_exactly_once,
     payload,
@@ -35,14 +44,6 @@ from support.net import random_group
 from support.process import Node, cluster
 from support.replication import read_log
 from support.waiting import eventually, within
-
-from boomscooter.client.producer import Producer
-from boomscooter.client.subscriber import Subscriber
-from boomscooter.errors import ServerUnavailableError
-from boomscooter.node.config import ProduceBatch
-from boomscooter.node.multicast import StreamSender
-from boomscooter.storage import Entry, FsyncPolicy
-from boomscooter.storage.batch import Record
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from support.waiting import eventually, still_pending, within
 
 from boomscooter import rpc
 from boomscooter.client import AckLevel, Producer, ProduceResult, SyncProducer
@@ -32,6 +31,8 @@ from boomscooter.storage.batch import Batch, Entry, Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc
 from boomscooter.v1.serving import start_server
+
+from support.waiting import eventually, still_pending, within
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -11,9 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.net import free_port
-from support.node_cluster import Start
-from support.waiting import PATIENCE_S, eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.errors import RequestError
@@ -22,6 +19,10 @@ from boomscooter.node.runtime import Node
 from boomscooter.node.state import save_state
 from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
+
+from support.net import free_port
+from support.node_cluster import Start
+from support.waiting import PATIENCE_S, eventually, within
 
 
 async def produce(servers: str, count: int, *, acks: str = "quorum") -> list[int]:

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.node_cluster import Start
-from support.waiting import eventually, within
 
 from boomscooter import Producer, Subscriber
 from boomscooter.node.runtime import Node
@@ -22,6 +20,9 @@ from boomscooter.storage import Entry, SegmentedLog
 from boomscooter.storage.batch import encode_batch
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+from support.node_cluster import Start
+from support.waiting import eventually, within
 
 
 def log_bytes(node: Node) -> bytes:

@@ -25,6 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from boomscooter.client.producer import Producer
+from boomscooter.errors import ServerUnavailableError
+from boomscooter.storage.batch import Record
+from boomscooter.v1 import boomscooter_pb2 as pb
+
 from support.log import produce_raw
 from support.net import free_port
 from support.process import Node, cluster
@@ -45,11 +51,6 @@ from support.replication import (
     wait_status,
 )
 from support.waiting import eventually, within
-
-from boomscooter.client.producer import Producer
-from boomscooter.errors import ServerUnavailableError
-from boomscooter.storage.batch import Record
-from boomscooter.v1 import boomscooter_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

@@ -41,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from boomscooter.client.producer import Producer
+
 from support.net import random_group
 from support.netns_cluster import (
     Cluster,
@@ -53,8 +56,6 @@ from support.netns_cluster import (
     wait_status,
 )
 from support.process import NodeProcess
-
-from boomscooter.client.producer import Producer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.netns import Host, Topology, netns_available
+
 from support.netns_cluster import (
     Cluster,
     log_digest,
@@ -39,8 +42,6 @@ from support.netns_cluster import (
     wait_status,
 )
 from support.process import CLI, ENV, REPO, NodeProcess
-
-from bench.netns import Host, Topology, netns_available
 
 AVAILABLE, REASON = netns_available()
 pytestmark = [

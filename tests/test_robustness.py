@@ -8,13 +8,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support.net import group_slot
-from support.waiting import eventually
 
 from bootcast import page
 from bootcast.joinreply import JoinReply
 from bootcast.receiver import ReceiverCore
 from bootcast.server import BootcastServer, ServeConfig, start_server
+
+from support.net import group_slot
+from support.waiting import eventually
 
 PAGE = 100
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support.log import check_exactly_once, payload, running_leader
 
 from boomscooter.client.producer import Producer
 from boomscooter.node.runtime import Node
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
+
+from support.log import check_exactly_once, payload, running_leader
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = 3000

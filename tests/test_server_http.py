@@ -20,6 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from bootcast import source as source_module
+from bootcast.digests import DigestCache
+
 from conftest import StartBootcast
 from support.bootcast_http import (
     REPO_ROOT,
@@ -37,9 +41,6 @@ from support.spec_client import (
     parse_datagram,
 )
 from support.waiting import PATIENCE_S, eventually
-
-from bootcast import source as source_module
-from bootcast.digests import DigestCache
 
 SIZES = [
     pytest.param("one", lambda ps: 1, id="1B"),

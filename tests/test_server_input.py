@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import RunningServer, StartBootcast
 from support.bootcast_http import (
     REJECTED,

@@ -20,13 +20,14 @@ import os
 from collections import Counter
 
 import pytest
-from support.sim_cluster import Cluster, SimConfig, Violation, simulate
-from support.sim_nodes import BUGS, REGRESSIONS, planted
 
 from boomscooter.node import machine as m
 from boomscooter.node import rules
 from boomscooter.node.state import NodeState
 from boomscooter.storage.api import FsyncMode
+
+from support.sim_cluster import Cluster, SimConfig, Violation, simulate
+from support.sim_nodes import BUGS, REGRESSIONS, planted
 
 SEEDS = 1000  # each a few hundred events: about 10 ms a seed
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.storage import random_entries, spec_encode
 
 from boomscooter.errors import BatchDecodeError, BatchEncodeError
 from boomscooter.storage import Batch, Entry, Record, encode_batch, split_batches
 from boomscooter.storage.batch import HEADER_BYTES, U32_MAX, U64_MAX, decode_header, restamp
 from boomscooter.storage.index import IndexFiles, IndexMismatch, SegmentIndex, load_index
+
+from support.storage import random_entries, spec_encode
 
 CASES: list[tuple[str, list[Entry], int, int]] = [
     ("one bare record", [Entry(1_700_000_000_000, b"hello")], 1, 0),

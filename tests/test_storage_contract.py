@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.storage import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import (
     BatchDecodeError,
@@ -30,6 +29,8 @@ from boomscooter.storage import (
     SegmentedLog,
     encode_batch,
 )
+
+from support.storage import quiet_logs, random_entries, small_config
 
 MakeLog = Callable[..., Log]
 

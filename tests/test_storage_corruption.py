@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support.storage import captured_logs, quiet_logs, random_entries, small_config
 
 from boomscooter.errors import CorruptLogError
 from boomscooter.storage import Entry, LogConfig, RecoveryKind, SegmentedLog
 from boomscooter.storage.batch import Record, decode_header
 from boomscooter.storage.index import SegmentIndex
+
+from support.storage import captured_logs, quiet_logs, random_entries, small_config
 
 CONFIG = small_config(segment_bytes=2048, index_interval_bytes=300)
 

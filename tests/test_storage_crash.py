@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.storage import quiet_logs
 
 from boomscooter.storage import (
     FsyncMode,
@@ -38,6 +37,8 @@ from boomscooter.storage import (
     RecoveryKind,
     SegmentedLog,
 )
+
+from support.storage import quiet_logs
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.storage import NEVER, Syscalls, quiet_logs, random_entries, small_config
-from support.waiting import PATIENCE_S, eventually_blocking
 
 import boomscooter.storage
 from boomscooter.errors import ConfigError, LogClosedError, LogLockedError, StorageIOError
@@ -27,6 +25,9 @@ from boomscooter.storage import (
     open_log,
 )
 from boomscooter.storage.index import IndexFiles, load_index
+
+from support.storage import NEVER, Syscalls, quiet_logs, random_entries, small_config
+from support.waiting import PATIENCE_S, eventually_blocking
 
 REPO = Path(__file__).resolve().parent.parent
 

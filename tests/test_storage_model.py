@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from support.storage import small_config, spec_encode
 
 import bootcast.logs
 from boomscooter.storage import Entry, MemoryLog, Record, SegmentedLog, encode_batch
+
+from support.storage import small_config, spec_encode
 
 SEGMENT_BYTES = 700
 RETENTION_BYTES = 2500

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.storage import quiet_logs, random_entries, small_config
 
 from boomscooter.errors import CorruptLogError, LogTruncatedError, SeqnoOutOfRangeError
 from boomscooter.storage import Entry, LogReader, Record, SegmentedLog, encode_batch
+
+from support.storage import quiet_logs, random_entries, small_config
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.storage import Crash, Syscalls, abandon, quiet_logs
 
 from boomscooter.storage import Entry, FsyncMode, FsyncPolicy, LogConfig, Record, SegmentedLog
+
+from support.storage import Crash, Syscalls, abandon, quiet_logs
 
 ALWAYS = FsyncPolicy(mode=FsyncMode.ALWAYS)
 CONFIG = LogConfig(segment_bytes=2048, segment_ms=None, index_interval_bytes=200, fsync=ALWAYS)

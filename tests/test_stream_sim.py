@@ -10,7 +10,6 @@ import os
 import random
 
 import pytest
-from support.storage import random_entries
 
 from boomscooter.storage import Batch, encode_batch
 from boomscooter.stream import (
@@ -21,6 +20,8 @@ from boomscooter.stream import (
     StreamEncoder,
     StreamReceiver,
 )
+
+from support.storage import random_entries
 
 # -- simulation -----------------------------------------------------------------------------------
 

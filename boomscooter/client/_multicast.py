@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import structlog
 
 from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
@@ -30,8 +29,9 @@ from boomscooter.storage.batch import Record, split_batches
 from boomscooter.stream import BatchReceived, CommitAdvanced, EpochChanged, Gap
 from boomscooter.stream.listener import StreamListener, listen
 from boomscooter.v1 import boomscooter_pb2 as pb
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.subscriber")
+log = get_logger("boomscooter.subscriber")
 
 FETCH_BYTES = 4 << 20
 _MAX_PENDING_RECORDS = 1_000_000

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import structlog
 
 from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery
@@ -22,8 +21,9 @@ from boomscooter.errors import SeqnoOutOfRangeError, TrimmedError
 from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.subscriber")
+log = get_logger("boomscooter.subscriber")
 
 READ_BYTES = 4 << 20
 

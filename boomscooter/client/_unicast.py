@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import structlog
 
 from boomscooter.client._retry import Retry
 from boomscooter.client.delivery import Delivery, GapError
 from boomscooter.storage.batch import Record, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.subscriber")
+log = get_logger("boomscooter.subscriber")
 
 
 class UnicastEngine:

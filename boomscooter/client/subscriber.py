@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
-import structlog
 
 from boomscooter.client._multicast import MulticastEngine, NoMulticast
 from boomscooter.client._notifications import NotificationsEngine
@@ -48,8 +47,9 @@ from boomscooter.rpc import create_channel
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.subscriber")
+log = get_logger("boomscooter.subscriber")
 
 MODES = ("multicast", "unicast", "notifications")
 _END = object()

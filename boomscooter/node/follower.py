@@ -36,7 +36,6 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import structlog
 
 from boomscooter.errors import BoomscooterError
 from boomscooter.node import convert, peers
@@ -48,11 +47,12 @@ from boomscooter.stream.listener import StreamListener, listen
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from bootcast.client import FetchConfig, fetch
+from bootcast.logs import get_logger
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
 
-log = structlog.get_logger("boomscooter.replica")
+log = get_logger("boomscooter.replica")
 
 FETCH_BYTES = 4 << 20
 MAX_PENDING_BYTES = 64 << 20

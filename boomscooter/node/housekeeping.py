@@ -14,17 +14,16 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from boomscooter.errors import ConfigError
 from boomscooter.node.config import split_hostport
 from bootcast import server as bserver
 from bootcast.errors import ConfigError as BootcastConfigError
+from bootcast.logs import get_logger
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
 
-log = structlog.get_logger("boomscooter.node")
+log = get_logger("boomscooter.node")
 
 SEGMENT_PREFIX = "segments/"
 _RETENTION_TASK = "retention"

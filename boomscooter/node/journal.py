@@ -27,17 +27,16 @@ import os
 import struct
 import time
 
-import structlog
-
 from boomscooter.node.core import Appended, DedupeTable
 from boomscooter.storage.batch import crc32c
+from bootcast.logs import get_logger
 
 JOURNAL_NAME = "producers.journal"
 _ENTRY = struct.Struct("<IHQQII")
 _SYNC_EVERY_S = 1.0
 DEFAULT_COMPACT_BYTES = 16 << 20
 
-log = structlog.get_logger("boomscooter.journal")
+log = get_logger("boomscooter.journal")
 
 
 def encode_entry(producer_id: str, batch_sequence: int, appended: Appended) -> bytes:

@@ -19,13 +19,12 @@ import socket
 from collections import deque
 from collections.abc import Callable
 
-import structlog
-
 from boomscooter.stream import StreamEncoder
 from bootcast import mcast
+from bootcast.logs import get_logger
 from bootcast.pacing import Pacer
 
-log = structlog.get_logger("boomscooter.multicast")
+log = get_logger("boomscooter.multicast")
 
 DEFAULT_QUEUE_BYTES = 64 << 20
 _IP_UDP_HEADER_BYTES = 28

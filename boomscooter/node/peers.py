@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import structlog
 
 from boomscooter.node import convert
 from boomscooter.node.config import GRPC_MESSAGE_BYTES
@@ -31,11 +30,12 @@ from boomscooter.rpc import create_channel
 from boomscooter.storage.batch import Batch, split_batches
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+from bootcast.logs import get_logger
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
 
-log = structlog.get_logger("boomscooter.peers")
+log = get_logger("boomscooter.peers")
 
 STATUS_TIMEOUT_S = 1.0
 COPY_BYTES = 4 << 20

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import structlog
 
 from boomscooter import rpc
 from boomscooter.errors import BoomscooterError
@@ -25,11 +24,12 @@ from boomscooter.node import convert, rules
 from boomscooter.node.core import MAX_PRODUCER_ID_BYTES
 from boomscooter.storage.segment import parse_file_name
 from boomscooter.v1 import boomscooter_pb2 as pb
+from bootcast.logs import get_logger
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
 
-log = structlog.get_logger("boomscooter.rpc")
+log = get_logger("boomscooter.rpc")
 
 UPDATE_S = 1.0
 RESPONSE_EVERY_S = 0.01

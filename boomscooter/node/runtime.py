@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import structlog
-
 from boomscooter.errors import BatchEncodeError, ConfigError, RequestError, StorageError
 from boomscooter.node import housekeeping, peers
 from boomscooter.node import machine as m
@@ -51,8 +49,9 @@ from boomscooter.storage import Batch, FsyncMode, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
 from bootcast import server as bserver
+from bootcast.logs import get_logger
 
-log = structlog.get_logger("boomscooter.node")
+log = get_logger("boomscooter.node")
 
 # The machine's ticks: replica expiry and the fencing check (the latter every
 # MachineConfig.watch_interval_s).
@@ -238,7 +237,7 @@ class Node:
             elif isinstance(command, m.Changed):
                 self._notify()
             elif isinstance(command, m.Note):
-                log.log(_LEVELS[command.level], command.event, **command.fields)
+                getattr(log, command.level)(command.event, **command.fields)
             elif isinstance(command, m.SaveState) and not command.wait:
                 self._save(command).add_done_callback(_log_failure("node.state_save_failed"))
             else:
@@ -667,9 +666,6 @@ class Node:
             self.journal.close()
         finally:
             self.log.close()
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 async def start_leader(config: NodeConfig) -> Node:

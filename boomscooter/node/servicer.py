@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import structlog
 
 from boomscooter import rpc
 from boomscooter.errors import (
@@ -29,11 +28,12 @@ from boomscooter.storage import Batch, Entry, FsyncMode
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
 from boomscooter.v1.serving import start_server
+from bootcast.logs import get_logger
 
 if TYPE_CHECKING:
     from boomscooter.node.runtime import Node
 
-log = structlog.get_logger("boomscooter.rpc")
+log = get_logger("boomscooter.rpc")
 
 DEFAULT_FETCH_BYTES = 1 << 20
 MAX_FETCH_BYTES = 8 << 20

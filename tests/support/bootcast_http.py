@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bootcast import sender as sender_module
+
 from conftest import RunningServer
 from support.spec_client import (
     HEADER,
@@ -26,8 +28,6 @@ from support.spec_client import (
     parse_datagram,
     parse_join,
 )
-
-from bootcast import sender as sender_module
 
 SO_TIMESTAMPNS = 35  # Linux; SCM_TIMESTAMPNS has the same value
 TRAILER_MAGIC = 0xBC

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from support.log import running_leader
 
 from boomscooter.node.runtime import Node
 from boomscooter.storage import FsyncMode, FsyncPolicy, split_batches
@@ -24,6 +23,8 @@ from boomscooter.storage.batch import (
 )
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc
+
+from support.log import running_leader
 
 if TYPE_CHECKING:
     from boomscooter.v1.boomscooter_pb2_grpc import BoomscooterAsyncStub

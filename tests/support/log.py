@@ -9,9 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from support.net import random_group
-from support.waiting import eventually, within
-
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.node.config import NodeConfig
 from boomscooter.node.runtime import Node, start_leader
@@ -20,6 +17,9 @@ from boomscooter.storage import Entry, encode_batch
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+from support.net import random_group
+from support.waiting import eventually, within
 
 
 @asynccontextmanager

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support.process import CLI, ENV, REPO, NodeProcess
-from support.waiting import PATIENCE_S
-
 from boomscooter.storage import LogReader
 from boomscooter.storage.segment import LOG_SUFFIX, parse_file_name
+
+from support.process import CLI, ENV, REPO, NodeProcess
+from support.waiting import PATIENCE_S
 
 
 @dataclass

@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from support.log import payload
-from support.log import raw_batch as log_raw_batch
-from support.process import CLI, ENV, REPO, Node
-from support.waiting import PATIENCE_S
 
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
@@ -28,6 +24,11 @@ from boomscooter.storage import LogReader
 from boomscooter.storage.batch import Record
 from boomscooter.v1 import boomscooter_pb2 as pb
 from boomscooter.v1 import boomscooter_pb2_grpc as pb_grpc
+
+from support.log import payload
+from support.log import raw_batch as log_raw_batch
+from support.process import CLI, ENV, REPO, Node
+from support.waiting import PATIENCE_S
 
 
 def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[bytes]:

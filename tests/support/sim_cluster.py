@@ -32,6 +32,13 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+from boomscooter.errors import BoomscooterError, RequestError
+from boomscooter.node import machine as m
+from boomscooter.node import rules
+from boomscooter.node.core import StreamSession
+from boomscooter.storage.api import FsyncMode
+from boomscooter.storage.batch import Batch, Entry, encode_batch
+
 from support import sim_nodes
 from support.sim_nodes import (
     ACKS_LEADER,
@@ -51,13 +58,6 @@ from support.sim_nodes import (
     planted,
     same,
 )
-
-from boomscooter.errors import BoomscooterError, RequestError
-from boomscooter.node import machine as m
-from boomscooter.node import rules
-from boomscooter.node.core import StreamSession
-from boomscooter.storage.api import FsyncMode
-from boomscooter.storage.batch import Batch, Entry, encode_batch
 
 __all__ = ["Cluster", "CrashLog", "SimConfig", "Violation", "simulate"]
 
