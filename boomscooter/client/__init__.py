@@ -12,7 +12,7 @@ Errors are the client classes of :mod:`boomscooter.errors` (``ServerUnavailableE
 ``NotLeaderError``, ``ExpectedSeqnoError``, ``RequestError``).
 """
 
-from boomscooter.client._produce_core import AckLevel, ProduceResult
+from boomscooter.client._accumulator import AckLevel, ProduceResult
 from boomscooter.client.producer import Producer
 from boomscooter.client.subscriber import Subscriber
 from boomscooter.client.sync_producer import SyncProducer

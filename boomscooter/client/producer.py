@@ -1,7 +1,7 @@
 """The producer SDK: :class:`Producer` (asyncio; its blocking twin is
 :class:`~boomscooter.client.sync_producer.SyncProducer`).
 
-The bookkeeping is the sans-I/O :class:`~boomscooter.client._produce_core.ProduceCore`;
+The bookkeeping is the sans-I/O :class:`~boomscooter.client._accumulator.Accumulator`;
 this module is its shell: one ``Produce`` stream per connection, a writer loop that hands
 queued batches to gRPC while the window has room, a reader task that feeds responses back,
 a linger timer per open batch, and a supervisor loop that reconnects with backoff after a
@@ -32,57 +32,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-import grpc
-
-from boomscooter import rpc
-from boomscooter.client._produce_core import (
+from boomscooter.client._accumulator import (
     CLOSED,
     DEFAULT,
     OPENED,
-    Ack,
+    Accumulator,
     AckLevel,
     Completion,
     DefaultChannel,
     Handle,
-    OutBatch,
-    ProduceCore,
     ProduceResult,
     ProducerSettings,
-    Reconnect,
     check_entry,
 )
-from boomscooter.client._servers import ServerList, ask_leader
-from boomscooter.errors import ClientError, NotLeaderError, RequestError, ServerUnavailableError
+from boomscooter.client._sender import Sender
+from boomscooter.client._servers import ServerList
+from boomscooter.errors import ClientError, RequestError, ServerUnavailableError
 from boomscooter.storage.batch import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Entry
-from boomscooter.v1 import boomscooter_pb2, boomscooter_pb2_grpc
 from bootcast.logs import get_logger
 
 __all__ = ["AckLevel", "ProduceResult", "Producer"]
 
-_ACK_PB = {
-    AckLevel.NONE: boomscooter_pb2.ACK_LEVEL_NONE,
-    AckLevel.LEADER: boomscooter_pb2.ACK_LEVEL_LEADER,
-    AckLevel.QUORUM: boomscooter_pb2.ACK_LEVEL_QUORUM,
-}
 _FIXED_RECORD_BYTES = HEADER_BYTES + RECORD_OVERHEAD_BYTES
 
 
-class _SessionEnd(Exception):
-    """Why a stream session ended; ``address`` is where to reconnect (a redirect)."""
-
-    def __init__(self, error: ClientError, address: str | None = None) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.address = address
-
-
+# Bound once: looked up per record in send().
 _new_tuple = tuple.__new__
 _time_ns = time.time_ns
 _monotonic = time.monotonic
@@ -126,33 +106,44 @@ class Producer:
             retry_timeout_s=retry_timeout_s,
         )
         self.producer_id = producer_id if producer_id is not None else uuid.uuid4().hex
-        self._servers = ServerList(server)
         self.server = server
-        self.address = self._servers.current  # where the stream goes (a redirect changes it)
         self.default_channel = channel
-        self._channel_options = list(channel_options)
-        self._core: ProduceCore[Handle] = ProduceCore(self.settings)
+        self._core: Accumulator[Handle] = Accumulator(self.settings)
         self._nagle = self.settings.linger_s == 0
-        self._ack_pb = _ACK_PB[self.settings.ack_level]
         self._max_bytes = self.settings.max_batch_bytes
         self._max_plain_payload = self._max_bytes - _FIXED_RECORD_BYTES
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # the writer or supervisor has something to do
         self._room = asyncio.Event()  # the core accepts records again
         self._linger_handle: asyncio.TimerHandle | None = None
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._closing = False
         self._closed = False
-        self._session_end: _SessionEnd | None = None
-        self._call: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._rng = random.Random()
-        # Counters for applications' metrics and for tests.
-        self.reconnects = 0  # Produce streams that ended other than by close()
-        self.resent_batches = 0  # batches written again after a broken stream
         self._log = get_logger("boomscooter.producer").bind(producer_id=self.producer_id)
+        self._sender = Sender(
+            self._core,
+            producer_id=self.producer_id,
+            servers=ServerList(server),
+            channel_options=list(channel_options),
+            resolve=self._complete_all,
+            room=self._room,
+            log=self._log,
+        )
+
+    @property
+    def address(self) -> str:
+        """Where the stream goes (a redirect or a failover changes it)."""
+        return self._sender.address
+
+    @property
+    def reconnects(self) -> int:
+        """Produce streams that ended other than by :meth:`close` (for metrics, tests)."""
+        return self._sender.reconnects
+
+    @property
+    def resent_batches(self) -> int:
+        """Batches written again after a broken stream."""
+        return self._sender.resent_batches
 
     # -- public API --------------------------------------------------------------------
 
@@ -232,7 +223,7 @@ class Producer:
         self.start()
         core = self._core
         target = core.close_open()
-        self._wake.set()
+        self._sender.wake()
         while not core.resolved_through(target):
             assert self._loop is not None
             waiter: asyncio.Future[None] = self._loop.create_future()
@@ -247,7 +238,7 @@ class Producer:
         (when the flush fails with retries exhausted) fail with ServerUnavailableError."""
         if self._closed:
             return
-        self._closing = True
+        self._closing = self._sender.closing = True
         try:
             if self._run_task is not None:
                 await self.flush()
@@ -257,24 +248,14 @@ class Producer:
             if self._linger_handle is not None:
                 self._linger_handle.cancel()
                 self._linger_handle = None
-            await self._end_stream()
+            await self._sender.end_stream()
             if self._run_task is not None:
                 self._run_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._run_task
-            await self._close_channel()
+            await self._sender.close_channel()
             self._room.set()
             self._log.debug("producer.closed")
-
-    async def _end_stream(self, timeout_s: float = 5.0) -> None:
-        """Half-close the stream and wait for the leader to end it: what was written
-        (acks=none batches above all) reaches the leader before the channel closes."""
-        call, reader = self._call, self._reader
-        if call is None or reader is None or reader.done():
-            return
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await call.done_writing()
-        await asyncio.wait([reader], timeout=timeout_s)
 
     # -- the hand-over interface (the blocking SyncProducer moves records in bulk) -----
 
@@ -321,27 +302,16 @@ class Producer:
         """Queue ``entries`` as one batch (see :meth:`send_batch`); ``handle`` is resolved
         with its :class:`ProduceResult`. The caller awaited :meth:`room`."""
         self._core.add_batch(entries, handle, expected_first_seqno=expected_first_seqno)
-        self._wake.set()
+        self._sender.wake()
 
     def _after_append(self, flags: int) -> None:
         if flags & CLOSED:
-            self._wake.set()
+            self._sender.wake()
         if flags & OPENED:
             if self._nagle:
-                self._wake.set()  # an idle writer takes the new batch at once
+                self._sender.wake()  # an idle writer takes the new batch at once
             elif self._linger_handle is None:
                 self._arm_linger()
-
-    def _open_to_send(self) -> bool:
-        """With ``linger_ms=0``, an open batch goes as soon as the writer is free and the
-        window has room: records that arrive while a write is under way form the next
-        batch (batching that adapts to the load, with no timer)."""
-        core = self._core
-        return (
-            self._nagle
-            and core.open_deadline is not None
-            and core.in_flight < self.settings.max_in_flight
-        )
 
     def _arm_linger(self) -> None:
         deadline = self._core.open_deadline
@@ -352,7 +322,7 @@ class Producer:
     def _on_linger(self) -> None:
         self._linger_handle = None
         if self._core.close_due(time.monotonic()):
-            self._wake.set()
+            self._sender.wake()
         self._arm_linger()
 
     async def room(self) -> None:
@@ -372,7 +342,7 @@ class Producer:
             if self._closed:
                 raise RequestError("producer is closed", code="FAILED_PRECONDITION")
             self._loop = asyncio.get_running_loop()
-            self._run_task = self._loop.create_task(self._run(), name="producer")
+            self._run_task = self._loop.create_task(self._sender.run(), name="producer")
 
     # -- completions -------------------------------------------------------------------
 
@@ -427,184 +397,7 @@ class Producer:
                 else:
                     waiting.append((target, waiter))
             self._flush_waiters = waiting
-        if self._core.queued or self._open_to_send():
-            self._wake.set()  # the window may have room now
+        if self._sender.has_work():
+            self._sender.wake()  # the window may have room now
         else:
             self._room.set()
-
-    # -- the connection ----------------------------------------------------------------
-
-    def _channel_for(self, address: str) -> grpc.aio.Channel:
-        if self._channel is None:
-            max_message = max(rpc.DEFAULT_MAX_MESSAGE_BYTES, self._max_bytes + (1 << 16))
-            self._channel = rpc.create_channel(
-                address, max_message_bytes=max_message, options=self._channel_options
-            )
-        return self._channel
-
-    async def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close()
-
-    async def _run(self) -> None:
-        """The supervisor: a session per stream; after one ends, requeue, back off, retry."""
-        core = self._core
-        while True:
-            if not core.queued and not core.in_flight and not self._open_to_send():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                await self._session()
-                end = _SessionEnd(ServerUnavailableError("stream ended"))
-            except _SessionEnd as exc:
-                end = exc
-            now = time.monotonic()
-            core.on_disconnect(now)
-            if self._closing and not core.queued:
-                continue  # close() ended the stream; it cancels this task next
-            self.reconnects += 1
-            error = end.error
-            address = end.address
-            if address is None and isinstance(error, NotLeaderError):
-                address = await ask_leader(self._channel_for(self.address))
-            if address is not None and address != self.address:
-                self._log.info("producer.redirected", address=address, previous=self.address)
-                self.address = self._servers.current = address
-                await self._close_channel()
-            elif not error.retriable:
-                # The stream as a whole was refused (e.g. UNIMPLEMENTED): the same request
-                # cannot succeed later; fail what is pending and keep the producer usable.
-                self._log.warning("producer.stream.refused", address=self.address, error=str(error))
-                self._complete_all(core.fail_all(error))
-                continue
-            else:
-                self._log.info("producer.disconnected", address=self.address, error=str(error))
-                # Unreachable (the leader died?): ask the next listed node; a replica's
-                # NOT_LEADER answer then points at whoever leads now.
-                if isinstance(error, ServerUnavailableError) and self._servers.rotate():
-                    self.address = self._servers.current
-                    await self._close_channel()
-            self._complete_all(core.expire(now, str(error)))
-            if not core.queued and not core.in_flight:
-                continue
-            delay = core.backoff_s(self._rng.random())
-            deadline = core.retry_deadline
-            if deadline is not None:
-                delay = min(delay, max(0.0, deadline - now))
-            await asyncio.sleep(delay)
-            self._complete_all(core.expire(time.monotonic(), str(error)))
-
-    async def _session(self) -> None:
-        """One Produce stream: write queued batches while the window has room; a reader
-        task feeds responses to the core. Ends by raising :class:`_SessionEnd`."""
-        core = self._core
-        stub = boomscooter_pb2_grpc.BoomscooterStub(self._channel_for(self.address))
-        call = stub.Produce()
-        self._call = call
-        self._session_end = None
-        reader = asyncio.get_running_loop().create_task(self._read(call), name="producer.read")
-        self._reader = reader
-        self._log.debug("producer.stream.opened", address=self.address)
-        try:
-            while self._session_end is None:
-                batch = core.next_to_send()
-                if batch is None and self._open_to_send():
-                    core.close_open()  # linger 0: the writer is free, send what is open
-                    batch = core.next_to_send()
-                if batch is None:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if core.accepting:
-                    self._room.set()
-                if batch.sends > 1:
-                    self.resent_batches += 1
-                    self._log.debug("producer.batch.resent", batch_sequence=batch.sequence)
-                try:
-                    await call.write(self._request(batch))
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-                    # The reader sees the call's status: let it name the error first.
-                    await asyncio.wait([reader], timeout=1.0)
-                    self._end(ServerUnavailableError(f"Produce stream to {self.address} broke"))
-                    break
-                except asyncio.CancelledError:
-                    # grpc raises CancelledError from a write on a call cancelled locally
-                    # (the reader ended the session); a cancellation of this task goes on.
-                    task = asyncio.current_task()
-                    if self._session_end is None or (task is not None and task.cancelling()):
-                        raise
-                    break
-                completion = core.on_written(batch)
-                if completion is not None:
-                    self._complete(completion)
-                    self._progress()
-        finally:
-            call.cancel()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            self._call = self._reader = None
-        assert self._session_end is not None
-        raise self._session_end
-
-    def _request(self, batch: OutBatch[Handle]) -> boomscooter_pb2.ProduceRequest:
-        request = boomscooter_pb2.ProduceRequest(
-            producer_id=self.producer_id,
-            batch_sequence=batch.sequence,
-            ack_level=self._ack_pb,
-            encoded_batch=batch.data,
-        )
-        if batch.expected_first_seqno is not None:
-            request.expected_first_seqno = batch.expected_first_seqno
-        return request
-
-    def _end(self, error: ClientError, address: str | None = None) -> None:
-        if self._session_end is None:
-            self._session_end = _SessionEnd(error, address)
-            self._wake.set()
-
-    async def _read(self, call: Any) -> None:
-        core = self._core
-        try:
-            while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    self._end(ServerUnavailableError(f"{self.address} ended the Produce stream"))
-                    return
-                sequence = response.batch_sequence
-                if response.WhichOneof("result") == "ack":
-                    a = response.ack
-                    completion = core.on_ack(
-                        Ack(
-                            sequence,
-                            a.base_seqno,
-                            a.record_count,
-                            a.epoch,
-                            a.commit_seqno,
-                            a.duplicate,
-                        )
-                    )
-                    if completion is not None:
-                        self._complete(completion)
-                        self._progress()
-                    continue
-                error = rpc.error_from_pb(response.error)
-                action = core.on_rejection(sequence, error)
-                if isinstance(action, Reconnect):
-                    self._end(action.error, action.address)
-                    call.cancel()
-                    return
-                if action is None:
-                    self._log.warning(
-                        "producer.batch.rejected", batch_sequence=sequence, error=str(error)
-                    )
-                    continue
-                self._complete(action)
-                self._progress()
-        except grpc.aio.AioRpcError as exc:
-            error = rpc.error_from_rpc(exc, address=self.address)
-            if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                error = NotLeaderError(str(error))
-            self._end(error)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from boomscooter.client._produce_core import DEFAULT, DefaultChannel, ProduceResult
+from boomscooter.client._accumulator import DEFAULT, DefaultChannel, ProduceResult
 from boomscooter.client.blocking import BackgroundLoop
 from boomscooter.client.producer import Producer
 from boomscooter.errors import ClientError, RequestError

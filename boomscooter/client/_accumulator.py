@@ -1,29 +1,29 @@
 """The producer's bookkeeping, sans-I/O: batching, the in-flight window, retries.
 
-Theory of operation. Records arrive one by one (:meth:`ProduceCore.append`) and collect in
+Theory of operation. Records arrive one by one (:meth:`Accumulator.append`) and collect in
 the *open* batch until it is full (``max_batch_records``, or ``max_batch_bytes`` of the
 encoded batch: the exact size is tracked as records arrive, header and per-record columns
-included) or its linger deadline passes (:meth:`ProduceCore.close_due`). A closed batch
+included) or its linger deadline passes (:meth:`Accumulator.close_due`). A closed batch
 gets the next ``batch_sequence`` (1, 2, …), is encoded once (the leader restamps base
 seqno, epoch and CRC, so the placeholders 1 and 0 are used) and joins the *queue*. The
-shell takes queued batches with :meth:`ProduceCore.next_to_send` while the *window* (sent,
+shell takes queued batches with :meth:`Accumulator.next_to_send` while the *window* (sent,
 unresolved batches) holds fewer than ``max_in_flight``; it reports each completed write
-(:meth:`ProduceCore.on_written`: a batch at ack level NONE is resolved then, to ``None``)
-and each response (:meth:`ProduceCore.on_ack`, :meth:`ProduceCore.on_rejection`).
+(:meth:`Accumulator.on_written`: a batch at ack level NONE is resolved then, to ``None``)
+and each response (:meth:`Accumulator.on_ack`, :meth:`Accumulator.on_rejection`).
 Responses are matched by sequence and may arrive in any order.
 
-Backpressure: :attr:`ProduceCore.accepting` is false while a closed batch waits for room
+Backpressure: :attr:`Accumulator.accepting` is false while a closed batch waits for room
 in the window; the shell's ``send`` waits then, so memory stays bounded by about
 ``max_in_flight + 2`` batches.
 
-Retries are idempotent: a broken stream (:meth:`ProduceCore.on_disconnect`) puts every
+Retries are idempotent: a broken stream (:meth:`Accumulator.on_disconnect`) puts every
 unresolved batch back at the front of the queue, in sequence order, to be sent again
 with the same sequence (the leader answers a duplicate with the original seqnos). From
 the first failure, ``retry_timeout_s`` bounds how long batches may wait for a working
-stream; :meth:`ProduceCore.expire` then fails them all with ``ServerUnavailableError``.
+stream; :meth:`Accumulator.expire` then fails them all with ``ServerUnavailableError``.
 The deadline is cleared by the next acknowledgement (proof the stream works).
 
-A rejected batch (:meth:`ProduceCore.on_rejection`, given the already translated client
+A rejected batch (:meth:`Accumulator.on_rejection`, given the already translated client
 error) either ends (non-retriable errors, ``ExpectedSeqnoError``), or asks the shell to
 reconnect (retriable errors) or to follow the leader (``NotLeaderError`` naming one).
 
@@ -64,7 +64,7 @@ H = TypeVar("H")
 CHANNEL_COLUMN_BYTES = 2
 KEY_COLUMN_BYTES = 4
 
-# Flags returned by ProduceCore.append.
+# Flags returned by Accumulator.append.
 OPENED = 1  # the record opened a new batch: arm its linger timer
 CLOSED = 2  # a batch was closed and queued: wake the sender
 
@@ -141,9 +141,9 @@ class Ack(NamedTuple):
 class OutBatch(Generic[H]):
     """A closed batch: its sequence, encoded bytes and the handles waiting for it.
 
-    ``handles`` are the per-record handles of :meth:`ProduceCore.append` (resolved to the
+    ``handles`` are the per-record handles of :meth:`Accumulator.append` (resolved to the
     record's seqno); ``batch_handle`` is the one handle of an explicit batch
-    (:meth:`ProduceCore.add_batch`, resolved to a :class:`ProduceResult`)."""
+    (:meth:`Accumulator.add_batch`, resolved to a :class:`ProduceResult`)."""
 
     __slots__ = (
         "batch_handle",
@@ -256,7 +256,7 @@ def check_entry(entry: Entry, max_batch_bytes: int) -> None:
         )
 
 
-class ProduceCore(Generic[H]):
+class Accumulator(Generic[H]):
     """Batches, window and retries of one producer (see the module docstring)."""
 
     def __init__(self, settings: ProducerSettings) -> None:

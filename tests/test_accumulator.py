@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from boomscooter.client._produce_core import (
+from boomscooter.client._accumulator import (
     CLOSED,
     OPENED,
     Ack,
     AckLevel,
     Completion,
     OutBatch,
-    ProduceCore,
+    Accumulator,
     ProduceResult,
     ProducerSettings,
     Reconnect,
@@ -32,15 +32,15 @@ from boomscooter.errors import (
 from boomscooter.storage.batch import HEADER_BYTES, Batch, Entry
 
 
-def core(**overrides: object) -> ProduceCore[str]:
-    return ProduceCore(ProducerSettings(**overrides))  # type: ignore[arg-type]
+def core(**overrides: object) -> Accumulator[str]:
+    return Accumulator(ProducerSettings(**overrides))  # type: ignore[arg-type]
 
 
 def ack_for(batch: OutBatch[str], base: int, *, duplicate: bool = False) -> Ack:
     return Ack(batch.sequence, base, batch.record_count, 1, base, duplicate)
 
 
-def drain(c: ProduceCore[str]) -> list[OutBatch[str]]:
+def drain(c: Accumulator[str]) -> list[OutBatch[str]]:
     sent = []
     while (batch := c.next_to_send()) is not None:
         sent.append(batch)
@@ -48,7 +48,7 @@ def drain(c: ProduceCore[str]) -> list[OutBatch[str]]:
 
 
 def test_core_imports_no_io() -> None:
-    source = Path(__file__).parent.parent / "boomscooter" / "client" / "_produce_core.py"
+    source = Path(__file__).parent.parent / "boomscooter" / "client" / "_accumulator.py"
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):
