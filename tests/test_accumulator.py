@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from boomscooter.client._accumulator import (
     CLOSED,
     OPENED,
+    Accumulator,
     Ack,
     AckLevel,
     Completion,
     OutBatch,
-    Accumulator,
     ProduceResult,
     ProducerSettings,
     Reconnect,
