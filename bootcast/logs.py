@@ -42,6 +42,13 @@ def configure(*, json: bool = False, level: str = "info") -> None:
     _settings.update(json=json, level=LEVELS[level], applied=False, owned=True)
 
 
+def reset() -> None:
+    """Forget :func:`configure`: back to library mode (structlog as the program configured
+    it). For a test process, where tools' ``main()`` run in-process beside tests that
+    capture events through structlog."""
+    _settings.update(json=False, level=INFO, applied=False, owned=False)
+
+
 def log_options() -> argparse.ArgumentParser:
     """The ``--log-json`` / ``--log-level`` options of both tools, as an argparse parent
     for the top-level parser and every sub-command's. SUPPRESS defaults: a sub-command's

@@ -89,6 +89,20 @@ MUTATIONS = [
         "source = None",
     ),
     Mutation(
+        "fence-before-gather",
+        "a promotion's fence stops the old epoch: a fenced leader or replica leaves it",
+        "boomscooter/node/rules.py",
+        "return epoch > known_epoch or (epoch == known_epoch and known_leader == claimant)",
+        "return False",
+    ),
+    Mutation(
+        "promotion-quorum",
+        "a promotion hears from enough replicas to meet every quorum the old leader used",
+        "boomscooter/node/rules.py",
+        "return max(1, replicas - min_insync + 2)",
+        "return 1",
+    ),
+    Mutation(
         "ordered-saves",
         "an older node.json snapshot never lands after a newer one",
         "boomscooter/node/rules.py",

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+import bootcast.logs
 from boomscooter.node.config import NodeConfig
 from boomscooter.node.runtime import Node, start_leader
 from bootcast.server import BootcastServer, ServeConfig, start_server
@@ -27,6 +28,16 @@ class McastSlot:
 
     group: str
     port_base: int
+
+
+@pytest.fixture(autouse=True)
+def library_logging() -> Generator[None, None, None]:
+    """Every test starts with the packages' logging in library mode: a tool's ``main()``
+    run in-process (or a helper that quiets the logs) configures logging for the whole
+    process, and structlog's ``capture_logs`` in a later test would then miss events."""
+    bootcast.logs.reset()
+    yield
+    bootcast.logs.reset()
 
 
 @pytest.fixture

@@ -230,29 +230,64 @@ def test_a_promotion_is_refused_while_the_leader_answers_unless_forced() -> None
     assert role(replica) is m.Role.LEADER and replica.epoch == 2
 
 
-def test_a_promotion_gathers_from_the_most_up_to_date_log_and_takes_a_new_epoch() -> None:
+def test_a_promotion_claims_an_epoch_fences_the_peers_then_gathers() -> None:
     replica = node(follow="b", log=FakeLog(last_seqno=9, durable_seqno=9, last_epoch=1))
     run(replica, replica.start())
     replica.session_offered("b", offer(1, peers=("c", "d")))
     (check_survey,) = only(replica.promote(0, force=False), m.Survey)
     with pytest.raises(RequestError, match="being promoted already"):
         replica.promote(0, force=False)
-    answers = {
-        "c": PeerStatus(
-            role=PeerRole.REPLICA, epoch=1, leader_address="b", last_seqno=7, last_epoch=2
-        ),
-        "d": PeerStatus(
-            role=PeerRole.REPLICA, epoch=4, leader_address="b", last_seqno=20, last_epoch=1
-        ),
+    heard = {
+        "c": PeerStatus(role=PeerRole.REPLICA, epoch=1, leader_address="b"),
+        "d": PeerStatus(role=PeerRole.REPLICA, epoch=4, leader_address="b"),
     }
-    check = replica.surveyed(check_survey.token, {}, 0.0)  # no leader answers
-    (gather_survey,) = only(check, m.Survey)
+    check = replica.surveyed(check_survey.token, heard, 0.0)  # the leader does not answer
     assert only(check, m.StopFollowing) and role(replica) is m.Role.PROMOTING
-    (gather,) = replica.surveyed(gather_survey.token, answers, 0.0)
-    assert gather == m.Gather("c", 1, 7)  # the highest last epoch, not the longest log
+    (claim,) = only(check, m.SaveState)
+    assert claim.wait and (claim.state.epoch, claim.state.leader) == (5, "a")  # above all
+    assert replica.status().leader_address == "a"  # never "a replica of b at epoch 5"
+    (fence,) = replica.state_saved(claim.version)
+    assert isinstance(fence, m.Survey) and fence.fence_epoch == 5
+    assert set(fence.addresses) == {"b", "c", "d"}  # the old leader too
+    fenced = {
+        "c": PeerStatus(role=PeerRole.REPLICA, epoch=5, leader_address="a", last_seqno=7,
+                        last_epoch=2),
+        "d": PeerStatus(role=PeerRole.REPLICA, epoch=5, leader_address="a", last_seqno=20,
+                        last_epoch=1),
+    }  # fmt: skip
+    gather = only(replica.surveyed(fence.token, fenced, 0.0), m.Gather)
+    assert gather == [m.Gather("c", 1, 7)]  # the highest last epoch, not the longest log
     done = run(replica, replica.gathered(3))
-    assert role(replica) is m.Role.LEADER and replica.epoch == 5  # above every epoch heard of
+    assert role(replica) is m.Role.LEADER and replica.epoch == 5
     assert only(done, m.ForgetAfter)
+
+
+def test_a_promotion_refuses_while_a_replica_that_may_hold_commits_is_silent() -> None:
+    replica = node(follow="b")
+    run(replica, replica.start())
+    replica.session_offered("b", offer(1, peers=("c",)))  # min_insync 2 of a, b, c
+    done = run(replica, replica.promote(0, force=False), {})
+    (refused,) = only(done, m.PromotionDone)
+    assert refused.error is not None and "only on c" in str(refused.error)
+    assert role(replica) is m.Role.REPLICA and not only(done, m.SaveState)  # nothing claimed
+    answered = {"c": PeerStatus(role=PeerRole.REPLICA, epoch=1, leader_address="b")}
+    (check,) = only(replica.promote(0, force=False), m.Survey)
+    claimed = replica.surveyed(check.token, answered, 0.0)
+    assert only(claimed, m.SaveState) and role(replica) is m.Role.PROMOTING
+
+
+def test_a_promotion_fails_when_a_fenced_peer_reports_a_rival_claim() -> None:
+    replica = node(follow="b")
+    run(replica, replica.start())
+    (check,) = only(replica.promote(0, force=False), m.Survey)
+    (claim,) = only(replica.surveyed(check.token, {}, 0.0), m.SaveState)
+    (fence,) = replica.state_saved(claim.version)
+    assert isinstance(fence, m.Survey)
+    rival = {"c": PeerStatus(role=PeerRole.REPLICA, epoch=2, leader_address="z")}
+    after = replica.surveyed(fence.token, rival, 0.0)
+    (failed,) = only(after, m.PromotionDone)
+    assert failed.error is not None and "claimed by another node" in str(failed.error)
+    assert role(replica) is m.Role.REPLICA
 
 
 def test_a_failed_promotion_follows_again() -> None:
@@ -260,11 +295,36 @@ def test_a_failed_promotion_follows_again() -> None:
     run(replica, replica.start())
     (check,) = only(replica.promote(0, force=False), m.Survey)
     commands = replica.surveyed(check.token, {}, 0.0)
-    assert role(replica) is m.Role.PROMOTING and only(commands, m.Survey)
+    assert role(replica) is m.Role.PROMOTING and only(commands, m.SaveState)
     error = RequestError("a peer failed", code="UNAVAILABLE")
     after = replica.promotion_failed(error)
     assert role(replica) is m.Role.REPLICA
-    assert after == [m.StartFollowing("b"), m.PromotionDone(error=error)]
+    (start, done) = after
+    assert start == m.StartFollowing("b") and isinstance(done, m.PromotionDone)
+    assert done.error is not None and "epoch 1 was claimed" in str(done.error)
+
+
+def test_a_fenced_leader_stops_leading_and_follows_the_claimant() -> None:
+    old = leader(address="b")
+    assert old.epoch == 1
+    commands = old.fence_asked(3, "a")
+    assert role(old) is m.Role.STEPPING_DOWN and only(commands, m.StopStream)
+    with pytest.raises(NotLeaderError):
+        old.check_produce(quorum=False)
+    (save,) = only(commands, m.SaveState)
+    assert save.wait and (save.state.epoch, save.state.leader) == (3, "a")
+    assert old.status().epoch == 3 and old.status().leader_address == "a"
+    assert old.state_saved(save.version)[0] == m.StartFollowing("a")
+    assert role(old) is m.Role.REPLICA
+
+
+def test_a_fence_of_an_older_or_rival_claim_changes_nothing() -> None:
+    replica = node(follow="b", state=NodeState(4, ["b"], "b"))
+    run(replica, replica.start())
+    assert replica.fence_asked(3, "a") == []  # older than what it knows
+    assert replica.fence_asked(4, "a") == []  # its epoch, claimed by another node
+    assert replica.status().epoch == 4 and role(replica) is m.Role.REPLICA
+    assert only(replica.fence_asked(5, "a"), m.StopFollowing)
 
 
 def test_node_state_snapshots_are_numbered_in_the_order_they_are_made() -> None:
@@ -274,3 +334,24 @@ def test_node_state_snapshots_are_numbered_in_the_order_they_are_made() -> None:
     second = only(replica.follow("c", 2), m.SaveState)
     assert [s.version for s in first + second] == sorted(s.version for s in first + second)
     assert rules.newer_snapshot(2, 1) and not rules.newer_snapshot(1, 2)
+
+
+def test_the_promotion_rules() -> None:
+    # A peer accepts a claim above what it knows, or its own epoch's from its own leader.
+    assert rules.accepts_fence(3, "a", 2, "b") and rules.accepts_fence(3, "a", 3, "a")
+    assert not rules.accepts_fence(3, "a", 3, "b") and not rules.accepts_fence(2, "a", 3, "a")
+    # A rival: a higher epoch, or the claimed one led by another node.
+    mine = PeerStatus(role=PeerRole.REPLICA, epoch=3, leader_address="a")
+    theirs = PeerStatus(role=PeerRole.REPLICA, epoch=3, leader_address="z")
+    newer = PeerStatus(role=PeerRole.LEADER, epoch=4, leader_address="e")
+    assert rules.fence_rival(3, "a", {"c": mine}) is None
+    assert rules.fence_rival(3, "a", {"c": mine, "d": theirs}) == "d"
+    assert rules.fence_rival(3, "a", {"e": newer}) == "e"
+    # The old epoch stops: its leader fenced, or too few replicas left for its quorum.
+    assert rules.old_epoch_stopped({"b"}, "b", {"c", "d"}, 3)
+    assert rules.old_epoch_stopped({"c"}, "b", {"c"}, 2)
+    assert not rules.old_epoch_stopped(set(), "b", {"c"}, 2)
+    assert not rules.old_epoch_stopped({"c"}, "b", {"c"}, 1)  # the leader alone commits
+    # Replicas that must answer (the promoted one included): meet every min_insync - 1.
+    assert rules.promotion_quorum(2, 2) == 2 and rules.promotion_quorum(3, 2) == 3
+    assert rules.promotion_quorum(2, 3) == 1 and rules.promotion_quorum(5, 1) == 1

@@ -40,7 +40,7 @@ CONTRACT_RPCS = {
     "Status": (False, False),
 }
 # Extensions beyond the contract (DESIGN.md §3.2 allows adding, never changing).
-EXTENSION_RPCS = {"Promote": (False, False)}
+EXTENSION_RPCS = {"Promote": (False, False), "Fence": (False, False)}
 
 
 def _generated(root: Path) -> set[str]:
@@ -228,6 +228,8 @@ def _messages() -> list[Message]:
         ),
         pb.PromoteRequest(min_insync=2, force=True),
         pb.PromoteResponse(epoch=4, last_seqno=20, commit_seqno=19, gathered_records=2),
+        pb.FenceRequest(epoch=5, leader="10.0.0.2:7700"),
+        pb.FenceResponse(status=pb.StatusResponse(role=pb.ROLE_REPLICA, epoch=5)),
         pb.StatusRequest(),
         pb.StatusResponse(
             role=pb.ROLE_LEADER,

@@ -6,6 +6,7 @@ or of a restarted leader with min_insync > 1 announce exactly the committed end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,14 @@ async def test_a_failed_promotion_leaves_the_node_following(
     async def survey(addresses: Any) -> dict[str, rules.PeerStatus]:
         return {"127.0.0.1:9": ahead}
 
+    async def fence(addresses: Any, epoch: int, leader: str) -> dict[str, rules.PeerStatus]:
+        return {"127.0.0.1:9": dataclasses.replace(ahead, epoch=epoch, leader_address=leader)}
+
     async def peer_vanished(node: Node, source: str, first: int, last: int) -> int:
         raise peers.PeerFailed("a peer failed (UNAVAILABLE: peer gone)")
 
     monkeypatch.setattr(peers, "survey", survey)
+    monkeypatch.setattr(peers, "fence", fence)
     monkeypatch.setattr(peers, "gather", peer_vanished)
     with pytest.raises(RequestError, match="promotion failed, still a replica") as info:
         await replica.promote()
@@ -152,16 +157,17 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
 ) -> None:
     """CI found two nodes fencing each other: the deposed leader, saving the new epoch on
     its way to follow the promoted one, answered "replica of myself, epoch 2"; the promoted
-    leader's fencing check took that for a leader of its epoch and followed it."""
+    leader took that for a leader of its epoch and followed it. Here the leader's save of
+    the promotion's fence is held: asked meanwhile, it names the claimant, not itself."""
     leader = await cluster("leader")
     replica = await cluster("r1", follow=leader.address)
     await eventually(lambda: leader.replicas.in_sync_copies() == 2, "replica in sync")
-    await replica.promote(force=True)
     saving, release = threading.Event(), threading.Event()
 
     def slow_save(data_dir: str, state: Any, version: int) -> None:  # on an executor thread
-        saving.set()
-        release.wait(PATIENCE_S)
+        if data_dir == leader.config.data_dir and state.epoch == 2:
+            saving.set()
+            release.wait(PATIENCE_S)
         save_state(data_dir, state, version)
 
     async def replica_sees_newer() -> tuple[str, int] | None:
@@ -169,18 +175,18 @@ async def test_a_fenced_leader_stepping_down_is_not_taken_for_a_leader(
         return rules.newer_leader(replica.machine.view(), answers)
 
     monkeypatch.setattr(runtime, "save_state", slow_save)
-    stepping_down = asyncio.create_task(leader.follow(replica.address, epoch=replica.epoch))
-    await eventually(saving.is_set, "the state save")
+    promotion = asyncio.create_task(replica.promote(force=True))
+    await eventually(saving.is_set, "the fenced leader's state save")
     try:
         status = (await peers.survey([leader.address]))[leader.address]
-        assert status.role is rules.PeerRole.NONE and status.epoch == replica.epoch
+        assert status.role is rules.PeerRole.NONE and status.epoch == 2
         assert status.leader_address == replica.address  # whom it is about to follow
         assert await replica_sees_newer() is None
     finally:
         release.set()
-        await stepping_down
-    assert leader.role == "replica" and leader.leader_address == replica.address
-    assert replica.is_leader
+        await within(promotion, "the promotion")
+    await eventually(lambda: leader.role == "replica", "the old leader follows")
+    assert leader.leader_address == replica.address and replica.is_leader
     assert await replica_sees_newer() is None
 
 
@@ -200,12 +206,16 @@ async def test_a_cancelled_promotion_leaves_the_node_following(
     async def survey(addresses: Any) -> dict[str, rules.PeerStatus]:
         return {"127.0.0.1:9": ahead}
 
+    async def fence(addresses: Any, epoch: int, leader: str) -> dict[str, rules.PeerStatus]:
+        return {"127.0.0.1:9": dataclasses.replace(ahead, epoch=epoch, leader_address=leader)}
+
     async def slow_gather(node: Node, source: str, first: int, last: int) -> int:
         gathering.set()
         await asyncio.Event().wait()  # until cancelled
         return 0
 
     monkeypatch.setattr(peers, "survey", survey)
+    monkeypatch.setattr(peers, "fence", fence)
     monkeypatch.setattr(peers, "gather", slow_gather)
     promotion = asyncio.create_task(replica.promote())
     await within(gathering.wait(), "the gather under way")
@@ -216,4 +226,5 @@ async def test_a_cancelled_promotion_leaves_the_node_following(
                      "following again")  # fmt: skip
     monkeypatch.undo()
     done = await replica.promote()  # not stuck: a new promotion goes through
-    assert replica.is_leader and done["epoch"] == 2
+    # The cancelled one had claimed epoch 2: an epoch is never taken twice.
+    assert replica.is_leader and done["epoch"] == 3

@@ -252,6 +252,61 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
     check_stored(records, runs, exactly_once=False)
 
 
+async def test_a_forced_switchover_under_load_loses_no_acknowledged_record(
+    tmp_path: Path,
+) -> None:
+    """``promote --force`` while the leader leads and two producers write at quorum: the
+    promoted replica fences the old leader and the other replica before it gathers, so the
+    old epoch commits nothing after the gather. Every acknowledged record is stored at the
+    seqno it was acknowledged with, on all three nodes; subscribers saw one log. Before
+    (issue 14), the old leader kept committing with the other replica until its fencing
+    check noticed the new epoch, and both then truncated what they had acknowledged."""
+    old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS)
+    with cluster(old, new, other):
+        first = await old.start()
+        await asyncio.gather(new.start(), other.start())
+        await wait_status(old.address, all_in_sync(new, other), "both in sync")
+        runs = producer_runs((old, new, other), 10**9)  # until stopped
+        subs = (SubscriberRun(new, "multicast"), SubscriberRun(other, "unicast"))
+        async with subscribers(*subs), runs[0].producer, runs[1].producer:
+            sending = producing(runs)
+            try:
+                await wait_acked(runs, 20_000, "acks before the switchover")
+                promoted = await cli("promote", "--force", "--server", new.address)
+                assert promoted.returncode == 0, promoted.stderr.decode(errors="replace")
+                (event,) = new.events("node.promoted")
+                assert event["epoch"] > first["epoch"]
+                # The old leader was fenced by the promotion itself, not seconds later.
+                assert old.events("node.fence_accepted")
+                await wait_acked(runs, acked(runs) + 20_000, "acks after the switchover")
+                for run in runs:
+                    run.stop.set()
+                await within(sending, "the producers' end")
+            finally:
+                sending.cancel()
+            for run in runs:
+                assert not run.failed, f"{run.name}: {run.failed[:3]}"
+                assert len(run.acked) == run.sent
+            final = await wait_status(new.address, lambda s: caught_up(s, old, other),
+                                      "replicas caught up")  # fmt: skip
+            await eventually(
+                lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
+                "subscribers to deliver everything",
+            )
+        for node in (new, other, old):
+            assert await node.stop() == 0, node.stderr_tail()
+
+    records = check_identical_logs(new.data_dir, other.data_dir, old.data_dir)
+    stored = {r.seqno: r.payload for r in records}
+    for run in runs:
+        lost = [seqno for seqno, data in run.acked.items() if stored.get(seqno) != data]
+        assert not lost, f"{run.name}: acknowledged, then lost or replaced: {lost[:5]}"
+    for sub in subs:
+        check_subscriber(sub, records)
+        assert len(sub.records) == len(records)
+    check_stored(records, runs, exactly_once=False)
+
+
 # -- 3. a replica down longer than --insync-timeout ---------------------------------------------
 
 

@@ -60,8 +60,8 @@ def test_seeds_keep_the_invariants(request: pytest.FixtureRequest) -> None:
         if replay is not None:
             print("\n".join(cluster.trace), f"\n{dict(cluster.stats)}")
     if replay is None:  # the run went where it claims to go
-        for what in ("delivered", "promotions", "power_losses", "crashes", "restarts",
-                     "truncations", "fenced", "torn", "unavailable",
+        for what in ("delivered", "promotions", "switchovers", "power_losses", "crashes",
+                     "restarts", "truncations", "fenced", "torn", "unavailable",
                      "leader_interval_power_losses"):  # fmt: skip
             assert totals[what] > 0, (what, totals)
         assert totals["acks_lost_to_stale_close"] == 0, totals
@@ -307,21 +307,21 @@ def test_a_leader_fenced_under_its_own_epoch_replicates_from_the_winner(bug: str
 
 @pytest.mark.parametrize("bug", regression("self-named"))
 def test_a_leader_stepping_down_is_not_taken_for_a_leader(bug: str | None) -> None:
-    """n1 leads epoch 2 (a forced switchover) and n0 steps down (its fencing check). While
-    n0 awaits its node.json save, n1's own check asks it: it names no leader. Before (found
-    by CI), it answered "replica of myself, epoch 2", n1 followed it, n0 then followed n1,
-    and no node led."""
+    """n1 is promoted while n0 leads epoch 1 (a forced switchover): the fence makes n0 step
+    down, and n0 awaits its node.json save (slow here: n1 leads before n0 answered). Asked
+    meanwhile, n0 names no leader. Before (found by CI), it answered "replica of myself,
+    epoch 2", n1 followed it, n0 then followed n1, and no node led."""
     cluster = Cluster(0, scripted(bug))
     n0, n1, _ = cluster.nodes
     cluster.run(until_s=0.5)
-    settle(cluster)  # a forced switchover under load loses records: see below
+    settle(cluster)
+    cluster.save_delay = lambda node, save: 0.2 if node is n0 and save.wait else 0.001
     assert cluster.promote(n1, force=True) and n1.epoch == 2
-    # n0's fencing check finds n1: it steps down and awaits its node.json save.
-    assert cluster.run_until(lambda: n0.role == "stepping-down")
+    assert n0.role == "stepping-down"
     assert n0.status_epoch() == 2
     with planted(bug):
         assert rules.newer_leader(n1.machine.view(), {n0.name: n0.machine.status()}) is None
-    cluster.run(until_s=cluster.now + 0.05)
+    cluster.run(until_s=cluster.now + 0.3)
     assert (n0.role, n0.follow, n0.saved_pair) == ("replica", 1, (2, 1))
 
 
@@ -335,21 +335,50 @@ def settle(cluster: Cluster) -> None:
     assert cluster.run_until(quiet, limit_s=10.0)
 
 
-FORCED_SWITCHOVER = (
-    "Production gap (issue 14): a forced switchover under load loses acknowledged records. "
-    "The promoted node gathers the old leader's log, but until the old leader's fencing check "
-    "learns the new epoch it goes on committing with the other replica; then both truncate "
-    "what they acknowledged."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Violation, reason=FORCED_SWITCHOVER)
-def test_a_forced_switchover_under_load_keeps_acknowledged_records() -> None:
+@pytest.mark.parametrize("bug", regression("fence-ignored"))
+def test_a_forced_switchover_under_load_keeps_acknowledged_records(bug: str | None) -> None:
+    """A switchover while producers write: the promoted node claims its epoch and fences
+    its peers before it gathers — the old leader stops leading, the other replica leaves it
+    — so everything the old epoch committed is in the log gathered. Before (issue 14: 24 of
+    24 switchovers lost records), the old leader went on committing with the other replica
+    until its fencing check learned the new epoch; then both truncated what they had
+    acknowledged."""
+    unfenced = []  # seeds where the old leader had not taken the new epoch on return
     for seed in range(20):
-        cluster = Cluster(seed, scripted())
+        cluster = Cluster(seed, scripted(bug))
+        n0, n1, _ = cluster.nodes
         cluster.run(until_s=0.5)
-        cluster.promote(cluster.nodes[1], force=True)
-        cluster.run(until_s=2.0)
+        assert cluster.promote(n1, force=True)
+        if n0.status_epoch() != n1.epoch:
+            unfenced.append(seed)
+        cluster.run(until_s=2.0)  # raises Violation: an acknowledged record lost
+        assert cluster.acked > 0 and n1.role == "leader"
+    assert not unfenced
+
+
+@pytest.mark.parametrize("bug", regression("lone-promotion"))
+def test_a_promotion_waits_for_the_replicas_that_may_hold_commits(bug: str | None) -> None:
+    """n0 commits with n1 while n2 is cut off; n0 and n1 die. n2's promotion is refused
+    (min_insync 2 of 3: a committed record may be on n1 only) until n1 is back; then n2
+    gathers n1's records and leads. Before (the simulation found it: a replica died
+    between its fence and its answer), n2 led without them: acknowledged records lost."""
+    cluster = Cluster(0, scripted(bug))
+    n0, n1, n2 = cluster.nodes
+    cluster.run(until_s=0.3)
+    cluster.cuts.add(frozenset((0, 2)))
+    cluster.run(until_s=0.8)
+    assert n1.store.last > n2.store.last
+    cluster.crash(n0, power=False)
+    cluster.crash(n1, power=False)
+    cluster.cuts.clear()
+    with planted(bug):
+        refused = not cluster.promote(n2)
+    assert refused and n2.promotion is not None and n2.promotion.error is not None
+    assert "bring them back" in str(n2.promotion.error)
+    assert n2.role == "replica" and n2.status_epoch() == 1  # nothing claimed
+    cluster.restart(n1)
+    assert cluster.promote(n2) and n2.epoch == 2
+    assert n2.store.last >= cluster.acked
 
 
 @pytest.mark.parametrize("bug", regression("unordered-saves"))

@@ -237,7 +237,7 @@ class StorageMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.disk.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-        bootcast.logs.configure()
+        bootcast.logs.reset()
 
 
 StorageMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -102,7 +102,7 @@ class Purpose(enum.Enum):
     FENCE = "fence"  # the leader's periodic check
     FIND_LEADER = "find_leader"  # a replica whose session ended
     PROMOTE_CHECK = "promote_check"  # does the leader still answer?
-    PROMOTE_GATHER = "promote_gather"  # whose log is the most up to date?
+    PROMOTE_FENCE = "promote_fence"  # told the claimed epoch: whose log is the most up to date?
 
 
 class LogView(Protocol):
@@ -167,18 +167,25 @@ class RetrySession:
 
 @dataclass(frozen=True, slots=True)
 class Survey:
-    """Ask ``addresses`` for their Status; report ``surveyed(token, answers)``."""
+    """Ask ``addresses`` for their Status; report ``surveyed(token, answers)``. With
+    ``fence_epoch`` (a promotion), tell them first that this node claimed that epoch
+    (the Fence call: each records it, stops taking part in older epochs, follows this node)
+    and take each one's Status after its claim is on its disk."""
 
     token: int
     purpose: Purpose
     addresses: tuple[str, ...]
+    fence_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Gather:
     """Promotion: make the log of ``source`` (first seqno ``first_seqno``) this log's —
-    truncate after the last batch both hold, copy its batches up to ``last_seqno`` — and
-    report ``gathered(records)`` (or ``promotion_failed``)."""
+    truncate after the last batch both hold, copy its batches up to ``last_seqno``, sync
+    (unless fsync=never) — and report ``gathered(records)`` (or ``promotion_failed``).
+    The sync: what the node gathered may be committed records only the peers hold; lost
+    in a power cut, a restart would lead without them (its replicas follow it, and
+    truncate what it lacks)."""
 
     source: str
     first_seqno: int
@@ -271,6 +278,13 @@ class SessionOffer:
     replica_addresses: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A promotion's epoch claim waiting for its state save (then the fence)."""
+
+    epoch: int
+
+
 @dataclass(slots=True)
 class _Lead:
     """A lead waiting for its state save: what it will lead with."""
@@ -318,13 +332,15 @@ class NodeMachine:
         self.durable_seen = 0  # the leader's held seqno as last reported (acks=leader waits)
         self._tokens = 0
         self._surveys: dict[int, Purpose] = {}
-        self._saves: dict[int, _Lead | str] = {}  # awaited saves: lead, or whom to follow
+        # Awaited saves: lead, claim (a promotion's epoch), or whom to follow.
+        self._saves: dict[int, _Lead | _Claim | str] = {}
         # Numbers the node.json snapshots (rules.newer_snapshot: an older one never lands
         # last); one sequence across restarts in one process (state.next_version).
         self._next_version = versions or itertools.count(1).__next__
-        self._gather_answers: dict[str, PeerStatus] = {}
         self._next_watch = 0.0
         self._promotion: tuple[int, bool] | None = None  # (min_insync, force) asked
+        self._claimed = 0  # the epoch a promotion claimed (saved, then told the peers)
+        self._deposed = ""  # the leader a promotion replaces
         self._leading: _Lead | None = None  # a lead whose stream is being started
 
     # -- the role table -----------------------------------------------------------------
@@ -386,11 +402,13 @@ class NodeMachine:
             starting=self.role is Role.STARTING,
         )
 
-    def _survey(self, purpose: Purpose, addresses: set[str] | list[str]) -> Survey:
+    def _survey(
+        self, purpose: Purpose, addresses: set[str] | list[str], fence_epoch: int = 0
+    ) -> Survey:
         self._tokens += 1
         self._surveys[self._tokens] = purpose
         wanted = tuple(sorted(a for a in set(addresses) if a and a != self.address))
-        return Survey(self._tokens, purpose, wanted)
+        return Survey(self._tokens, purpose, wanted, fence_epoch)
 
     def _save(self, *, wait: bool) -> SaveState:
         snapshot = NodeState(self.state.epoch, sorted(set(self.state.peers)), self.state.leader)
@@ -424,8 +442,8 @@ class NodeMachine:
             return self._found_leader(answers)
         if purpose is Purpose.PROMOTE_CHECK and self._promotion is not None:
             return self._promotion_checked(answers)
-        if purpose is Purpose.PROMOTE_GATHER and self.role is Role.PROMOTING:
-            return self._gather_from(answers)
+        if purpose is Purpose.PROMOTE_FENCE and self.role is Role.PROMOTING:
+            return self._fenced(answers)
         return []  # an answer for a role this node has left meanwhile
 
     # -- leading ----------------------------------------------------------------------------
@@ -446,6 +464,9 @@ class NodeMachine:
         if isinstance(pending, _Lead) and self.role in (Role.STARTING, Role.PROMOTING):
             self._leading = pending
             return [StartStream(pending.epoch)]
+        if isinstance(pending, _Claim) and self.role is Role.PROMOTING:
+            peers = self._promotion_peers()
+            return [self._survey(Purpose.PROMOTE_FENCE, peers, fence_epoch=pending.epoch)]
         if isinstance(pending, str) and self.role in (Role.STEPPING_DOWN, Role.REPLICA):
             return self._followed(pending)
         if isinstance(pending, str) and self.role is Role.STARTING:
@@ -742,7 +763,14 @@ class NodeMachine:
     # -- promotion --------------------------------------------------------------------------
 
     def promote(self, min_insync: int, *, force: bool) -> list[Command]:
-        """Manual failover: a replica becomes the leader (see :mod:`.failover`)."""
+        """Manual failover: this replica becomes the leader. It asks its peers whether the
+        leader still answers (refused then, unless ``force``: a switchover), claims an epoch
+        above every one it heard of (saved), fences its peers with it — each records the
+        claim, stops taking part in older epochs (a leader stops leading, a replica leaves
+        its leader) and follows this node, then reports what it holds — gathers the most
+        up-to-date log among them, and leads. Once the old leader or enough of its replicas
+        are fenced, the old epoch can commit nothing more, and everything it committed is
+        in the log gathered (:func:`~boomscooter.node.rules.old_epoch_stopped`)."""
         if self._promotion is not None or self.role is Role.PROMOTING:
             raise RequestError(f"{self.address} is being promoted already",
                                code="FAILED_PRECONDITION")  # fmt: skip
@@ -752,10 +780,11 @@ class NodeMachine:
         if self.role is not Role.REPLICA:
             raise RequestError(f"{self.address} is {self.role.value}", code="UNAVAILABLE")
         self._promotion = (min_insync, force)
+        self._claimed, self._deposed = 0, ""
         return [self._survey(Purpose.PROMOTE_CHECK, self._promotion_peers())]
 
     def _promotion_peers(self) -> set[str]:
-        return {*self.state.peers, *self.peers, self.leader_address}
+        return {*self.state.peers, *self.peers, self.leader_address, self._deposed}
 
     def _promotion_checked(self, answers: dict[str, PeerStatus]) -> list[Command]:
         assert self._promotion is not None
@@ -765,8 +794,8 @@ class NodeMachine:
             self._promotion = None
             error = RequestError(
                 f"the leader {alive[0]} still answers: promotion is for a failed leader (stop "
-                "it first, or force a switchover and accept that records it commits in the "
-                "next seconds, before it notices the new epoch, may be lost)",
+                "it first, or force a switchover: the leader is fenced, stops accepting, and "
+                "hands over what it holds)",
                 code="FAILED_PRECONDITION",
             )
             return [PromotionDone(error=error)]
@@ -774,12 +803,70 @@ class NodeMachine:
             self._promotion = None
             error = RequestError(f"{self.address} is {self.role.value}", code="UNAVAILABLE")
             return [PromotionDone(error=error)]
+        short = self._too_few_answers(answers, self.leader_address)
+        if short is not None:
+            self._promotion = None
+            return [PromotionDone(error=short)]
         self._step(Step.PROMOTE)
         self.session_live = False
-        return [StopFollowing(), self._survey(Purpose.PROMOTE_GATHER, self._promotion_peers())]
+        # The claim: an epoch above every one heard of, on disk before any peer is told.
+        # Named its own leader from now on (Status: a node in transition, never a replica
+        # of the old leader at the new epoch).
+        epochs = [self.epoch, self.state.epoch, *(s.epoch for s in answers.values())]
+        self._claimed = rules.promotion_epoch(epochs)
+        self._deposed, self.leader_address = self.leader_address, self.address
+        self.state.epoch, self.state.leader = self._claimed, self.address
+        save = self._save(wait=True)
+        self._saves[save.version] = _Claim(self._claimed)
+        return [StopFollowing(), save]
+
+    def _fenced(self, answers: dict[str, PeerStatus]) -> list[Command]:
+        """The fenced peers' Status (each taken after it recorded the claim)."""
+        claimed = self._claimed
+        rival = rules.fence_rival(claimed, self.address, answers)
+        if rival is not None:
+            error = RequestError(
+                f"promotion failed: {rival} reports an epoch claimed by another node (a "
+                "concurrent promotion?); this node follows whoever leads it",
+                code="ABORTED",
+            )
+            return self.promotion_failed(error)
+        fenced = sorted(a for a, s in answers.items() if s.epoch == claimed)
+        short = self._too_few_answers(answers, self._deposed)
+        if short is not None:
+            return self.promotion_failed(short)
+        out: list[Command] = []
+        insync = self.leader_min_insync or self.config.min_insync
+        replicas = self._promotion_peers() - {self.address, self._deposed, ""}
+        if not rules.old_epoch_stopped(set(fenced), self._deposed, replicas, insync):
+            unfenced = sorted(replicas - set(fenced))
+            fields = {"epoch": claimed, "leader": self._deposed, "unfenced": unfenced,
+                      "min_insync": insync}  # fmt: skip
+            out.append(Note("promote.not_fenced", "warning", fields))
+        out.append(Note("promote.fenced", fields={"epoch": claimed, "fenced": fenced}))
+        return out + self._gather_from(answers)
+
+    def _too_few_answers(self, answers: dict[str, PeerStatus], leader: str) -> RequestError | None:
+        """Unless the old leader answered (it holds everything it committed), enough of
+        its replicas must have (:func:`~boomscooter.node.rules.promotion_quorum`): a record
+        it committed may be on those only."""
+        if leader and leader in answers:
+            return None
+        replicas = self._promotion_peers() - {self.address, leader, ""}
+        insync = self.leader_min_insync or self.config.min_insync
+        needed = rules.promotion_quorum(len(replicas) + 1, insync)
+        answered = 1 + len(replicas & answers.keys())
+        if answered >= needed:
+            return None
+        missing = ", ".join(sorted(replicas - answers.keys()))
+        return RequestError(
+            f"promotion needs {needed} of the {len(replicas) + 1} replicas (this one "
+            f"included) to answer, {answered} did: with min_insync {insync} a record the "
+            f"old leader committed may be only on {missing}; bring them back, then promote",
+            code="UNAVAILABLE",
+        )
 
     def _gather_from(self, answers: dict[str, PeerStatus]) -> list[Command]:
-        self._gather_answers = answers
         ours = (self.log.last_epoch, self.log.last_seqno)
         source = rules.gather_source(ours, answers)
         if source is None:
@@ -788,33 +875,55 @@ class NodeMachine:
         return [Gather(address, status.first_seqno, status.last_seqno)]
 
     def gathered(self, records: int) -> list[Command]:
-        """The promotion's gather is done: take an epoch above all and lead."""
+        """The promotion's gather is done: lead the claimed epoch."""
         assert self._promotion is not None
         min_insync, _ = self._promotion
-        answers = self._gather_answers
         # Dedupe entries learned for batches this log does not hold (lost with the leader)
         # must not answer a retry as "already stored".
         self.dedupe.forget_after(self.log.last_seqno)
-        epochs = [self.epoch, self.state.epoch, *(s.epoch for s in answers.values())]
-        epoch = rules.promotion_epoch(epochs)
         insync = min_insync or self.leader_min_insync or self.config.min_insync
         commit = self.commit_seqno
         result = {
-            "epoch": epoch,
+            "epoch": self._claimed,
             "last_seqno": self.log.last_seqno,
             "commit_seqno": commit,
             "gathered_records": records,
         }
-        return [ForgetAfter(self.log.last_seqno), *self._begin_lead(epoch, insync, commit, result)]
+        return [
+            ForgetAfter(self.log.last_seqno),
+            *self._begin_lead(self._claimed, insync, commit, result),
+        ]
 
     def promotion_failed(self, error: RequestError) -> list[Command]:
         """The promotion failed half-way (a peer vanished): follow again rather than stay
-        a node that neither follows nor leads."""
+        a node that neither follows nor leads. Once an epoch was claimed, the old leader
+        is refused (its epoch is older): the node looks for whoever leads the newest epoch
+        — none until a promotion is asked again, which the error says."""
         self._promotion = None
         if self.role is not Role.PROMOTING:
             return [PromotionDone(error=error)]
         self._step(Step.PROMOTION_FAILED)
+        if self._claimed:
+            error = RequestError(
+                f"{error}; epoch {self._claimed} was claimed and the peers reached were "
+                "fenced: ask for the promotion again (this node or another)",
+                code=error.code,
+            )
+        self.leader_address = self._deposed or self.leader_address
         return [StartFollowing(self.leader_address), PromotionDone(error=error)]
+
+    def fence_asked(self, epoch: int, leader: str) -> list[Command]:
+        """A node being promoted (``leader``) claimed ``epoch`` (the Fence call): record it,
+        stop taking part in any older epoch — a leader stops leading and acknowledging, a
+        replica leaves its leader — and follow the claimant. The caller answers with this
+        node's Status once the commands are carried out (the claim on disk). A claim of an
+        older epoch, or of this one by another node, changes nothing: the Status tells."""
+        if self.role in (Role.PROMOTING, Role.STOPPED):
+            return []
+        if not rules.accepts_fence(epoch, leader, self.state.epoch, self.state.leader):
+            return []
+        fields = {"leader": leader, "epoch": epoch, "own_epoch": self.epoch}
+        return [Note("node.fence_accepted", "warning", fields), *self.follow(leader, epoch)]
 
     # -- stopping ---------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 * :func:`survey` asks several nodes for their Status at once and returns what the rules
   need (:class:`~boomscooter.node.rules.PeerStatus`); a node that does not answer within
-  ``STATUS_TIMEOUT_S`` is left out.
+  ``STATUS_TIMEOUT_S`` is left out. :func:`fence` (a promotion) tells them the claimed
+  epoch first (Fence) and returns their Status after.
 * :func:`reconcile` finds where this node's log diverged from a peer's
   (:class:`~boomscooter.node.replicas.CommonPoint`, comparing the batches both hold at a
   probed seqno) and truncates this log after it. Each leader incarnation writes under an
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 log = get_logger("boomscooter.peers")
 
 STATUS_TIMEOUT_S = 1.0
+# A fenced leader first lets its in-flight appends end and stops its stream; its state
+# save is an fsync: generous on a loaded host.
+FENCE_TIMEOUT_S = 5.0
 COPY_BYTES = 4 << 20
 
 
@@ -61,6 +65,29 @@ async def status_of(address: str) -> PeerStatus | None:
         return None
     finally:
         await channel.close()
+
+
+async def fenced_status(address: str, epoch: int, leader: str) -> PeerStatus | None:
+    """Tell ``address`` that ``leader`` claimed ``epoch`` (Fence); its Status after."""
+    channel = node_channel(address)
+    try:
+        stub = pb_grpc.BoomscooterStub(channel)
+        request = pb.FenceRequest(epoch=epoch, leader=leader)
+        response: pb.FenceResponse = await stub.Fence(request, timeout=FENCE_TIMEOUT_S)
+        return convert.peer_status(response.status)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("promote.fence_failed", peer=address, code=exc.code().name,
+                    details=exc.details())  # fmt: skip
+        return None
+    finally:
+        await channel.close()
+
+
+async def fence(addresses: Iterable[str], epoch: int, leader: str) -> dict[str, PeerStatus]:
+    """Fence every node among ``addresses`` at once; the Status of each that answered."""
+    wanted = sorted(set(addresses))
+    answers = await asyncio.gather(*(fenced_status(a, epoch, leader) for a in wanted))
+    return {a: s for a, s in zip(wanted, answers, strict=True) if s is not None}
 
 
 async def survey(addresses: Iterable[str]) -> dict[str, PeerStatus]:

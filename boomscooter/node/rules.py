@@ -70,15 +70,20 @@ def newer_leader(
     that can commit), and so does a leader of that epoch for a node still starting (it
     follows rather than take the next epoch from a log that may lack what that one
     committed). Leaders in ``skip`` (refused as stale) and nodes naming themselves without
-    leading (in transition) are passed over."""
+    leading (in transition) are passed over — except, for a node still starting, one that
+    claimed a newer epoch (a node being promoted)."""
     best: tuple[str, int] | None = None
     for address in sorted(answers):
         status = answers[address]
         leader = address if status.role is PeerRole.LEADER else status.leader_address
         if not leader or leader == me.address or leader in skip:
             continue
-        if status.role is not PeerRole.LEADER and leader == address:
-            continue  # a node naming itself without leading: in transition, not a leader
+        # A node naming itself without leading is in transition, not a leader — but one
+        # that claimed a newer epoch is being promoted: a starting node follows it rather
+        # than take an epoch of its own (maybe the claimed one).
+        claimant = me.starting and status.epoch > me.epoch
+        if status.role is not PeerRole.LEADER and leader == address and not claimant:
+            continue
         replica_elsewhere = status.role is PeerRole.REPLICA and not me.replica
         leader_while_starting = status.role is PeerRole.LEADER and me.starting
         same_counts = or_same or replica_elsewhere or leader_while_starting
@@ -111,6 +116,48 @@ def start_epoch(own_epoch: int) -> int:
 def promotion_epoch(epochs: Iterable[int]) -> int:
     """The epoch a promoted replica takes: above every epoch it has seen or heard of."""
     return max(epochs) + 1
+
+
+def accepts_fence(epoch: int, claimant: str, known_epoch: int, known_leader: str) -> bool:
+    """A node told that ``claimant`` (being promoted) claimed ``epoch`` takes part in no
+    older epoch from then on — unless it knows a newer epoch, or this one claimed by
+    another node (then its Status tells the claimant, whose promotion fails)."""
+    return epoch > known_epoch or (epoch == known_epoch and known_leader == claimant)
+
+
+def fence_rival(claimed: int, me: str, answers: Mapping[str, PeerStatus]) -> str | None:
+    """A fenced peer reporting an epoch above the one this promotion claimed, or that epoch
+    led by another node: a concurrent promotion won (the first such peer), else None."""
+    for address in sorted(answers):
+        status = answers[address]
+        if status.epoch > claimed or (
+            status.epoch == claimed and status.leader_address not in ("", me)
+        ):
+            return address
+    return None
+
+
+def old_epoch_stopped(
+    fenced: set[str], old_leader: str, replicas: set[str], min_insync: int
+) -> bool:
+    """After a promotion's fence, can the old epoch commit nothing more? Yes when its leader
+    was fenced (it stopped leading before it reported what it holds), or when too few of
+    its replicas are left unfenced to make up ``min_insync`` with its own copy (the node
+    being promoted left it already). Otherwise an old leader that is only cut off from the
+    promoted node may still commit with the replicas it reaches."""
+    if old_leader and old_leader in fenced:
+        return True
+    return len(replicas - fenced) < min_insync - 1
+
+
+def promotion_quorum(replicas: int, min_insync: int) -> int:
+    """How many of the old leader's ``replicas`` (the node being promoted included) must
+    answer a promotion whose old leader does not: enough to meet every ``min_insync - 1``
+    of them, where each record the old leader committed is besides its own copy. 1 under
+    ``min_insync`` 1: the leader's copy alone committed, and no promotion can promise that."""
+    if min_insync <= 1:
+        return 1
+    return max(1, replicas - min_insync + 2)
 
 
 def saves_fencing_epoch(epoch: int, known_epoch: int) -> bool:

@@ -262,6 +262,9 @@ class Node:
         if isinstance(command, m.SaveState) and command.wait:
             await self._save(command)
             return machine.state_saved(command.version)
+        if isinstance(command, m.Survey) and command.fence_epoch:
+            answers = await peers.fence(command.addresses, command.fence_epoch, self.address)
+            return machine.surveyed(command.token, answers, self._loop.time())
         if isinstance(command, m.Survey):
             answers = await peers.survey(command.addresses)
             return machine.surveyed(command.token, answers, self._loop.time())
@@ -576,10 +579,18 @@ class Node:
         try:
             records = await peers.gather(self, command.source, command.first_seqno,
                                          command.last_seqno)  # fmt: skip
+            if self.config.fsync.mode is not FsyncMode.NEVER:
+                await asyncio.to_thread(self.log.sync)  # see m.Gather
         except (peers.PeerFailed, StorageError) as exc:
             error = RequestError(f"promotion failed, still a replica: {exc}", code="UNAVAILABLE")
             return self.machine.promotion_failed(error)
         return self.machine.gathered(records)
+
+    async def fence(self, epoch: int, leader: str) -> None:
+        """A node being promoted claimed ``epoch`` (its Fence call): once this returns the
+        claim is on disk and this node takes part in no older epoch (a leader stopped
+        leading: appends and acks waiting for it end with NOT_LEADER)."""
+        await self.run(self.machine.fence_asked(epoch, leader))
 
     async def follow(self, leader: str, *, epoch: int = 0) -> None:
         """Become (or stay) a replica of ``leader`` (a leader steps down: fenced)."""

@@ -329,6 +329,15 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
             await self._abort(context, exc)
         return pb.PromoteResponse(**done)
 
+    async def Fence(self, request: pb.FenceRequest, context: Any) -> pb.FenceResponse:
+        if not request.epoch or not request.leader:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Fence needs an epoch and a leader"
+            )
+        log.warning("rpc.fence", peer=context.peer(), epoch=request.epoch, leader=request.leader)
+        await self.node.fence(request.epoch, request.leader)
+        return pb.FenceResponse(status=replicate.status(self.node))
+
 
 class _AckQueue:
     """Acks of one Produce stream waiting, in seqno order, for a position (the commit, or

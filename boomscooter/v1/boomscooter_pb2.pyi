@@ -1088,10 +1088,9 @@ class PromoteRequest(_message.Message):
     min_insync: _builtins.int
     """Durable copies (the new leader's included) that commit a batch; 0: as before."""
     force: _builtins.bool
-    """Promote even though the current leader still answers (a planned switchover). Without
-    it such a promotion fails with FAILED_PRECONDITION: until the old leader notices the
-    new epoch (within seconds), it and the replicas still following it could commit records
-    the new leader never gets.
+    """Promote even though the current leader still answers (a planned switchover: the old
+    leader is fenced like the replicas, stops accepting, and what it holds is gathered).
+    Without it such a promotion fails with FAILED_PRECONDITION.
     """
     def __init__(
         self,
@@ -1106,6 +1105,58 @@ class PromoteRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteRequest: _TypeAlias = PromoteRequest  # noqa: Y015
+
+@_typing.final
+class FenceRequest(_message.Message):
+    """The epoch a node being promoted claimed, and its address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The claimed epoch (above every epoch the claimant heard of)."""
+    leader: _builtins.str
+    """The claimant's host:port, the leader of that epoch."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        leader: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "leader", b"leader"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceRequest: _TypeAlias = FenceRequest  # noqa: Y015
+
+@_typing.final
+class FenceResponse(_message.Message):
+    """The fenced node as it stands after recording the claim (or its unchanged Status when it
+    knows a newer epoch, or this one claimed by another node).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___StatusResponse:
+        """The node's Status."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___StatusResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceResponse: _TypeAlias = FenceResponse  # noqa: Y015
 
 @_typing.final
 class PromoteResponse(_message.Message):

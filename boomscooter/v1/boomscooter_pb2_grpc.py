@@ -75,6 +75,11 @@ class BoomscooterStub:
                 request_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.SerializeToString,
                 response_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/boomscooter.v1.Boomscooter/Fence',
+                request_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.FenceRequest.SerializeToString,
+                response_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.FenceResponse.FromString,
+                _registered_method=True)
 
 
 class BoomscooterServicer:
@@ -142,9 +147,20 @@ class BoomscooterServicer:
 
     def Promote(self, request, context):
         """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
-        following, first copies from the other replicas any record it lacks that they hold (so a
-        record acknowledged at quorum survives whichever replica is promoted), then leads with a
-        new epoch. The old leader, when it returns, sees the higher epoch and follows.
+        following, claims an epoch above every one it heard of, fences its peers with it
+        (Fence), copies from the most up-to-date of them any record it lacks (so a record
+        acknowledged at quorum survives whichever replica is promoted), then leads with that
+        epoch. The old leader, when it returns, sees the higher epoch and follows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fence(self, request, context):
+        """A promotion's fence (node to node; an extension of DESIGN.md §3.2): the node being
+        promoted claimed an epoch. The receiver records it in node.json, takes part in no older
+        epoch from then on (a leader stops leading and acknowledging, a replica leaves its
+        leader), follows the claimant, and answers its Status once the claim is on its disk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -192,6 +208,11 @@ def add_BoomscooterServicer_to_server(servicer, server):
                     servicer.Promote,
                     request_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.FromString,
                     response_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=boomscooter_dot_v1_dot_boomscooter__pb2.FenceRequest.FromString,
+                    response_serializer=boomscooter_dot_v1_dot_boomscooter__pb2.FenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +432,33 @@ class Boomscooter:
             '/boomscooter.v1.Boomscooter/Promote',
             boomscooter_dot_v1_dot_boomscooter__pb2.PromoteRequest.SerializeToString,
             boomscooter_dot_v1_dot_boomscooter__pb2.PromoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/boomscooter.v1.Boomscooter/Fence',
+            boomscooter_dot_v1_dot_boomscooter__pb2.FenceRequest.SerializeToString,
+            boomscooter_dot_v1_dot_boomscooter__pb2.FenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,9 +85,16 @@ class BoomscooterStub:
     """The node's role, epoch and seqnos, and (on the leader) its replicas and their lag."""
     Promote: _grpc.UnaryUnaryMultiCallable[_boomscooter_pb2.PromoteRequest, _boomscooter_pb2.PromoteResponse]
     """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
-    following, first copies from the other replicas any record it lacks that they hold (so a
-    record acknowledged at quorum survives whichever replica is promoted), then leads with a
-    new epoch. The old leader, when it returns, sees the higher epoch and follows.
+    following, claims an epoch above every one it heard of, fences its peers with it
+    (Fence), copies from the most up-to-date of them any record it lacks (so a record
+    acknowledged at quorum survives whichever replica is promoted), then leads with that
+    epoch. The old leader, when it returns, sees the higher epoch and follows.
+    """
+    Fence: _grpc.UnaryUnaryMultiCallable[_boomscooter_pb2.FenceRequest, _boomscooter_pb2.FenceResponse]
+    """A promotion's fence (node to node; an extension of DESIGN.md §3.2): the node being
+    promoted claimed an epoch. The receiver records it in node.json, takes part in no older
+    epoch from then on (a leader stops leading and acknowledging, a replica leaves its
+    leader), follows the claimant, and answers its Status once the claim is on its disk.
     """
 
 @_typing.type_check_only
@@ -127,9 +134,16 @@ class BoomscooterAsyncStub(BoomscooterStub):
     """The node's role, epoch and seqnos, and (on the leader) its replicas and their lag."""
     Promote: _aio.UnaryUnaryMultiCallable[_boomscooter_pb2.PromoteRequest, _boomscooter_pb2.PromoteResponse]  # type: ignore[assignment]
     """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
-    following, first copies from the other replicas any record it lacks that they hold (so a
-    record acknowledged at quorum survives whichever replica is promoted), then leads with a
-    new epoch. The old leader, when it returns, sees the higher epoch and follows.
+    following, claims an epoch above every one it heard of, fences its peers with it
+    (Fence), copies from the most up-to-date of them any record it lacks (so a record
+    acknowledged at quorum survives whichever replica is promoted), then leads with that
+    epoch. The old leader, when it returns, sees the higher epoch and follows.
+    """
+    Fence: _aio.UnaryUnaryMultiCallable[_boomscooter_pb2.FenceRequest, _boomscooter_pb2.FenceResponse]  # type: ignore[assignment]
+    """A promotion's fence (node to node; an extension of DESIGN.md §3.2): the node being
+    promoted claimed an epoch. The receiver records it in node.json, takes part in no older
+    epoch from then on (a leader stops leading and acknowledging, a replica leaves its
+    leader), follows the claimant, and answers its Status once the claim is on its disk.
     """
 
 class BoomscooterServicer:
@@ -206,9 +220,21 @@ class BoomscooterServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_boomscooter_pb2.PromoteResponse, _abc.Awaitable[_boomscooter_pb2.PromoteResponse]]:
         """Manual failover (replica only; an extension of DESIGN.md §3.2): the replica stops
-        following, first copies from the other replicas any record it lacks that they hold (so a
-        record acknowledged at quorum survives whichever replica is promoted), then leads with a
-        new epoch. The old leader, when it returns, sees the higher epoch and follows.
+        following, claims an epoch above every one it heard of, fences its peers with it
+        (Fence), copies from the most up-to-date of them any record it lacks (so a record
+        acknowledged at quorum survives whichever replica is promoted), then leads with that
+        epoch. The old leader, when it returns, sees the higher epoch and follows.
+        """
+
+    def Fence(
+        self,
+        request: _boomscooter_pb2.FenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_boomscooter_pb2.FenceResponse, _abc.Awaitable[_boomscooter_pb2.FenceResponse]]:
+        """A promotion's fence (node to node; an extension of DESIGN.md §3.2): the node being
+        promoted claimed an epoch. The receiver records it in node.json, takes part in no older
+        epoch from then on (a leader stops leading and acknowledging, a replica leaves its
+        leader), follows the claimant, and answers its Status once the claim is on its disk.
         """
 
 def add_BoomscooterServicer_to_server(servicer: BoomscooterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

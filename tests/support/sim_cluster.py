@@ -149,7 +149,8 @@ class Cluster:
                     return
             elif isinstance(command, m.Survey):
                 delay = self.rng.uniform(*SURVEY_S)
-                self.at(delay, partial(self._surveyed, node, inc, command, rest))
+                asked = self._fence if command.fence_epoch else self._surveyed
+                self.at(delay, partial(asked, node, inc, command, rest))
                 return
             elif isinstance(command, m.Gather):
                 self.at(0.005, partial(self._gather, node, inc, command, rest))
@@ -209,6 +210,33 @@ class Cluster:
                 answers[address] = peer.machine.status()
         self._resume(node, inc, node.machine.surveyed(survey.token, answers, self.now), rest)
 
+    def _fence(self, node: Node, inc: int, survey: m.Survey, rest: list[m.Command]) -> None:
+        """peers.fence: each peer in reach carries out the claim; its Status comes back once
+        its save is on disk (a peer that crashed meanwhile, or was cut off, does not
+        answer; one that refused the claim answers at once)."""
+        if not node.up or node.inc != inc:
+            return
+        told: list[tuple[Node, int, bool]] = []
+        for address in survey.addresses:
+            peer = self.nodes[index_of(address)]
+            if peer.up and self.link(node.id, peer.id):
+                commands = peer.machine.fence_asked(survey.fence_epoch, node.name)
+                told.append((peer, peer.inc, bool(commands)))
+                self.execute(peer, commands)
+
+        def answered() -> None:
+            if not node.up or node.inc != inc:
+                return
+            answers = {
+                peer.name: peer.machine.status()
+                for peer, peer_inc, accepted in told
+                if peer.up and peer.inc == peer_inc and self.link(node.id, peer.id)
+                and (not accepted or peer.saved.epoch >= survey.fence_epoch)
+            }  # fmt: skip
+            self._resume(node, inc, node.machine.surveyed(survey.token, answers, self.now), rest)
+
+        self.at(SAVE_S[1] + 0.005, answered)
+
     def _gather(self, node: Node, inc: int, gather: m.Gather, rest: list[m.Command]) -> None:
         """peers.gather: reconcile with the source, copy what it holds beyond."""
         if not node.up or node.inc != inc:
@@ -229,6 +257,8 @@ class Cluster:
             if batch.base_seqno == node.store.last + 1:  # as copy_from: what continues ours
                 self._append(node, batch)
                 records += batch.record_count
+        if node.mode is not FsyncMode.NEVER:  # the runtime syncs what it gathered
+            node.store.durable = node.store.last
         self._resume(node, inc, node.machine.gathered(records), rest)
 
     def _truncate(self, node: Node, point: int) -> None:
@@ -516,9 +546,11 @@ class Cluster:
         self.at(rng.uniform(0.05, 0.3), self._chaos)
         up = [n for n in nodes if n.up]
         down = [n for n in nodes if not n.up and self._may_restart(n)]
-        candidate = self._candidate()
-        weights = [len(up) > 1, 2.0 * bool(down), 0.6, bool(self.cuts), 3.0 * bool(candidate), 1]
-        choice = rng.choices(["crash", "restart", "cut", "heal", "promote", "-"], weights)[0]
+        candidate, switch = self._candidate(), self._switchover_pick()
+        weights = [len(up) > 1, 2.0 * bool(down), 0.6, bool(self.cuts), 3.0 * bool(candidate),
+                   0.4 * bool(switch), 1]  # fmt: skip
+        actions = ["crash", "restart", "cut", "heal", "promote", "switchover", "-"]
+        choice = rng.choices(actions, weights)[0]
         if choice == "crash":
             leaders = [n for n in up if n.role == "leader"]
             self.crash(rng.choice(leaders if leaders and rng.random() < 0.5 else up))
@@ -532,6 +564,9 @@ class Cluster:
             self.note(f"heal {sorted(cut)}")
         elif choice == "promote" and candidate is not None:
             self._promote(candidate)
+        elif choice == "switchover" and switch is not None:
+            self.stats["switchovers"] += 1
+            self._promote(switch, force=True)
 
     def crash(self, node: Node, *, power: bool | None = None) -> None:
         with planted(self.config.bug):
@@ -602,6 +637,23 @@ class Cluster:
         if seen < self.max_epoch and not self.config.expose_epoch_reuse:
             return None  # a dead leader took an epoch no one reachable reports
         return pick
+
+    def _switchover_pick(self) -> Node | None:
+        """The operator's pick for a forced switchover (``promote --force``) while the
+        newest leader leads: a replica live with it that knows and reaches every node."""
+        newest = self.nodes[self.newest]
+        if not (newest.up and newest.role == "leader"):
+            return None
+        live = [n for n in self.nodes if n.up and n.role == "replica" and n.session is not None
+                and n.session.live]  # fmt: skip
+        if not live:
+            return None
+        pick = self.rng.choice(live)
+        others = [n for n in self.nodes if n is not pick]
+        known = {*pick.machine.state.peers, *pick.machine.peers}
+        if all(n.up and self.link(pick.id, n.id) and n.name in known for n in others):
+            return pick
+        return None
 
     def _promote(self, node: Node, *, force: bool = False) -> None:
         try:

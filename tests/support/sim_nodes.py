@@ -35,6 +35,7 @@ BUGS = ("single-ack", "no-reconcile", "no-gather")
 REGRESSIONS = (
     *("uncapped-commit", "stale-close", "extends-gather", "strict-newer", "no-stale-check"),
     *("follow-above", "running-only", "no-skip", "self-named", "unordered-saves"),
+    *("fence-ignored", "lone-promotion"),
 )
 TICK_S = 0.1  # heartbeats, replica keepalives, the machine's ticks
 WATCH_S = 0.3  # the leader's fencing check (MachineConfig.watch_interval_s)
@@ -387,6 +388,8 @@ PLANTS: dict[str, list[tuple[object, str, object]]] = {
         (rules, "newer_leader", _self_named_newer),
     ],
     "unordered-saves": [(rules, "newer_snapshot", lambda version, written: True)],
+    "fence-ignored": [(rules, "accepts_fence", lambda *args: False)],
+    "lone-promotion": [(rules, "promotion_quorum", lambda replicas, min_insync: 1)],
 }
 assert set(PLANTS) == {*BUGS, *REGRESSIONS}
 

@@ -93,7 +93,7 @@ def quiet_logs() -> Iterator[None]:
     try:
         yield
     finally:
-        bootcast.logs.configure()
+        bootcast.logs.reset()
 
 
 class Crash(BaseException):
