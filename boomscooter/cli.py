@@ -145,6 +145,13 @@ def _node_storage_options(node: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds without an ack before a replica leaves the in-sync set (default 5)",
     )
+    node.add_argument(
+        "--leader-timeout",
+        type=float,
+        default=2.0,
+        help="seconds without a word from its leader before a replica presumes it lost and "
+        "asks its peers who leads (default 2; the leader speaks every 0.5 s)",
+    )
 
 
 def _add_nodes(

@@ -51,6 +51,7 @@ async def run_leader(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         follow=follow,
         insync_timeout_s=args.insync_timeout,
+        leader_timeout_s=args.leader_timeout,
     )
     node = await start_leader(config)
     stop = asyncio.Event()

@@ -40,8 +40,10 @@ from boomscooter.v1 import boomscooter_pb2
 
 # Room for a batch of the largest default size and then some; the server has its own limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-DEFAULT_KEEPALIVE_TIME_S = 10.0
-DEFAULT_KEEPALIVE_TIMEOUT_S = 5.0
+# A call's peer that answers no ping for KEEPALIVE_TIME + KEEPALIVE_TIMEOUT (a frozen or
+# vanished leader) fails the call: a producer then goes to the next node within ~4 s.
+DEFAULT_KEEPALIVE_TIME_S = 2.0
+DEFAULT_KEEPALIVE_TIMEOUT_S = 2.0
 
 # Status codes that mean "the connection or the server is in trouble; try again".
 UNAVAILABLE_CODES = frozenset(

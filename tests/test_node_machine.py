@@ -154,7 +154,16 @@ def test_not_leader_comes_before_the_quorum_check() -> None:
     run(replica, replica.start())
     with pytest.raises(NotLeaderError) as info:
         replica.check_produce(quorum=True)
-    assert info.value.leader_address == "b"
+    assert info.value.leader_address == ""  # no session with b yet: b is not named
+    replica.session_offered("b", offer(1))
+    replica.session_reconciled(0)
+    with pytest.raises(NotLeaderError) as info:
+        replica.check_produce(quorum=True)
+    assert info.value.leader_address == "b"  # heard from within --leader-timeout
+    replica.session_ended("no word from the leader for 2 s")
+    with pytest.raises(NotLeaderError) as info:
+        replica.check_produce(quorum=True)
+    assert info.value.leader_address == ""  # lost: never a redirect to it
     machine = leader(min_insync=3)
     with pytest.raises(ServerUnavailableError, match="needs 3 in-sync copies, 1 available"):
         machine.check_produce(quorum=True)
@@ -355,3 +364,21 @@ def test_the_promotion_rules() -> None:
     # Replicas that must answer (the promoted one included): meet every min_insync - 1.
     assert rules.promotion_quorum(2, 2) == 2 and rules.promotion_quorum(3, 2) == 3
     assert rules.promotion_quorum(2, 3) == 1 and rules.promotion_quorum(5, 1) == 1
+
+
+def test_a_fenced_replica_retries_its_promoting_leader_without_backing_off() -> None:
+    replica = node(follow="b")
+    run(replica, replica.start())
+    run(replica, replica.fence_asked(2, "c"))  # c claimed epoch 2 and is gathering
+    promoting = {"c": PeerStatus(role=PeerRole.REPLICA, epoch=2, leader_address="c")}
+    for _ in range(4):  # c refuses the session until it leads
+        (survey,) = only(replica.session_ended("refused: not the leader"), m.Survey)
+        (retry,) = replica.surveyed(survey.token, promoting, 0.0)
+        assert retry == m.RetrySession("c", rules.RETRY_S[0])
+    delays = []
+    for _ in range(3):  # c silent: back off again
+        (survey,) = only(replica.session_ended("refused"), m.Survey)
+        (retry,) = replica.surveyed(survey.token, {}, 0.0)
+        assert isinstance(retry, m.RetrySession)
+        delays.append(retry.delay_s)
+    assert delays == list(rules.RETRY_S[:3])

@@ -307,6 +307,62 @@ async def test_a_forced_switchover_under_load_loses_no_acknowledged_record(
     check_stored(records, runs, exactly_once=False)
 
 
+async def test_a_frozen_leader_is_presumed_lost_and_replaced(tmp_path: Path) -> None:
+    """The leader is frozen (SIGSTOP), its TCP connections open and silent. Its replicas
+    hear nothing for ``--leader-timeout`` and end their sessions (no redirect to it from
+    then on); the operator promotes one, which fences the other; producers get acks from
+    the new leader. Resumed, the old leader learns the new epoch and follows. Before
+    (issue 14), the third replica stayed attached to the frozen leader and producers got
+    no ack for the whole pause."""
+    old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS, "--leader-timeout", "2")
+    with cluster(old, new, other):
+        first = await old.start()
+        await asyncio.gather(new.start(), other.start())
+        await wait_status(old.address, all_in_sync(new, other), "both in sync")
+        runs = producer_runs((old, new, other), 10**9)
+        async with runs[0].producer, runs[1].producer:
+            sending = producing(runs)
+            try:
+                await wait_acked(runs, 5_000, "acks before the freeze")
+                await old.pause()
+                for replica in (new, other):
+                    await eventually(
+                        lambda r=replica: any(  # type: ignore[misc]
+                            "no word from the leader" in e.get("reason", "")
+                            for e in r.events("replica.session_ended")
+                        ),
+                        f"{replica.name} presumes the frozen leader lost",
+                    )
+                promoted = await cli("promote", "--server", new.address)
+                assert promoted.returncode == 0, promoted.stderr.decode(errors="replace")
+                (event,) = new.events("node.promoted")
+                assert event["epoch"] > first["epoch"]
+                assert other.events("node.fence_accepted"), "the other replica was fenced"
+                await wait_acked(runs, acked(runs) + 5_000, "acks from the new leader")
+                await old.resume()
+                await wait_status(
+                    old.address,
+                    lambda s: s.role == pb.ROLE_REPLICA and s.epoch == event["epoch"],
+                    "the old leader a replica at the new epoch",
+                )
+                await wait_status(new.address, all_in_sync(old, other), "both in sync again")
+                for run in runs:
+                    run.stop.set()
+                await within(sending, "the producers' end")
+            finally:
+                sending.cancel()
+        for run in runs:
+            assert not run.failed, f"{run.name}: {run.failed[:3]}"
+        await wait_status(new.address, lambda s: caught_up(s, old, other), "caught up")
+        for node in (new, other, old):
+            assert await node.stop() == 0, node.stderr_tail()
+    records = check_identical_logs(new.data_dir, other.data_dir, old.data_dir)
+    stored = {r.seqno: r.payload for r in records}
+    for run in runs:
+        lost = [seqno for seqno, data in run.acked.items() if stored.get(seqno) != data]
+        assert not lost, f"{run.name}: acknowledged, then lost or replaced: {lost[:5]}"
+
+
 # -- 3. a replica down longer than --insync-timeout ---------------------------------------------
 
 

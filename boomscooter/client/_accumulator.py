@@ -98,6 +98,7 @@ class ProducerSettings:
     retry_timeout_s: float = 30.0
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 2.0
+    leader_timeout_s: float = 2.0  # batches unanswered and no keepalive: the leader is lost
 
     def __post_init__(self) -> None:
         if not self.linger_s >= 0:
@@ -115,6 +116,8 @@ class ProducerSettings:
             raise ConfigError(f"retry_timeout_s must be >= 0, not {self.retry_timeout_s}")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
             raise ConfigError("backoff must satisfy 0 < initial <= max")
+        if not self.leader_timeout_s >= 1.0:
+            raise ConfigError(f"leader_timeout_s must be >= 1, not {self.leader_timeout_s}")
 
 
 class ProduceResult(NamedTuple):
@@ -545,6 +548,17 @@ class Accumulator(Generic[H]):
             self.accepting = not self._queue
         if self._retry_deadline is None:
             self._retry_deadline = now + self.settings.retry_timeout_s
+
+    def leader_lost(self, now: float, heard_at: float) -> bool:
+        """Batches wait for an answer and the leader said nothing — no ack, no keepalive
+        (it sends one every 0.5 s) — for ``leader_timeout_s``: frozen, or its host gone
+        without a reset. The stream is then given up (its batches are sent again)."""
+        return bool(self._inflight) and now - heard_at >= self.settings.leader_timeout_s
+
+    def redirected(self) -> None:
+        """The stream was sent to the node a NOT_LEADER answer named (a failover): the
+        next session goes at once, not after the backoff the failures built up."""
+        self._backoff_attempts = 0
 
     def backoff_s(self, jitter: float) -> float:
         """The wait before the next reconnect (exponential; ``jitter`` in [0, 1) from the

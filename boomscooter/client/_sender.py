@@ -87,6 +87,7 @@ class Sender:
         self._session_end: SessionEnd | None = None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._heard_at = 0.0  # when the stream's leader last said anything
         self._channel: grpc.aio.Channel | None = None
         self._rng = random.Random()
         self.closing = False  # the producer is closing: a stream that ends is not retried
@@ -176,9 +177,17 @@ class Sender:
         the same. False when the stream as a whole was refused (pending batches failed)."""
         error, address = end.error, end.address
         if address is None and isinstance(error, NotLeaderError):
+            # A node that names no leader has lost it (or is being promoted): the next
+            # listed node may know better. Its Status is the last resort (it may name the
+            # leader it lost).
+            if self._servers.rotate():
+                self.address = self._servers.current
+                await self.close_channel()
+                return True
             address = await ask_leader(self._channel_for(self.address))
         if address is not None and address != self.address:
             self._log.info("producer.redirected", address=address, previous=self.address)
+            self._acc.redirected()
             self.address = self._servers.current = address
             await self.close_channel()
         elif not error.retriable:
@@ -205,13 +214,17 @@ class Sender:
         call = stub.Produce()
         self._call = call
         self._session_end = None
-        reader = asyncio.get_running_loop().create_task(self._read(call), name="producer.read")
+        loop = asyncio.get_running_loop()
+        self._heard_at = time.monotonic()
+        reader = loop.create_task(self._read(call), name="producer.read")
+        watchdog = loop.create_task(self._watch(call), name="producer.watch")
         self._reader = reader
         self._log.debug("producer.stream.opened", address=self.address)
         try:
             await self._write_loop(call, reader)
         finally:
             call.cancel()
+            watchdog.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -269,10 +282,22 @@ class Sender:
             self._session_end = SessionEnd(error, address)
             self._wake.set()
 
+    async def _watch(self, call: Any) -> None:
+        """End the session when the leader went silent (:meth:`Accumulator.leader_lost`)."""
+        timeout_s = self._settings.leader_timeout_s
+        while self._session_end is None:
+            await asyncio.sleep(timeout_s / 4)
+            if self._acc.leader_lost(time.monotonic(), self._heard_at):
+                error = ServerUnavailableError(f"no word from {self.address} for {timeout_s:g} s")
+                self._end(error)
+                call.cancel()
+                return
+
     async def _read(self, call: Any) -> None:
         try:
             while True:
                 response = await call.read()
+                self._heard_at = time.monotonic()
                 if response is grpc.aio.EOF:
                     self._end(ServerUnavailableError(f"{self.address} ended the Produce stream"))
                     return
@@ -287,7 +312,10 @@ class Sender:
     def _answer(self, call: Any, response: boomscooter_pb2.ProduceResponse) -> bool:
         """Feed one response to the accumulator; False when it ends the session."""
         acc, sequence = self._acc, response.batch_sequence
-        if response.WhichOneof("result") == "ack":
+        result = response.WhichOneof("result")
+        if result is None:
+            return True  # the leader's keepalive
+        if result == "ack":
             a = response.ack
             ack = Ack(sequence, a.base_seqno, a.record_count, a.epoch, a.commit_seqno, a.duplicate)
             completion = acc.on_ack(ack)

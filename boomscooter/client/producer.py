@@ -25,7 +25,10 @@ large — raised by ``send`` itself, before anything is sent — or a batch the 
 :class:`ExpectedSeqnoError` (``send_batch(expected_first_seqno=…)`` did not match; only that
 batch fails), :class:`ServerUnavailableError` (no working stream for ``retry_timeout_s``:
 every pending record fails, the producer stays usable). :class:`NotLeaderError` answers are
-followed (reconnect to the named leader and resend) and surface only if retries run out.
+followed (reconnect to the named leader and resend, at once) and surface only if retries
+run out. A leader that says nothing — no ack, no keepalive (it sends one every 0.5 s) — for
+``leader_timeout_s`` while batches wait is given up (frozen, or its host gone without a
+reset): the producer tries the next listed node, whose NOT_LEADER names the leader.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class Producer:
         max_batch_bytes: int = 1 << 20,
         max_in_flight: int = 16,
         retry_timeout_s: float = 30.0,
+        leader_timeout_s: float = 2.0,
         channel: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -104,6 +108,7 @@ class Producer:
             max_batch_bytes=max_batch_bytes,
             max_in_flight=max_in_flight,
             retry_timeout_s=retry_timeout_s,
+            leader_timeout_s=leader_timeout_s,
         )
         self.producer_id = producer_id if producer_id is not None else uuid.uuid4().hex
         self.server = server

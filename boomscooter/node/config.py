@@ -41,6 +41,7 @@ class NodeConfig:
     advertise: str | None = None  # the gRPC address others should use (default: bound)
     follow: str | None = None  # start as a replica of the leader at this HOST:PORT
     insync_timeout_s: float = 5.0  # a replica silent this long leaves the in-sync set
+    leader_timeout_s: float = 2.0  # a leader silent this long is presumed lost (replica)
 
     def __post_init__(self) -> None:
         if not MIN_PAGE_SIZE <= self.page_size_bytes <= 65000:
@@ -62,6 +63,8 @@ class NodeConfig:
             split_hostport(self.follow, "--leader")
         if not 0.1 <= self.insync_timeout_s <= 3600:
             raise ConfigError("--insync-timeout must be in [0.1, 3600] s")
+        if not 1.0 <= self.leader_timeout_s <= 3600:
+            raise ConfigError("--leader-timeout must be in [1, 3600] s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

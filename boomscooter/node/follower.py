@@ -18,7 +18,8 @@ One *session* per connection to the leader:
    (including records not yet committed) from the leader, and acknowledge the durable seqno
    on the Replicate stream at once when it advances and as a keepalive otherwise (every
    ``keepalive_ms`` the leader names: a quarter of its in-sync timeout; ``KEEPALIVE_S``
-   when it names none).
+   when it names none). The leader speaks on the session at least every 0.5 s; silent
+   for ``--leader-timeout`` it is presumed lost.
 
 The session ends on any failure (the leader gone, a new epoch on the stream, a refused
 append); the node's machine then looks for the leader — the last one, or whoever the known
@@ -345,7 +346,7 @@ class Follower:
 
     async def _responses(self, call: Any) -> None:
         node = self.node
-        while isinstance(response := await call.read(), pb.ReplicateResponse):
+        while isinstance(response := await self._from_leader(call), pb.ReplicateResponse):
             session = response.session
             current = node.session
             if current is not None and (session.epoch, session.source_port) != (
@@ -357,6 +358,18 @@ class Follower:
             node.apply(self.machine.session_update(response.commit_seqno, addresses))
             await self._learn_producers(response)
         raise SessionEnded("the leader ended the Replicate stream")
+
+    async def _from_leader(self, call: Any) -> Any:
+        """The leader's next session message. It speaks every ``UPDATE_S`` (0.5 s) even
+        when idle: silent for ``--leader-timeout`` (frozen, cut off, its host gone without
+        a reset), it is presumed lost and the session ends — the machine then asks the
+        peers who leads."""
+        timeout_s = self.node.config.leader_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await call.read()
+        except TimeoutError:
+            raise SessionEnded(f"no word from the leader for {timeout_s:g} s") from None
 
 
 CATCHUP_PREFIX = ".catchup-"

@@ -388,10 +388,18 @@ class NodeMachine:
         )
 
     def not_leader(self) -> NotLeaderError:
-        where = f"; the leader is {self.leader_address}" if self.leader_address else ""
+        """NOT_LEADER, naming the leader where this node knows it: a replica whose session
+        is live (it heard from its leader within ``--leader-timeout``), or a node fenced
+        by a promotion (the claimant) — never a leader it lost."""
+        named = rules.names_leader(
+            replica=self.role is Role.REPLICA,
+            live=self.session_live,
+            stepping_down=self.role is Role.STEPPING_DOWN,
+        )
+        leader = self.leader_address if named else ""
+        where = f"; the leader is {leader}" if leader else ""
         return NotLeaderError(
-            f"this node is a {self.role.value}, not the leader{where}",
-            leader_address=self.leader_address,
+            f"this node is a {self.role.value}, not the leader{where}", leader_address=leader
         )
 
     def view(self) -> SelfView:
@@ -756,6 +764,8 @@ class NodeMachine:
                                                           "epoch": found[1]}))  # fmt: skip
             self.leader_address = found[0]
             self.failures = 0
+        if rules.being_promoted(answers.get(self.leader_address), self.leader_address, known):
+            self.failures = 0  # it leads in a moment: ask again at once, without backing off
         delay = rules.replica_retry_s(self.failures, self.config.retry_s)
         out.append(RetrySession(self.leader_address, delay))
         return out

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = get_logger("boomscooter.rpc")
 
-UPDATE_S = 1.0
+UPDATE_S = 0.5
 RESPONSE_EVERY_S = 0.01
 
 

@@ -213,9 +213,28 @@ def gather_source(
     return best[1], answers[best[1]]
 
 
+def being_promoted(status: PeerStatus | None, address: str, known_epoch: int) -> bool:
+    """The node at ``address`` claimed the newest epoch this node knows and names itself
+    without leading yet: a promotion under way (its fenced replicas retry without backoff,
+    so it has replicas, and acks, as soon as it leads)."""
+    return (
+        status is not None
+        and status.role is not PeerRole.LEADER
+        and status.leader_address == address
+        and status.epoch >= known_epoch
+    )
+
+
 def replica_retry_s(failures: int, schedule: tuple[float, ...] = RETRY_S) -> float:
     """A replica's pause before its next session after ``failures`` failed ones."""
     return schedule[max(0, min(failures, len(schedule)) - 1)]
+
+
+def names_leader(*, replica: bool, live: bool, stepping_down: bool) -> bool:
+    """Whether a node's NOT_LEADER answer sends producers to the leader it knows: a
+    replica only while its session with that leader is live, a node stepping down (it was
+    told the new leader by the leader's promotion or its own check)."""
+    return (replica and live) or stepping_down
 
 
 def keepalive_ms(insync_timeout_s: float) -> int:

@@ -40,6 +40,10 @@ MAX_FETCH_BYTES = 8 << 20
 SUBSCRIBE_CHUNK_BYTES = 1 << 20
 IDLE_HEARTBEAT_S = 1.0
 QUORUM_TIMEOUT_S = 30.0
+# A Produce stream silent this long gets a keepalive (an empty response): a producer whose
+# batches wait for acks knows the leader is alive (it gives a silent one up after its
+# leader_timeout_s, 2 s by default).
+PRODUCE_KEEPALIVE_S = 0.5
 _ACK_LEVELS = {
     pb.ACK_LEVEL_UNSPECIFIED,
     pb.ACK_LEVEL_NONE,
@@ -112,7 +116,12 @@ class NodeServicer(pb_grpc.BoomscooterServicer):
         try:
             ended = 0
             while ended < 2:
-                item = await out.get()
+                try:
+                    async with asyncio.timeout(PRODUCE_KEEPALIVE_S):
+                        item = await out.get()
+                except TimeoutError:
+                    yield pb.ProduceResponse()  # a keepalive: this leader is alive
+                    continue
                 if item is None:
                     ended += 1
                     continue
@@ -434,5 +443,9 @@ async def serve_node(node: Node, listen: str) -> tuple[Any, int]:
     options = [
         ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
         ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES),
+        # The SDK pings every rpc.DEFAULT_KEEPALIVE_TIME_S while a call is open (a frozen
+        # leader is noticed within seconds): allow it, never answer with too_many_pings.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
     return await start_server(NodeServicer(node), listen=listen, options=options)
