@@ -59,9 +59,26 @@ async def run_leader(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info(f"{node.role}.stopping")
-    await node.stop()
+    log.info(f"{node.role}.stopping", bound_s=STOP_BOUND_S)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a second one: exit at once
+        loop.add_signal_handler(signum, _exit_now, "node.stop_interrupted")
+    try:
+        async with asyncio.timeout(STOP_BOUND_S):
+            await node.stop()
+    except TimeoutError:
+        _exit_now("node.stop_timed_out")
     return 0
+
+
+# A stopping node drains its producers, stops its stream and closes its log (an fsync)
+# within this bound, or exits anyway (exit status 1): SIGTERM always ends it.
+STOP_BOUND_S = 20.0
+
+
+def _exit_now(event: str) -> None:
+    log.error(event, bound_s=STOP_BOUND_S)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 async def run_promote(args: argparse.Namespace) -> int:

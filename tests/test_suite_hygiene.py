@@ -52,6 +52,9 @@ ALLOWED_SLEEPS: dict[tuple[str, str], str] = {
     ("test_server_http.py", "test_spec_client_that_binds_after_a_round_trip_still_gets_the_file"): (
         "the simulated round trip before binding: the delay under test"
     ),
+    ("test_watchdog.py", "block_the_loop"): (
+        "a synchronous call blocking the event loop: the stall the watchdog must report"
+    ),
     ("test_server_http.py", "test_no_datagram_after_the_last_leave"): (
         "the window the negative check watches, after the positive control was awaited"
     ),

@@ -136,6 +136,7 @@ def status(node: Node) -> pb.StatusResponse:
     if not node.is_leader and node.machine.leader_min_insync:
         response.min_insync = node.machine.leader_min_insync  # the leader's setting
     counters = dict(node.counters)
+    counters["loop_stalls"] = node.watchdog.stalls
     if follower is not None:
         counters.update(follower.stats)
     if node.sender is not None:

@@ -45,6 +45,7 @@ from boomscooter.node.journal import ProducerJournal
 from boomscooter.node.multicast import StreamSender, split_group
 from boomscooter.node.servicer import serve_node
 from boomscooter.node.state import NodeState, load_state, next_version, save_state
+from boomscooter.node.watchdog import LoopWatchdog
 from boomscooter.storage import Batch, FsyncMode, LogConfig, SegmentedLog
 from boomscooter.storage.batch import encode_batch, restamp
 from boomscooter.storage.segment import SEGMENT_HEADER_BYTES
@@ -113,6 +114,7 @@ class Node:
         self._committed_end = (log_.segment_files()[0][0], SEGMENT_HEADER_BYTES)
         self._committed_end_seqno = log_.first_seqno - 1
         self.counters = {"batches": 0, "records": 0, "duplicates": 0, "rejected": 0}
+        self.watchdog = LoopWatchdog()
 
     # -- what the machine knows ---------------------------------------------------------------
 
@@ -607,6 +609,7 @@ class Node:
         host, _ = split_hostport(self.config.listen)
         self.machine.address = self.config.advertise or f"{host}:{self.port}"
         self.node_id = self.node_id or self.address
+        self.watchdog.start()
         housekeeping.start(self)
         if self.config.cast_listen:
             await housekeeping.start_segment_casts(self)
@@ -670,6 +673,7 @@ class Node:
         async with self.append_lock:
             await self._loop.run_in_executor(self._io, self._close_storage)
         self._io.shutdown(wait=True)
+        self.watchdog.stop()
         log.info(f"{role}.stopped", last_seqno=self.log.last_seqno, commit_seqno=commit, **stats)
 
     def _close_storage(self) -> None:
