@@ -14,10 +14,10 @@ counts them (the node's ``loop_stalls`` counter in Status).
 from __future__ import annotations
 
 import asyncio
-import sys
+import faulthandler
+import tempfile
 import threading
 import time
-import traceback
 
 from bootcast.logs import get_logger
 
@@ -75,8 +75,20 @@ class LoopWatchdog:
                 blocked_since = None
 
     def _stack(self) -> list[str]:
-        """Where the loop's thread is now, innermost call last."""
-        frame = sys._current_frames().get(self._loop_thread)
-        if frame is None:
-            return []
-        return [line.rstrip() for line in traceback.format_stack(frame)]
+        """Where the loop's thread is now (faulthandler's dump of that thread, innermost
+        call first)."""
+        with tempfile.TemporaryFile("w+") as dump:
+            faulthandler.dump_traceback(dump, all_threads=True)
+            dump.seek(0)
+            lines = dump.read().splitlines()
+        wanted = f"{self._loop_thread:#018x}"
+        stack: list[str] = []
+        for line in lines:
+            if line.startswith(("Thread 0x", "Current thread 0x")):
+                if stack:
+                    break
+                if wanted in line:
+                    stack.append(line)
+            elif stack and line.strip():
+                stack.append(line.strip())
+        return stack
