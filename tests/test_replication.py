@@ -33,7 +33,7 @@ from boomscooter.v1 import boomscooter_pb2 as pb
 
 from support.log import produce_raw
 from support.net import free_port
-from support.process import Node, cluster
+from support.process import Event, Node, cluster
 from support.replication import (
     ProducerRun,
     SubscriberRun,
@@ -99,6 +99,44 @@ async def wait_acked(runs: list[ProducerRun], at_least: int, what: str) -> None:
 def producing(runs: list[ProducerRun]) -> asyncio.Future[list[None]]:
     """Both producers at about 5k records/s each (the crashes must come under load)."""
     return asyncio.gather(*(r.run(per_tick=100, tick_s=0.02) for r in runs))
+
+
+async def stop_producing(runs: list[ProducerRun], sending: asyncio.Future[list[None]]) -> None:
+    """End both producers; each must have every record it sent acknowledged."""
+    for run in runs:
+        run.stop.set()
+    await within(sending, "the producers' end")
+    for run in runs:
+        assert not run.failed, f"{run.name}: {run.failed[:3]}"
+        assert len(run.acked) == run.sent
+
+
+async def converge(
+    leader: Node, replicas: tuple[Node, ...], subs: tuple[SubscriberRun, ...]
+) -> None:
+    """Replicas hold the leader's whole log durably and the subscribers delivered it."""
+    final = await wait_status(leader.address, lambda s: caught_up(s, *replicas), "caught up")
+    await eventually(
+        lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
+        "subscribers to deliver everything",
+    )
+
+
+async def start_in_sync(leader: Node, *replicas: Node) -> Event:
+    """Start the leader, then its replicas; return once both are in sync (the leader's
+    ``node.leading`` event)."""
+    first = await leader.start()
+    await asyncio.gather(*(r.start() for r in replicas))
+    await wait_status(leader.address, all_in_sync(*replicas), "both in sync")
+    return first
+
+
+def check_acked(records: list[Record], runs: list[ProducerRun]) -> None:
+    """Every acknowledged record is stored at the seqno it was acknowledged with."""
+    stored = {r.seqno: r.payload for r in records}
+    for run in runs:
+        lost = [seqno for seqno, data in run.acked.items() if stored.get(seqno) != data]
+        assert not lost, f"{run.name}: acknowledged, then lost or replaced: {lost[:5]}"
 
 
 # -- 1. a replica SIGKILLed and restarted five times under load -------------------------------
@@ -184,9 +222,7 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
 ) -> None:
     old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS)
     with cluster(old, new, other):
-        first = await old.start()
-        await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), "both in sync")
+        first = await start_in_sync(old, new, other)
         runs = producer_runs((old, new, other), 10**9)  # until stopped
         subs = (SubscriberRun(new, "multicast"), SubscriberRun(other, "unicast"))
         async with subscribers(*subs), runs[0].producer, runs[1].producer:
@@ -220,20 +256,10 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                 assert fenced.leader_address == new.address
                 await wait_status(new.address, all_in_sync(old, other), "old leader in sync")
                 await wait_acked(runs, acked(runs) + 5_000, "acks after its return")
-                for run in runs:
-                    run.stop.set()
-                await within(sending, "the producers' end")
+                await stop_producing(runs, sending)
             finally:
                 sending.cancel()
-            for run in runs:
-                assert not run.failed, f"{run.name}: {run.failed[:3]}"
-                assert len(run.acked) == run.sent
-            final = await wait_status(new.address, lambda s: caught_up(s, old, other),
-                                      "replicas caught up")  # fmt: skip
-            await eventually(
-                lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
-                "subscribers to deliver everything",
-            )
+            await converge(new, (old, other), subs)
         for node in (new, other, old):
             assert await node.stop() == 0, node.stderr_tail()
 
@@ -263,9 +289,7 @@ async def test_a_forced_switchover_under_load_loses_no_acknowledged_record(
     check noticed the new epoch, and both then truncated what they had acknowledged."""
     old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS)
     with cluster(old, new, other):
-        first = await old.start()
-        await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), "both in sync")
+        first = await start_in_sync(old, new, other)
         runs = producer_runs((old, new, other), 10**9)  # until stopped
         subs = (SubscriberRun(new, "multicast"), SubscriberRun(other, "unicast"))
         async with subscribers(*subs), runs[0].producer, runs[1].producer:
@@ -279,28 +303,15 @@ async def test_a_forced_switchover_under_load_loses_no_acknowledged_record(
                 # The old leader was fenced by the promotion itself, not seconds later.
                 assert old.events("node.fence_accepted")
                 await wait_acked(runs, acked(runs) + 20_000, "acks after the switchover")
-                for run in runs:
-                    run.stop.set()
-                await within(sending, "the producers' end")
+                await stop_producing(runs, sending)
             finally:
                 sending.cancel()
-            for run in runs:
-                assert not run.failed, f"{run.name}: {run.failed[:3]}"
-                assert len(run.acked) == run.sent
-            final = await wait_status(new.address, lambda s: caught_up(s, old, other),
-                                      "replicas caught up")  # fmt: skip
-            await eventually(
-                lambda: all(len(s.records) >= final.last_seqno or s.error for s in subs),
-                "subscribers to deliver everything",
-            )
+            await converge(new, (old, other), subs)
         for node in (new, other, old):
             assert await node.stop() == 0, node.stderr_tail()
 
     records = check_identical_logs(new.data_dir, other.data_dir, old.data_dir)
-    stored = {r.seqno: r.payload for r in records}
-    for run in runs:
-        lost = [seqno for seqno, data in run.acked.items() if stored.get(seqno) != data]
-        assert not lost, f"{run.name}: acknowledged, then lost or replaced: {lost[:5]}"
+    check_acked(records, runs)
     for sub in subs:
         check_subscriber(sub, records)
         assert len(sub.records) == len(records)
@@ -316,9 +327,7 @@ async def test_a_frozen_leader_is_presumed_lost_and_replaced(tmp_path: Path) -> 
     no ack for the whole pause."""
     old, new, other = three_nodes(tmp_path, *QUORUM_OPTIONS, "--leader-timeout", "2")
     with cluster(old, new, other):
-        first = await old.start()
-        await asyncio.gather(new.start(), other.start())
-        await wait_status(old.address, all_in_sync(new, other), "both in sync")
+        first = await start_in_sync(old, new, other)
         runs = producer_runs((old, new, other), 10**9)
         async with runs[0].producer, runs[1].producer:
             sending = producing(runs)
@@ -346,21 +355,13 @@ async def test_a_frozen_leader_is_presumed_lost_and_replaced(tmp_path: Path) -> 
                     "the old leader a replica at the new epoch",
                 )
                 await wait_status(new.address, all_in_sync(old, other), "both in sync again")
-                for run in runs:
-                    run.stop.set()
-                await within(sending, "the producers' end")
+                await stop_producing(runs, sending)
             finally:
                 sending.cancel()
-        for run in runs:
-            assert not run.failed, f"{run.name}: {run.failed[:3]}"
-        await wait_status(new.address, lambda s: caught_up(s, old, other), "caught up")
+        await converge(new, (old, other), ())
         for node in (new, other, old):
             assert await node.stop() == 0, node.stderr_tail()
-    records = check_identical_logs(new.data_dir, other.data_dir, old.data_dir)
-    stored = {r.seqno: r.payload for r in records}
-    for run in runs:
-        lost = [seqno for seqno, data in run.acked.items() if stored.get(seqno) != data]
-        assert not lost, f"{run.name}: acknowledged, then lost or replaced: {lost[:5]}"
+    check_acked(check_identical_logs(new.data_dir, other.data_dir, old.data_dir), runs)
 
 
 # -- 3. a replica down longer than --insync-timeout ---------------------------------------------
