@@ -382,3 +382,14 @@ def test_a_fenced_replica_retries_its_promoting_leader_without_backing_off() -> 
         assert isinstance(retry, m.RetrySession)
         delays.append(retry.delay_s)
     assert delays == list(rules.RETRY_S[:3])
+
+
+def test_a_node_fenced_while_starting_takes_no_epoch_of_its_own() -> None:
+    """A restarting leader is fenced by a promotion while its start-up survey is out: when
+    the survey returns it must not take an epoch (it would take the claimed one)."""
+    starting = node(state=NodeState(1, ["b", "c"], "a"))
+    (survey,) = only(starting.start(), m.Survey)
+    (save,) = only(starting.fence_asked(2, "c"), m.SaveState)
+    assert starting.surveyed(survey.token, {}, 0.0) == []  # no answer names a leader
+    assert starting.state_saved(save.version)[0] == m.StartFollowing("c")
+    assert role(starting) is m.Role.REPLICA and starting.state.epoch == 2

@@ -245,6 +245,8 @@ class Sender:
                 continue
             if acc.accepting:
                 self._room.set()
+            if acc.in_flight == 1:  # this one alone awaits an answer: silence counts from now
+                self._heard_at = time.monotonic()
             if batch.sends > 1:
                 self.resent_batches += 1
                 self._log.debug("producer.batch.resent", batch_sequence=batch.sequence)

@@ -434,14 +434,18 @@ class NodeMachine:
     def surveyed(self, token: int, answers: dict[str, PeerStatus], now: float) -> list[Command]:
         """The answers of the peers that answered a :class:`Survey`."""
         purpose = self._surveys.pop(token, None)
-        if purpose is Purpose.START and self.role is Role.STARTING:
+        following = any(isinstance(v, str) for v in self._saves.values())
+        if purpose is Purpose.START and self.role is Role.STARTING and not following:
+            # (A node told meanwhile to follow — a promotion's fence — takes no epoch.)
             found = rules.newer_leader(self.view(), answers)
             if found is not None:  # fenced before it took an epoch
                 fields = {"leader": found[0], "epoch": found[1], "own_epoch": self.epoch,
                           "at_start": True}  # fmt: skip
                 return [Note("node.fenced", "warning", fields), *self.follow(*found)]
             return self._begin_lead(
-                rules.start_epoch(self.epoch), self.config.min_insync, self.tracker.commit_seqno
+                rules.start_epoch(self.known_epoch()),
+                self.config.min_insync,
+                self.tracker.commit_seqno,
             )
         if purpose is Purpose.FENCE and self.is_leader:
             found = rules.newer_leader(self.view(), answers)

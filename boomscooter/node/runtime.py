@@ -591,8 +591,14 @@ class Node:
     async def fence(self, epoch: int, leader: str) -> None:
         """A node being promoted claimed ``epoch`` (its Fence call): once this returns the
         claim is on disk and this node takes part in no older epoch (a leader stopped
-        leading: appends and acks waiting for it end with NOT_LEADER)."""
-        await self.run(self.machine.fence_asked(epoch, leader))
+        leading: appends and acks waiting for it end with NOT_LEADER). Carried out on a
+        task of its own: a caller that gives up (its deadline, a claimant gone) must not
+        leave the node stepping down halfway, neither leading nor following."""
+        work = self._loop.create_task(self.run(self.machine.fence_asked(epoch, leader)))
+        self._tasks.add(work)
+        work.add_done_callback(self._tasks.discard)
+        work.add_done_callback(_log_failure("node.fence_failed"))
+        await asyncio.shield(work)
 
     async def follow(self, leader: str, *, epoch: int = 0) -> None:
         """Become (or stay) a replica of ``leader`` (a leader steps down: fenced)."""
