@@ -817,7 +817,8 @@ class NodeMachine:
             self._promotion = None
             error = RequestError(f"{self.address} is {self.role.value}", code="UNAVAILABLE")
             return [PromotionDone(error=error)]
-        short = self._too_few_answers(answers, self.leader_address)
+        leader = self.leader_address
+        short = self._too_few_answers(answers, leader, holds_all=leader in answers)
         if short is not None:
             self._promotion = None
             return [PromotionDone(error=short)]
@@ -846,7 +847,8 @@ class NodeMachine:
             )
             return self.promotion_failed(error)
         fenced = sorted(a for a, s in answers.items() if s.epoch == claimed)
-        short = self._too_few_answers(answers, self._deposed)
+        # The old leader counts only if it took the claim (answering is not enough).
+        short = self._too_few_answers(answers, self._deposed, holds_all=self._deposed in fenced)
         if short is not None:
             return self.promotion_failed(short)
         out: list[Command] = []
@@ -860,11 +862,13 @@ class NodeMachine:
         out.append(Note("promote.fenced", fields={"epoch": claimed, "fenced": fenced}))
         return out + self._gather_from(answers)
 
-    def _too_few_answers(self, answers: dict[str, PeerStatus], leader: str) -> RequestError | None:
-        """Unless the old leader answered (it holds everything it committed), enough of
-        its replicas must have (:func:`~boomscooter.node.rules.promotion_quorum`): a record
-        it committed may be on those only."""
-        if leader and leader in answers:
+    def _too_few_answers(
+        self, answers: dict[str, PeerStatus], leader: str, *, holds_all: bool
+    ) -> RequestError | None:
+        """Unless the old leader answered (``holds_all``: it holds everything it committed),
+        enough of its replicas must have (:func:`~boomscooter.node.rules.promotion_quorum`):
+        a record it committed may be on those only."""
+        if leader and holds_all:
             return None
         replicas = self._promotion_peers() - {self.address, leader, ""}
         insync = self.leader_min_insync or self.config.min_insync
