@@ -240,7 +240,7 @@ async def test_promoted_replica_keeps_every_quorum_ack_and_fences_the_old_leader
                 acked_before = {seqno: p for r in runs for seqno, p in r.acked.items()}
                 promoted = await cli("promote", "--server", new.address)
                 assert promoted.returncode == 0, promoted.stderr.decode(errors="replace")
-                (event,) = new.events("node.promoted")
+                event = await promoted_event(new)
                 epoch = event["epoch"]
                 assert epoch > first["epoch"]
                 assert f"leads at epoch {epoch}" in promoted.stdout.decode()
