@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -236,6 +237,23 @@ def _join(api: _Http, cfg: FetchConfig) -> JoinReply:
         raise FetchError(f"{cfg.url}: bad join reply: {exc}") from None
 
 
+_INTERRUPTS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _hold_interrupts() -> set[int | signal.Signals] | None:
+    """Block SIGINT and SIGTERM for this (main) thread; the previous mask, or None when
+    called off the main thread (signals are the main thread's business then)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+
+
+def _release_interrupts(previous: set[int | signal.Signals] | None) -> None:
+    """Restore the mask: an interrupt held meanwhile is delivered now."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _leave(api: _Http, cfg: FetchConfig, token: str) -> None:
     target = urlsplit(cfg.leave_url())._replace(scheme="", netloc="").geturl()
     try:
@@ -354,15 +372,21 @@ def fetch(cfg: FetchConfig) -> FetchResult:
         page_size=reply.page_size,
         size=reply.size,
     )
+    # A Ctrl-C (or SIGTERM) landing while the partial file is being created, after it
+    # exists and before its name is known here, would leave it behind: held back until
+    # the try below, which removes the file on the way out.
+    held = _hold_interrupts()
     try:
         fd, temp = temp_for(destination)
     except BaseException:
+        _release_interrupts(held)
         for s in (sock, parity_sock):
             if s is not None:
                 s.close()
         _leave(api, cfg, reply.token)
         raise
     try:
+        _release_interrupts(held)
         try:
             stats = _receive(
                 api, cfg, reply, (sock, parity_sock), interface, fd, destination, bound
