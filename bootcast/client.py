@@ -345,19 +345,7 @@ def fetch(cfg: FetchConfig) -> FetchResult:
     # (before anything else) keeps the pages sent meanwhile, which we would miss, few.
     interface = cfg.interface or _local_address(cfg.url)
     reply = _join(api, cfg)
-    sock = parity_sock = None
-    try:
-        if reply.pages:
-            sock = receiver_socket(reply.group, reply.port, interface=interface)
-            if reply.parity_port is not None and cfg.repair:
-                parity_sock = receiver_socket(
-                    reply.group, reply.parity_port, interface=interface, rcvbuf=PARITY_RCVBUF
-                )
-    except BaseException:
-        if sock is not None:
-            sock.close()
-        _leave(api, cfg, reply.token)
-        raise
+    sock, parity_sock = _join_group(api, cfg, reply, interface)
     # The rest of the receiving side is imported only now: when a rack starts its fetches
     # at once, the joins (and the group memberships) come first, and these imports overlap
     # the cast's start instead of delaying it.
@@ -403,6 +391,27 @@ def fetch(cfg: FetchConfig) -> FetchResult:
         os.close(fd)
     seconds = time.monotonic() - started
     return FetchResult(destination, stats[0], stats[1], seconds, reply.pages, *stats[2:])
+
+
+def _join_group(
+    api: _Http, cfg: FetchConfig, reply: JoinReply, interface: str | None
+) -> tuple[socket.socket | None, socket.socket | None]:
+    """The cast's data socket and parity socket, joined (none for an empty file); on a
+    failure the client leaves the cast it joined."""
+    sock = parity_sock = None
+    try:
+        if reply.pages:
+            sock = receiver_socket(reply.group, reply.port, interface=interface)
+            if reply.parity_port is not None and cfg.repair:
+                parity_sock = receiver_socket(
+                    reply.group, reply.parity_port, interface=interface, rcvbuf=PARITY_RCVBUF
+                )
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        _leave(api, cfg, reply.token)
+        raise
+    return sock, parity_sock
 
 
 def _receive(
